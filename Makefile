@@ -1,0 +1,37 @@
+# Two commands a new user needs: `make run` and `make test`. Both create .venv/ on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Models are looked up here by name; ../shared/models holds the project's test exports.
+export VISION_DAEMON_MODEL_DIR ?= $(if $(wildcard ../shared/models),../shared/models,models)
+# Tests never touch the network; the daemon itself always disables ultralytics' auto-install.
+export YOLO_AUTOINSTALL := False
+
+.PHONY: install run test lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/vision-daemon --config configs/default.toml $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	YOLO_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,154 @@
+"""Async client library for the vision-daemon data plane (clients, stress tool and tests use it)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+
+HEADER = struct.Struct(">I")
+
+
+class ClientError(Exception):
+    """A one-line, user-facing failure: unreachable daemon, auth refused, protocol error."""
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def frame_message(
+    stream: str,
+    frame_id: int,
+    image: bytes,
+    *,
+    encoding: str = "jpeg",
+    shape: tuple[int, ...] | None = None,
+    timestamp: float | None = None,
+) -> dict[str, Any]:
+    """A frame in the legacy shape; `encoding`/`shape` are only added where they are not JPEG."""
+    msg: dict[str, Any] = {
+        "type": "frame",
+        "stream_name": stream,
+        "frame_id": frame_id,
+        "timestamp": time.time() if timestamp is None else timestamp,
+        "image": image,
+    }
+    if encoding != "jpeg":
+        msg["encoding"] = encoding
+    if shape is not None:
+        msg["shape"] = list(shape)
+    return msg
+
+
+class DaemonClient:
+    """One TCP connection. Sending and receiving may run concurrently in separate tasks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.welcome: dict[str, Any] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        *,
+        hello: bool = True,
+        token: str | None = None,
+        client_name: str = "vision-client",
+        options: dict[str, Any] | None = None,
+        streams: dict[str, dict[str, Any]] | None = None,
+        dropped_notices: bool = False,
+        timeout: float = 10.0,
+    ) -> DaemonClient:
+        """Connect; with hello=True do the v1 handshake (hello=False speaks the legacy protocol)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=2**24), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ClientError(
+                f"daemon not reachable at {host}:{port} ({exc.__class__.__name__}); "
+                "is vision-daemon running there?"
+            ) from None
+        client = cls(reader, writer)
+        if hello:
+            msg: dict[str, Any] = {
+                "type": "hello",
+                "version": 1,
+                "client": client_name,
+                "dropped_notices": dropped_notices,
+            }
+            if token:
+                msg["token"] = token
+            if options:
+                msg["options"] = options
+            if streams:
+                msg["streams"] = streams
+            await client.send(msg)
+            reply = await asyncio.wait_for(client.recv(), timeout)
+            if reply is None:
+                raise ClientError("daemon closed the connection during the handshake")
+            if reply.get("type") == "error":
+                raise ClientError(
+                    f"daemon refused the handshake: {reply.get('code')}: {reply.get('message')}"
+                )
+            client.welcome = reply
+        return client
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        self.writer.write(pack(msg))
+        await self.writer.drain()
+
+    def send_nowait(self, msg: dict[str, Any]) -> None:
+        """Queue without waiting for the socket; the caller paces and drains."""
+        self.writer.write(pack(msg))
+
+    async def send_frame(self, stream: str, frame_id: int, image: bytes, **kw: Any) -> None:
+        await self.send(frame_message(stream, frame_id, image, **kw))
+
+    async def recv(self) -> dict[str, Any] | None:
+        """The next message from the daemon, or None when it closed the connection."""
+        try:
+            header = await self.reader.readexactly(HEADER.size)
+            (n,) = HEADER.unpack(header)
+            body = await self.reader.readexactly(n)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        msg = msgpack.unpackb(body, raw=False)
+        if not isinstance(msg, dict):
+            raise ClientError("daemon sent a message that is not a map")
+        return msg
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        while (msg := await self.recv()) is not None:
+            yield msg
+
+    async def bye(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Say bye and collect the remaining results until the daemon answers bye or closes."""
+        await self.send({"type": "bye"})
+        rest: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                async for msg in self.messages():
+                    if msg.get("type") == "bye":
+                        break
+                    rest.append(msg)
+        except TimeoutError:
+            pass
+        await self.close()
+        return rest
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass

@@ -1,0 +1,3 @@
+from vision_daemon.cli import main
+
+raise SystemExit(main())

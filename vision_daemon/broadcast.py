@@ -1,0 +1,80 @@
+"""Fan-out of processed results to /ws subscribers, each with its own bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """A slow subscriber loses its oldest messages (counted); it never slows the publisher."""
+
+    streams: frozenset[str]  # empty = all
+    maxlen: int
+    every: int = 1  # deliver every Nth matching result
+    min_interval_s: float = 0.0  # max_fps thinning
+    peer: str = ""
+    queue: deque[dict[str, Any]] = field(init=False)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: int = 0
+    dropped: int = 0
+    _matched: int = 0
+    _last: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        self.queue = deque()
+
+    def offer(self, msg: dict[str, Any], now: float) -> None:
+        if self.streams and msg["stream_name"] not in self.streams:
+            return
+        self._matched += 1
+        if (self._matched - 1) % self.every:
+            return
+        if now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        if len(self.queue) >= self.maxlen:
+            self.queue.popleft()
+            self.dropped += 1
+        self.queue.append(msg)
+        self.event.set()
+
+    async def next_batch(self) -> list[dict[str, Any]]:
+        await self.event.wait()
+        self.event.clear()
+        batch = list(self.queue)
+        self.queue.clear()
+        return batch
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.dropped_total = 0  # from subscribers that have left
+
+    def publish(self, msg: dict[str, Any], now: float) -> None:
+        for sub in self.subscribers:
+            sub.offer(msg, now)
+
+    def remove(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+        self.dropped_total += sub.dropped
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "subscribers": len(self.subscribers),
+            "dropped": self.dropped_total + sum(s.dropped for s in self.subscribers),
+            "clients": [
+                {
+                    "peer": s.peer,
+                    "streams": sorted(s.streams),
+                    "sent": s.sent,
+                    "dropped": s.dropped,
+                    "queued": len(s.queue),
+                }
+                for s in self.subscribers
+            ],
+        }

@@ -1,0 +1,61 @@
+"""`vision-daemon`: parse flags -> Config -> run. No logic beyond that."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from vision_daemon import __version__
+from vision_daemon.config import FIELDS, ConfigError, load_config
+from vision_daemon.detectors import ModelError
+from vision_daemon.log import setup_logging
+from vision_daemon.server import Daemon, StartupError
+
+log = logging.getLogger("vision_daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vision-daemon",
+        description="Real-time multi-camera object detection over TCP. "
+        "Every setting of configs/default.toml is also a flag; flags override --config.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config file (see configs/default.toml)"
+    )
+    parser.add_argument("--version", action="version", version=f"vision-daemon {__version__}")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        helptext = f"{f.metadata['help']} [{f.metadata['section']}]"
+        if isinstance(f.default, bool):
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+            )
+        else:  # values are type-checked by load_config, with the same messages as the TOML file
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=helptext)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in FIELDS}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"vision-daemon: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_dir)
+    log.info(
+        "vision-daemon %s starting: model=%s workers=%d", __version__, config.model, config.workers
+    )
+    try:
+        asyncio.run(Daemon(config).run())
+    except (StartupError, ModelError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

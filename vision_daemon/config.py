@@ -1,0 +1,226 @@
+"""One frozen Config, built from defaults <- TOML file <- environment <- command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad configuration value; the message is one line that says what to fix."""
+
+
+def _f(default: Any, section: str, help: str, env: str | None = None) -> Any:
+    meta = {"section": section, "help": help, "env": env}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # [server]
+    tcp_host: str = _f("127.0.0.1", "server", "data-plane bind address (0.0.0.0 exposes it)")
+    tcp_port: int = _f(9000, "server", "data-plane TCP port (0 = pick a free one)")
+    api_host: str = _f("127.0.0.1", "server", "control-plane (HTTP) bind address")
+    api_port: int = _f(8000, "server", "control-plane HTTP port (0 = pick one, -1 = off)")
+    auth_token: str = _f(
+        "",
+        "server",
+        "shared token for TCP hello and HTTP/WS; empty = no auth",
+        env="VISION_DAEMON_AUTH_TOKEN",
+    )
+    shutdown_grace_s: float = _f(
+        5.0, "server", "on SIGINT/SIGTERM, time allowed for in-flight work"
+    )
+    log_dir: str = _f(
+        "logs", "server", "folder for the rotating vision-daemon.log ('' = stderr only)"
+    )
+    log_level: str = _f("info", "server", "debug, info, warning or error")
+    # [model]
+    model: str = _f(
+        "yolov8n",
+        "model",
+        "model path or name; 'none' = decode only, no detections (transport tests)",
+    )
+    model_dir: str = _f(
+        "models", "model", "folder searched for model names", env="VISION_DAEMON_MODEL_DIR"
+    )
+    device: str = _f("auto", "model", "auto, cpu, cuda:0, ... (auto = cuda:0 if present)")
+    imgsz: int = _f(640, "model", "inference image size")
+    conf: float = _f(0.25, "model", "confidence threshold")
+    iou: float = _f(0.7, "model", "NMS IoU threshold")
+    classes: list[str] = _f([], "model", "keep only these classes (names or ids); [] = all")  # noqa: RUF009 - _f returns a field(default_factory=...)
+    half: bool = _f(False, "model", "FP16 inference where the backend supports it")
+    export: str = _f(
+        "auto",
+        "model",
+        "serve a .pt through an export: auto (openvino on CPU), none, openvino, onnx, engine",
+    )
+    # [workers]
+    workers: int = _f(2, "workers", "inference workers (one model instance each)")
+    max_batch: int = _f(1, "workers", "frames from distinct streams one worker may batch")
+    batch_wait_ms: float = _f(0.0, "workers", "wait this long for a fuller batch (0 = never)")
+    worker_timeout_s: float = _f(30.0, "workers", "a detector call longer than this is stuck")
+    # [streams]
+    queue_depth: int = _f(2, "streams", "frames queued per stream; when full the oldest drops")
+    max_frame_age_ms: float = _f(
+        1000.0, "streams", "frames older than this when a worker would take them drop as stale"
+    )
+    max_in_flight_per_stream: int = _f(1, "streams", "frames of one stream in inference at once")
+    # [limits]
+    max_message_bytes: int = _f(16 * 1024 * 1024, "limits", "largest accepted message")
+    max_image_pixels: int = _f(7680 * 4320, "limits", "largest decoded image (width*height)")
+    max_connections: int = _f(256, "limits", "concurrent TCP connections")
+    max_streams_per_connection: int = _f(64, "limits", "streams one connection may open")
+    max_streams: int = _f(1024, "limits", "streams open in total")
+    hello_timeout_s: float = _f(
+        10.0, "limits", "time a new connection has to send its first message"
+    )
+    idle_timeout_s: float = _f(300.0, "limits", "close a connection silent for this long")
+    send_buffer_messages: int = _f(
+        256, "limits", "results queued per connection before its results are dropped"
+    )
+    # [stats]
+    stats_window_s: float = _f(10.0, "stats", "sliding window for fps and latency percentiles")
+    stream_grace_s: float = _f(
+        30.0, "stats", "a disconnected stream stays in /stats this long, then is removed"
+    )
+    metrics_max_streams: int = _f(
+        64, "stats", "streams labelled in /metrics; later ones are summed as stream='_other'"
+    )
+    ws_queue: int = _f(64, "stats", "messages buffered per /ws subscriber before its oldest drop")
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (0 <= self.tcp_port <= 65535, "tcp_port must be 0..65535"),
+            (-1 <= self.api_port <= 65535, "api_port must be -1 (off) or 0..65535"),
+            (self.workers >= 1, "workers must be >= 1"),
+            (self.max_batch >= 1, "max_batch must be >= 1"),
+            (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
+            (self.queue_depth >= 1, "queue_depth must be >= 1"),
+            (self.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
+            (self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be >= 1"),
+            (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32, >= 32"),
+            (0 <= self.conf <= 1 and 0 <= self.iou <= 1, "conf and iou must be in 0..1"),
+            (self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
+            (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
+            (
+                self.max_streams >= 1 and self.max_streams_per_connection >= 1,
+                "max_streams and max_streams_per_connection must be >= 1",
+            ),
+            (self.send_buffer_messages >= 1, "send_buffer_messages must be >= 1"),
+            (
+                self.export in ("auto", "none", "openvino", "onnx", "engine"),
+                "export must be auto, none, openvino, onnx or engine",
+            ),
+            (
+                self.log_level.lower() in ("debug", "info", "warning", "error"),
+                "log_level must be debug, info, warning or error",
+            ),
+            (
+                self.stats_window_s > 0
+                and self.worker_timeout_s > 0
+                and self.shutdown_grace_s >= 0,
+                "stats_window_s and worker_timeout_s must be > 0, shutdown_grace_s >= 0",
+            ),
+            (
+                self.hello_timeout_s > 0 and self.idle_timeout_s > 0,
+                "hello_timeout_s and idle_timeout_s must be > 0",
+            ),
+            (
+                self.ws_queue >= 1 and self.metrics_max_streams >= 0,
+                "ws_queue must be >= 1 and metrics_max_streams >= 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"bad config value: {message}")
+
+    def public(self) -> dict[str, Any]:
+        """Settings as a dict, with the auth token masked (for logs and /stats)."""
+        d = dataclasses.asdict(self)
+        d["auth_token"] = "***" if self.auth_token else ""
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a TOML/env/flag value against the field's type; ints are accepted for floats."""
+    default = FIELDS[name].default
+    if FIELDS[name].default_factory is not dataclasses.MISSING:  # list fields
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"bad config value: {name} must be a list")
+        return [str(v) for v in value]
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"bad config value: {name} must be true or false")
+        return value
+    if isinstance(default, int | float):
+        if isinstance(value, str):
+            try:
+                value = type(default)(value)
+            except ValueError:
+                raise ConfigError(f"bad config value: {name}={value!r} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"bad config value: {name} must be a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"bad config value: {name} must be an integer")
+        return type(default)(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"bad config value: {name} must be a string")
+    return value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Flatten a config file's [section] tables into field values, refusing unknown keys."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: '{section}' must be a [section] table")
+        for key, value in table.items():
+            f = FIELDS.get(key)
+            if f is None or f.metadata["section"] != section:
+                raise ConfigError(f"config file {path}: unknown setting [{section}] {key}")
+            values[key] = _coerce(key, value)
+    return values
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """The Config: defaults, then the TOML file, then env variables, then overrides (flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_toml(path))
+    env = os.environ if environ is None else environ
+    for name, f in FIELDS.items():
+        var = f.metadata["env"]
+        if var and env.get(var):
+            values[name] = _coerce(name, env[var])
+    for name, value in (overrides or {}).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name}")
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Config(**values)

@@ -1,0 +1,236 @@
+"""The ultralytics detector: model resolution, one-time export, per-worker YOLO instances."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_daemon.config import Config
+from vision_daemon.detectors.base import Detection, Image, ModelError, ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Export format -> (ultralytics format name, path of the export next to the .pt)
+EXPORTS: dict[str, tuple[str, str]] = {
+    "openvino": ("openvino", "{stem}_openvino_model"),
+    "onnx": ("onnx", "{stem}.onnx"),
+    "engine": ("engine", "{stem}.engine"),
+}
+
+
+def _quiet_ultralytics() -> None:
+    """No network at run time: no settings sync, no auto-install (set before import too)."""
+    os.environ["YOLO_AUTOINSTALL"] = "False"
+    from ultralytics.utils import SETTINGS
+
+    if SETTINGS.get("sync"):
+        SETTINGS.update({"sync": False})  # type: ignore[no-untyped-call]
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def candidates(name: str, model_dir: Path, device: str) -> list[Path]:
+    """Where a model name may live, fastest backend for the device first."""
+    paths = [Path(name), model_dir / name]
+    if Path(name).suffix == "" and not name.endswith("_model"):
+        cpu_first = [
+            f"{name}_openvino_model",
+            f"{name}_int8_openvino_model",
+            f"{name}.onnx",
+            f"{name}_int8.onnx",
+            f"{name}.pt",
+        ]
+        gpu_first = [f"{name}.engine", f"{name}.pt", f"{name}.onnx", f"{name}_openvino_model"]
+        order = cpu_first if device == "cpu" else gpu_first
+        paths += [model_dir / c for c in order]
+    return paths
+
+
+def resolve_model(name: str, model_dir: Path, device: str) -> tuple[str, list[str]]:
+    """An existing path, else the name inside model_dir, else a name for ultralytics to fetch."""
+    tried: list[str] = []
+    for path in candidates(name, model_dir, device):
+        tried.append(str(path))
+        if path.exists():
+            return str(path), tried
+    official = name if Path(name).suffix else f"{name}.pt"
+    tried.append(f"ultralytics download of {official}")
+    return official, tried
+
+
+def export_target(path: str, export: str, device: str) -> str | None:
+    """The export format to serve a .pt through, or None to serve the .pt itself."""
+    if not path.endswith(".pt"):
+        return None
+    if export == "auto":
+        # OpenVINO is about 3x faster than PyTorch on CPU (docs/PERFORMANCE.md); on CUDA the
+        # .pt with --half is the portable choice (TensorRT needs an explicit --export engine).
+        return "openvino" if device == "cpu" else None
+    return None if export == "none" else export
+
+
+@dataclass(frozen=True)
+class YoloFactory:
+    """Resolved once in the main thread; called in each worker thread to build its own model."""
+
+    path: str
+    device: str
+    imgsz: int
+    conf: float
+    iou: float
+    classes: tuple[str, ...]
+    half: bool
+    tried: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> YoloFactory:
+        _quiet_ultralytics()
+        device = resolve_device(config.device)
+        path, tried = resolve_model(config.model, Path(config.model_dir), device)
+        fmt = export_target(path, config.export, device)
+        if fmt is not None:
+            path = ensure_export(path, fmt, config.imgsz, device, config.half, tried)
+        return cls(
+            path,
+            device,
+            config.imgsz,
+            config.conf,
+            config.iou,
+            tuple(config.classes),
+            config.half,
+            tuple(tried),
+        )
+
+    def __call__(self) -> YoloDetector:
+        return YoloDetector(self)
+
+
+def ensure_export(
+    path: str, fmt: str, imgsz: int, device: str, half: bool, tried: list[str]
+) -> str:
+    """Export a .pt once and cache it next to the weights; later starts serve the cached export."""
+    uformat, pattern = EXPORTS[fmt]
+    pt = Path(path)
+    target = pt.with_name(pattern.format(stem=pt.stem))
+    if target.exists():
+        log.info("serving cached %s export %s", fmt, target)
+        return str(target)
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    log.info("exporting %s to %s once (cached at %s)", path, fmt, target)
+    try:
+        model = YOLO(path, task="detect")
+        out = model.export(format=uformat, imgsz=imgsz, device=device, half=half)
+    except Exception as exc:
+        raise ModelError(
+            f"model {path} could not be exported to {fmt}: {exc} (tried: {', '.join(tried)})"
+        ) from None
+    return str(out)
+
+
+class YoloDetector:
+    """One ultralytics YOLO instance; ultralytics is not thread-safe across one instance."""
+
+    def __init__(self, factory: YoloFactory) -> None:
+        from ultralytics import YOLO  # type: ignore[attr-defined]
+
+        self._f = factory
+        try:
+            self.model = YOLO(factory.path, task="detect")
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model {factory.path} could not be loaded ({first}); tried: "
+                f"{', '.join(factory.tried) or factory.path}. Pass an existing path or set "
+                "--model-dir / VISION_DAEMON_MODEL_DIR"
+            ) from None
+        names: dict[int, str] = {int(k): str(v) for k, v in self.model.names.items()}
+        self._names = names
+        self._classes = self._class_ids(factory.classes, names)
+        self.info = ModelInfo(
+            name=Path(factory.path).name,
+            backend=self._backend(factory.path),
+            device=factory.device,
+            imgsz=factory.imgsz,
+            class_names=names,
+        )
+
+    @staticmethod
+    def _backend(path: str) -> str:
+        p = Path(path)
+        if p.is_dir() and p.name.endswith("_openvino_model"):
+            return "openvino"
+        return {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt"}.get(
+            p.suffix, p.suffix.lstrip(".") or "unknown"
+        )
+
+    @staticmethod
+    def _class_ids(wanted: Sequence[str], names: dict[int, str]) -> list[int] | None:
+        if not wanted:
+            return None
+        by_name = {v: k for k, v in names.items()}
+        ids = []
+        for w in wanted:
+            if w.isdigit() and int(w) in names:
+                ids.append(int(w))
+            elif w in by_name:
+                ids.append(by_name[w])
+            else:
+                raise ModelError(f"class {w!r} is not in the model's {len(names)} classes")
+        return ids
+
+    def _predict(self, images: Sequence[Image]) -> list[Any]:
+        f = self._f
+        return list(
+            self.model.predict(
+                list(images),
+                imgsz=f.imgsz,
+                conf=f.conf,
+                iou=f.iou,
+                classes=self._classes,
+                half=f.half,
+                device=f.device,
+                verbose=False,
+            )
+        )
+
+    def warmup(self) -> None:
+        t0 = time.perf_counter()
+        blank = np.zeros((self._f.imgsz, self._f.imgsz, 3), dtype=np.uint8)
+        for _ in range(2):
+            self._predict([blank])
+        warm = (time.perf_counter() - t0) * 1000
+        self.info = ModelInfo(**{**self.info.__dict__, "warmup_ms": warm})
+
+    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
+        out: list[list[Detection]] = []
+        for result in self._predict(images):
+            boxes = result.boxes
+            xyxy = boxes.xyxy.cpu().numpy().tolist()
+            confs = boxes.conf.cpu().numpy().tolist()
+            clss = boxes.cls.cpu().numpy().astype(int).tolist()
+            out.append(
+                [
+                    Detection(
+                        label=self._names.get(c, str(c)),
+                        conf=round(s, 4),
+                        bbox=[round(v, 1) for v in b],
+                        class_id=c,
+                    )
+                    for b, s, c in zip(xyxy, confs, clss, strict=True)
+                ]
+            )
+        return out

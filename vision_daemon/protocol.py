@@ -1,0 +1,255 @@
+"""Wire protocol: framing (4-byte big-endian length + one msgpack map) and message validation.
+
+Pure functions and plain data only: no sockets, no clocks. See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+
+STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+ENCODINGS = ("jpeg", "png", "raw")
+
+# Error codes sent in {"type": "error", "code": ...}. `fatal` ones close the connection.
+E_TOO_LARGE = "message_too_large"
+E_BAD_LENGTH = "bad_length"
+E_BAD_MSGPACK = "bad_msgpack"
+E_NOT_A_MAP = "not_a_map"
+E_INVALID = "invalid"
+E_UNKNOWN_TYPE = "unknown_type"
+E_BAD_STREAM_NAME = "bad_stream_name"
+E_DECODE = "decode_error"
+E_IMAGE_TOO_LARGE = "image_too_large"
+E_UNAUTHORIZED = "unauthorized"
+E_BAD_VERSION = "unsupported_version"
+E_DETECTOR = "detector_error"
+E_LIMIT = "limit_exceeded"
+E_HELLO_TIMEOUT = "hello_timeout"
+E_IDLE_TIMEOUT = "idle_timeout"
+E_SHUTDOWN = "shutting_down"
+
+
+class ProtocolError(Exception):
+    """A message the server refuses; `fatal` means the connection cannot be trusted any more."""
+
+    def __init__(
+        self, code: str, message: str, *, frame_id: int | None = None, fatal: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+        self.fatal = fatal
+
+    def to_message(self) -> dict[str, Any]:
+        return error_message(self.code, self.message, self.frame_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """Per-stream processing options a client may set in `hello`."""
+
+    skip_frames: int = 1  # process every Nth received frame (1 = all)
+    max_fps: float = 0.0  # time-based throttle, 0 = off
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skip_frames": self.skip_frames, "max_fps": self.max_fps}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    stream_name: str
+    frame_id: int
+    timestamp: float
+    image: bytes
+    encoding: str  # "jpeg" | "png" | "raw" ("jpeg" also covers PNG bytes: both go to imdecode)
+    shape: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    client: str
+    token: str | None
+    options: StreamOptions
+    stream_options: dict[str, StreamOptions] = field(default_factory=dict)
+    dropped_notices: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    pass
+
+
+Message = Frame | Hello | Bye
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    """One length-prefixed msgpack message, ready for the socket."""
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def read_length(header: bytes, max_message_bytes: int) -> int:
+    """Validate a 4-byte length header; framing errors are fatal (the stream is out of sync)."""
+    n: int = HEADER.unpack(header)[0]
+    if n == 0:
+        raise ProtocolError(E_BAD_LENGTH, "message length is 0", fatal=True)
+    if n > max_message_bytes:
+        raise ProtocolError(
+            E_TOO_LARGE,
+            f"message of {n} bytes exceeds max_message_bytes={max_message_bytes}",
+            fatal=True,
+        )
+    return n
+
+
+def unpack_body(body: bytes) -> dict[str, Any]:
+    """Decode one msgpack body into a map; the framing is intact, so errors are not fatal."""
+    try:
+        # strict_map_key=False: keys are checked below; raw=False: str keys and values as text.
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise ProtocolError(E_BAD_MSGPACK, "body holds more than one msgpack object") from None
+    except Exception as exc:  # msgpack raises several types (ValueError, StackError, ...)
+        raise ProtocolError(E_BAD_MSGPACK, f"body is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(E_NOT_A_MAP, f"message must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def _frame_id_of(obj: dict[str, Any]) -> int | None:
+    fid = obj.get("frame_id")
+    return fid if isinstance(fid, int) and not isinstance(fid, bool) else None
+
+
+def _require(obj: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> Any:
+    value = obj.get(key)
+    if value is None or isinstance(value, bool) or not isinstance(value, types):
+        raise ProtocolError(E_INVALID, f"field '{key}' must be {what}", frame_id=_frame_id_of(obj))
+    return value
+
+
+def validate_stream_name(name: Any, frame_id: int | None = None) -> str:
+    if not isinstance(name, str) or not STREAM_NAME_RE.match(name):
+        raise ProtocolError(
+            E_BAD_STREAM_NAME,
+            "stream_name must be 1-64 characters of letters, digits and _ . : - "
+            "starting with a letter or digit",
+            frame_id=frame_id,
+        )
+    return name
+
+
+def parse_options(raw: Any) -> StreamOptions:
+    if raw is None:
+        return StreamOptions()
+    if not isinstance(raw, dict):
+        raise ProtocolError(E_INVALID, "stream options must be a map")
+    skip = raw.get("skip_frames", 1)
+    max_fps = raw.get("max_fps", 0.0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= 10_000:
+        raise ProtocolError(E_INVALID, "skip_frames must be an integer in 0..10000")
+    if (
+        isinstance(max_fps, bool)
+        or not isinstance(max_fps, int | float)
+        or not 0 <= max_fps <= 1000
+    ):
+        raise ProtocolError(E_INVALID, "max_fps must be a number in 0..1000 (0 = no limit)")
+    return StreamOptions(skip_frames=max(1, skip), max_fps=float(max_fps))
+
+
+def parse_message(obj: dict[str, Any]) -> Message:
+    """Validate a decoded map into a typed message, or raise ProtocolError (not fatal)."""
+    mtype = obj.get("type")
+    if mtype == "frame":
+        return _parse_frame(obj)
+    if mtype == "hello":
+        return _parse_hello(obj)
+    if mtype == "bye":
+        return Bye()
+    raise ProtocolError(
+        E_UNKNOWN_TYPE,
+        f"unknown message type {mtype!r}; expected frame, hello or bye",
+        frame_id=_frame_id_of(obj),
+    )
+
+
+def _parse_frame(obj: dict[str, Any]) -> Frame:
+    frame_id = _require(obj, "frame_id", (int,), "an integer")
+    name = validate_stream_name(obj.get("stream_name"), frame_id)
+    timestamp = obj.get("timestamp", 0.0)
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+        raise ProtocolError(E_INVALID, "field 'timestamp' must be a number", frame_id=frame_id)
+    image = _require(obj, "image", (bytes,), "binary (msgpack bin)")
+    encoding = obj.get("encoding", "jpeg")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(
+            E_INVALID, f"encoding must be one of {', '.join(ENCODINGS)}", frame_id=frame_id
+        )
+    shape: tuple[int, int, int] | None = None
+    if encoding == "raw":
+        raw_shape = obj.get("shape")
+        if (
+            not isinstance(raw_shape, list | tuple)
+            or len(raw_shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw_shape)
+            or raw_shape[2] != 3
+            or raw_shape[0] <= 0
+            or raw_shape[1] <= 0
+        ):
+            raise ProtocolError(
+                E_INVALID, "raw frames need shape [height, width, 3]", frame_id=frame_id
+            )
+        h, w, c = raw_shape
+        if len(image) != h * w * c:
+            raise ProtocolError(
+                E_INVALID,
+                f"raw image has {len(image)} bytes, shape {[h, w, c]} needs {h * w * c}",
+                frame_id=frame_id,
+            )
+        shape = (h, w, c)
+    return Frame(name, frame_id, float(timestamp), image, encoding, shape)
+
+
+def _parse_hello(obj: dict[str, Any]) -> Hello:
+    version = obj.get("version", PROTOCOL_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ProtocolError(E_INVALID, "hello 'version' must be an integer")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            E_BAD_VERSION,
+            f"protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}",
+            fatal=True,
+        )
+    client = obj.get("client", "")
+    token = obj.get("token")
+    if not isinstance(client, str) or (token is not None and not isinstance(token, str)):
+        raise ProtocolError(E_INVALID, "hello 'client' and 'token' must be strings")
+    options = parse_options(obj.get("options"))
+    raw_streams = obj.get("streams") or {}
+    if not isinstance(raw_streams, dict):
+        raise ProtocolError(E_INVALID, "hello 'streams' must be a map of stream name to options")
+    per_stream = {
+        validate_stream_name(name): parse_options(opts) for name, opts in raw_streams.items()
+    }
+    notices = obj.get("dropped_notices", False)
+    if not isinstance(notices, bool):
+        raise ProtocolError(E_INVALID, "hello 'dropped_notices' must be a boolean")
+    return Hello(version, client[:128], token, options, per_stream, notices)
+
+
+def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if frame_id is not None:
+        msg["frame_id"] = frame_id
+    return msg

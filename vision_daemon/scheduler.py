@@ -1,0 +1,119 @@
+"""Fair hand-out of waiting frames to workers: streams take turns, one frame each per turn."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from vision_daemon.streams import Job, Stream
+
+DropFn = Callable[[Job, str], None]
+
+
+class Scheduler:
+    """Round-robin over streams that have a queued frame and room in flight.
+
+    Runs on the event loop only. A stream is in `_ready` at most once; after a frame is taken it
+    goes to the back of the line, so a 30 fps camera gets the same turns as a 5 fps one.
+    """
+
+    def __init__(self, max_in_flight: int, max_frame_age_s: float, on_drop: DropFn) -> None:
+        self._ready: deque[Stream] = deque()
+        self._queued: set[Stream] = set()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._max_in_flight = max_in_flight
+        self._max_age = max_frame_age_s
+        self._on_drop = on_drop
+        self._closed = False
+
+    def _eligible(self, stream: Stream) -> bool:
+        return bool(stream.queue) and stream.in_flight < self._max_in_flight
+
+    def notify(self, stream: Stream) -> None:
+        """A stream got a frame or finished one: queue it for a turn and wake a worker."""
+        if stream not in self._queued and self._eligible(stream):
+            self._queued.add(stream)
+            self._ready.append(stream)
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def done(self, job: Job) -> None:
+        job.stream.in_flight -= 1
+        self.notify(job.stream)
+
+    def close(self) -> None:
+        """Workers waiting for frames return empty-handed (shutdown)."""
+        self._closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def _take_now(self, limit: int, exclude: set[Stream]) -> list[Job]:
+        jobs: list[Job] = []
+        now = time.monotonic()
+        skipped: list[Stream] = []
+        while self._ready and len(jobs) < limit:
+            stream = self._ready.popleft()
+            self._queued.discard(stream)
+            if stream in exclude:  # one frame per stream per batch
+                skipped.append(stream)
+                continue
+            job = None
+            while stream.queue:
+                candidate = stream.queue.popleft()
+                if now - candidate.received_at > self._max_age:
+                    self._on_drop(candidate, "stale")
+                    continue
+                job = candidate
+                break
+            if job is None:
+                continue
+            job.taken_at = now
+            stream.in_flight += 1
+            exclude.add(stream)
+            jobs.append(job)
+            if self._eligible(stream):
+                self._queued.add(stream)
+                self._ready.append(stream)
+        for stream in reversed(skipped):  # keep their place at the front of the line
+            self._queued.add(stream)
+            self._ready.appendleft(stream)
+        return jobs
+
+    async def take(self, max_batch: int, batch_wait_s: float) -> list[Job]:
+        """Up to max_batch frames from distinct streams; empty only when the scheduler closes."""
+        taken: set[Stream] = set()
+        jobs: list[Job] = []
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            jobs += self._take_now(max_batch - len(jobs), taken)
+            if len(jobs) >= max_batch or (jobs and batch_wait_s <= 0):
+                break
+            if jobs and deadline is None:
+                deadline = loop.time() + batch_wait_s
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                if deadline is None:
+                    await fut
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                break
+            finally:
+                if not fut.done():
+                    fut.cancel()
+        return jobs
