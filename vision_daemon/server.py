@@ -438,8 +438,9 @@ class Daemon:
             while stream.queue:
                 self.drop(stream.queue.popleft(), "disconnected")
             stream.detached_at = now
-        if not self.stopping:
-            await conn.flush(1.0)
+        if self.stopping:  # results of frames already in a detector are delivered first
+            await conn.wait_idle(self.config.shutdown_grace_s)
+        await conn.flush(2.0)
         self.connections.discard(conn)
         log.debug("connection %d from %s closed", conn.id, conn.peer)
 

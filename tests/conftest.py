@@ -1,0 +1,108 @@
+"""Shared helpers: a daemon on ephemeral ports, real clients, a deliberately slow detector."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from clients.lib import DaemonClient
+from vision_daemon.config import load_config
+from vision_daemon.detectors.base import Detection, Image, ModelInfo
+from vision_daemon.server import Daemon
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("VISION_DAEMON_MODEL_DIR", ROOT.parent / "shared" / "models"))
+VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
+
+
+def jpeg(h: int = 240, w: int = 320, value: int = 128) -> bytes:
+    img = np.full((h, w, 3), value, np.uint8)
+    cv2.rectangle(img, (w // 4, h // 4), (w // 2, h // 2), (0, 0, 255), -1)
+    return bytes(cv2.imencode(".jpg", img)[1].tobytes())
+
+
+class SlowDetector:
+    """A detector whose speed the test controls: sleeps `delay` seconds per call, returns one box."""
+
+    def __init__(self, delay: float = 0.05, fail_every: int = 0, hang: threading.Event | None = None):
+        self.info = ModelInfo(name="slow-test", backend="fake", device="cpu", imgsz=0)
+        self.delay = delay
+        self.calls = 0
+        self.fail_every = fail_every
+        self.hang = hang
+
+    def warmup(self) -> None:
+        return None
+
+    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
+        self.calls += 1
+        if self.hang is not None and not self.hang.is_set():
+            self.hang.wait(30)
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("injected detector failure")
+        time.sleep(self.delay)
+        return [
+            [Detection(label="thing", conf=0.9, bbox=[1.0, 2.0, 3.0, 4.0], class_id=0)]
+            for _ in images
+        ]
+
+
+@asynccontextmanager
+async def running_daemon(
+    factory: Callable[[], Any] | None = None, **overrides: Any
+) -> AsyncIterator[Daemon]:
+    """A started daemon on 127.0.0.1 ephemeral ports; always shut down afterwards."""
+    settings: dict[str, Any] = {"model": "none", "tcp_port": 0, "api_port": 0, "log_dir": ""}
+    settings.update(overrides)
+    daemon = Daemon(load_config(overrides=settings, environ={}), factory=factory)
+    try:
+        await daemon.start()
+        yield daemon
+    finally:
+        await daemon.shutdown()
+
+
+async def connect(daemon: Daemon, **kw: Any) -> DaemonClient:
+    assert daemon.tcp_port is not None
+    return await DaemonClient.connect("127.0.0.1", daemon.tcp_port, **kw)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll with a deadline (never a bare sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def collect(client: DaemonClient, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The next n messages from the daemon."""
+    out: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            msg = await client.recv()
+            assert msg is not None, f"connection closed after {len(out)} of {n} messages"
+            out.append(msg)
+    return out
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def shared_model(name: str) -> Path:
+    path = MODEL_DIR / name
+    if not path.exists():
+        pytest.skip(f"{path} not found: set VISION_DAEMON_MODEL_DIR to the shared models folder")
+    return path
