@@ -34,7 +34,9 @@ def jpeg(h: int = 240, w: int = 320, value: int = 128) -> bytes:
 class SlowDetector:
     """A detector whose speed the test controls: sleeps `delay` seconds per call, returns one box."""
 
-    def __init__(self, delay: float = 0.05, fail_every: int = 0, hang: threading.Event | None = None):
+    def __init__(
+        self, delay: float = 0.05, fail_every: int = 0, hang: threading.Event | None = None
+    ):
         self.info = ModelInfo(name="slow-test", backend="fake", device="cpu", imgsz=0)
         self.delay = delay
         self.calls = 0

@@ -8,7 +8,7 @@ import time
 import cv2
 import numpy as np
 
-from clients.lib import frame_message, pack
+from clients.lib import frame_message
 from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
 
 
@@ -68,7 +68,9 @@ def test_one_connection_carries_several_streams() -> None:
                     await c.send_frame(s, i, img)
                 await asyncio.sleep(0.03)
             out = await collect(c, 10)
-            by_stream = {s: [m["frame_id"] for m in out if m["stream_name"] == s] for s in ("left", "right")}
+            by_stream = {
+                s: [m["frame_id"] for m in out if m["stream_name"] == s] for s in ("left", "right")
+            }
             assert by_stream == {"left": list(range(5)), "right": list(range(5))}
             assert set(d.streams) == {"left", "right"}
 
@@ -138,7 +140,9 @@ def test_frames_older_than_max_age_drop_as_stale() -> None:
             for i in (1, 2):  # wait behind a 300 ms call, past the 100 ms age limit
                 await c.send_frame("cam", i, img)
             out = await collect(c, 3)
-            assert [(m["type"], m["frame_id"]) for m in out if m["type"] == "result"] == [("result", 0)]
+            assert [(m["type"], m["frame_id"]) for m in out if m["type"] == "result"] == [
+                ("result", 0)
+            ]
             assert sorted(m["reason"] for m in out if m["type"] == "dropped") == ["stale", "stale"]
 
     run(scenario())

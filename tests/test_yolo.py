@@ -1,0 +1,92 @@
+"""The ultralytics detector with the real shared COCO exports, through the daemon's own resolution."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import pytest
+from ultralytics.utils import ASSETS
+
+from tests.conftest import MODEL_DIR, collect, connect, run, running_daemon, shared_model
+from vision_daemon.config import load_config
+from vision_daemon.detectors import ModelError
+from vision_daemon.detectors.yolo import YoloFactory, resolve_model
+
+BUS = (ASSETS / "bus.jpg").read_bytes()
+
+
+def detect_bus(**overrides: object) -> list[dict[str, object]]:
+    async def scenario() -> list[dict[str, object]]:
+        async with running_daemon(
+            model_dir=str(MODEL_DIR), workers=1, api_port=-1, **overrides
+        ) as d:
+            c = await connect(d, hello=False)  # the legacy protocol
+            await c.send_frame("bus", 1, BUS)
+            (msg,) = await collect(c, 1, timeout=60)
+            assert msg["type"] == "result", msg
+            return list(msg["detections"])
+
+    result: list[dict[str, object]] = run(scenario())
+    return result
+
+
+def test_bus_jpg_finds_people_and_a_bus_over_legacy_protocol() -> None:
+    """The int8 yolov8n (resolved by name from the model dir) finds >= 4 people and a bus in bus.jpg."""
+    shared_model("yolov8n_int8_openvino_model")
+    dets = detect_bus(model="yolov8n")
+    labels = Counter(str(d["label"]) for d in dets)
+    assert labels["person"] >= 4 and labels["bus"] >= 1, labels
+    confident = [d for d in dets if float(d["conf"]) > 0.8]  # type: ignore[arg-type]
+    assert {str(d["label"]) for d in confident} == {"person", "bus"}
+    h, w = cv2.imdecode(__import__("numpy").frombuffer(BUS, "uint8"), cv2.IMREAD_COLOR).shape[:2]
+    for d in dets:  # boxes are in pixels of the sent 810x1080 image, not the 640 letterbox
+        x1, y1, x2, y2 = d["bbox"]  # type: ignore[misc]
+        assert 0 <= x1 < x2 <= w + 1 and 0 <= y1 < y2 <= h + 1
+        assert isinstance(d["class_id"], int)
+    assert max(d["bbox"][3] for d in dets) > 640  # type: ignore[index]
+
+
+def test_onnx_export_and_class_filter() -> None:
+    """The ONNX int8 model serves too, and --classes bus keeps only buses."""
+    shared_model("yolov8n_int8.onnx")
+    dets = detect_bus(model="yolov8n_int8.onnx", classes=["bus"])
+    assert dets and {d["label"] for d in dets} == {"bus"}
+
+
+def test_yolo11_openvino_by_path() -> None:
+    """A model folder given as a path loads as OpenVINO."""
+    path = shared_model("yolo11n_int8_openvino_model")
+    dets = detect_bus(model=str(path))
+    assert Counter(d["label"] for d in dets)["person"] >= 3
+
+
+def test_resolution_prefers_the_fastest_backend_in_model_dir(tmp_path: Path) -> None:
+    """A bare name finds the OpenVINO export first on CPU; a missing model names what was tried."""
+    shared_model("yolov8n_int8_openvino_model")
+    path, _ = resolve_model("yolov8n", MODEL_DIR, "cpu")
+    assert path.endswith("yolov8n_int8_openvino_model")
+    path, tried = resolve_model("nothing", tmp_path, "cpu")
+    assert path == "nothing.pt" and str(tmp_path / "nothing_openvino_model") in tried
+
+
+def test_unknown_class_name_stops_startup() -> None:
+    """--classes with a name the model lacks is a ModelError, not an empty result stream."""
+    shared_model("yolov8n_int8_openvino_model")
+    cfg = load_config(
+        overrides={"model": "yolov8n", "model_dir": str(MODEL_DIR), "classes": ["unicorn"]},
+        environ={},
+    )
+    with pytest.raises(ModelError, match="unicorn"):
+        YoloFactory.from_config(cfg)()
+
+
+def test_pytorch_pt_path_serves_an_untrained_model(tmp_path: Path) -> None:
+    """A .pt served without export goes through the PyTorch backend (untrained yolov8n.yaml)."""
+    from ultralytics import YOLO
+
+    pt = tmp_path / "untrained.pt"
+    YOLO("yolov8n.yaml").save(str(pt))
+    dets = detect_bus(model=str(pt), export="none", imgsz=320)
+    assert isinstance(dets, list)  # untrained: any detections are noise; it must answer, not crash
