@@ -201,7 +201,7 @@ class YoloDetector:
                 conf=f.conf,
                 iou=f.iou,
                 classes=self._classes,
-                half=f.half,
+                **({"half": True} if f.half else {}),  # passing half=False warns on every call
                 device=f.device,
                 verbose=False,
             )

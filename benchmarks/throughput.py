@@ -1,0 +1,234 @@
+"""Benchmark: the bare-loop ceiling vs the daemon under N streams at F fps of real video, in one run.
+
+    .venv/bin/python -m benchmarks.throughput --model yolov8n --streams 8 --fps 10 --duration 60
+
+(1) ceiling: a bare loop of JPEG decode + model.predict, no daemon;
+(2) the daemon (a real `vision-daemon` subprocess) fed by one asyncio client per stream on an
+absolute schedule. Prints throughput / ceiling, round-trip and server-side latency percentiles,
+drops by reason and latency drift (median of the last third vs the first third).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+
+from clients.lib import DaemonClient, frame_message
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
+
+
+def load_jpegs(path: Path, count: int, quality: int = 90) -> list[bytes]:
+    cap = cv2.VideoCapture(str(path))
+    frames: list[bytes] = []
+    while len(frames) < count:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes())
+    cap.release()
+    if not frames:
+        raise SystemExit(f"cannot read frames from {path}")
+    return frames
+
+
+def ceiling(model: str, model_dir: str, jpegs: list[bytes], seconds: float) -> dict[str, float]:
+    """Bare loop: decode + predict one frame at a time with the model the daemon would serve."""
+    from vision_daemon.config import load_config
+    from vision_daemon.detectors.yolo import YoloFactory
+
+    det = YoloFactory.from_config(load_config(overrides={"model": model, "model_dir": model_dir}))()
+    det.warmup()
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        img = cv2.imdecode(np.frombuffer(jpegs[i % len(jpegs)], np.uint8), cv2.IMREAD_COLOR)
+        det.detect([img])
+        times.append(time.perf_counter() - t0)
+        i += 1
+    return {
+        "fps": len(times) / sum(times),
+        "median_ms": float(np.median(times)) * 1000,
+        "frames": len(times),
+        "backend": det.info.backend,
+    }
+
+
+def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, int]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vision_daemon",
+        "--model",
+        args.model,
+        "--model-dir",
+        args.model_dir,
+        "--workers",
+        str(args.workers),
+        "--tcp-port",
+        "0",
+        "--api-port",
+        "0",
+        "--log-dir",
+        "",
+        "--max-batch",
+        str(args.max_batch),
+        *args.daemon_args,
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    tcp = api = 0
+    for line in proc.stderr:
+        if "control plane listening on http://" in line:
+            api = int(line.rsplit(":", 1)[1])
+        if "data plane listening on tcp://" in line:
+            tcp = int(line.rsplit(":", 1)[1])
+            break
+    if not tcp:
+        raise SystemExit(f"daemon did not start: {' '.join(cmd)}")
+    # Keep draining the daemon's stderr: a full pipe would block its logging, and the daemon.
+    threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
+    return proc, tcp, api
+
+
+async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
+    """One connection per stream, each sending on its own absolute schedule; RTT on our clock."""
+    samples: list[tuple[float, float]] = []  # (send time since start, rtt ms)
+    sent = 0
+    start = time.monotonic() + 0.5
+    interval = 1.0 / args.fps
+
+    async def stream(k: int) -> None:
+        nonlocal sent
+        c = await DaemonClient.connect("127.0.0.1", tcp, client_name="bench")
+        sent_at: dict[int, float] = {}
+
+        async def reader() -> None:
+            async for m in c.messages():
+                if m["type"] == "result":
+                    t = sent_at.pop(m["frame_id"], None)
+                    if t is not None:
+                        samples.append((t - start, (time.monotonic() - t) * 1000))
+                elif m["type"] != "dropped":
+                    print("daemon said:", m, file=sys.stderr)
+
+        rtask = asyncio.create_task(reader())
+        offset = k * len(jpegs) // max(1, args.streams)  # each stream starts elsewhere in the video
+        phase = k * interval / max(1, args.streams)  # spread sends across the interval
+        n = 0
+        while True:
+            due = start + phase + n * interval
+            if due - start > args.duration:
+                break
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            sent_at[n] = time.monotonic()
+            c.send_nowait(frame_message(f"cam{k}", n, jpegs[(offset + n) % len(jpegs)]))
+            await c.writer.drain()
+            sent += 1
+            n += 1
+        await asyncio.sleep(1.0)  # let the last results come back
+        rtask.cancel()
+        await c.close()
+
+    await asyncio.gather(*(stream(k) for k in range(args.streams)))
+    return {"samples": samples, "sent": sent}
+
+
+def pct(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "p99": round(float(p99), 1),
+        "max": round(max(values), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="yolov8n")
+    ap.add_argument(
+        "--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "../shared/models")
+    )
+    ap.add_argument("--video", default=str(VIDEO))
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--fps", type=float, default=10.0)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=1)
+    ap.add_argument("--ceiling-s", type=float, default=20.0)
+    ap.add_argument("--json-out", help="append the summary as one JSON line to this file")
+    ap.add_argument("daemon_args", nargs="*", help="extra vision-daemon flags after --")
+    args = ap.parse_args()
+
+    jpegs = load_jpegs(Path(args.video), 300)
+    ceil = ceiling(args.model, args.model_dir, jpegs, args.ceiling_s)
+    print(
+        f"ceiling: {ceil['fps']:.1f} fps, median {ceil['median_ms']:.1f} ms/frame "
+        f"({ceil['frames']} frames, {ceil['backend']})"
+    )
+    proc, tcp, api = start_daemon(args)
+    try:
+        result = asyncio.run(load(args, tcp, jpegs))
+        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    samples = sorted(result["samples"])
+    rtts = [r for _, r in samples]
+    third = max(1, len(rtts) // 3)
+    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
+    # throughput over the steady part: skip the first 2 s of ramp
+    steady = [t for t, _ in samples if t >= 2.0]
+    span = (max(steady) - 2.0) if steady else 1.0
+    fps = len(steady) / span if span > 0 else 0.0
+    totals = stats["totals"]
+    summary = {
+        "machine": f"{os.cpu_count()} cpu",
+        "model": args.model,
+        "workers": args.workers,
+        "max_batch": args.max_batch,
+        "streams": args.streams,
+        "fps": args.fps,
+        "duration_s": args.duration,
+        "offered_fps": args.streams * args.fps,
+        "ceiling_fps": round(ceil["fps"], 1),
+        "ceiling_median_ms": round(ceil["median_ms"], 1),
+        "daemon_fps": round(fps, 1),
+        "ratio": round(fps / ceil["fps"], 3),
+        "rtt_ms": pct(rtts),
+        "rtt_median_minus_bare_ms": round(float(np.median(rtts)) - ceil["median_ms"], 1),
+        "drift": round(last / first, 3) if first else None,
+        "server_ms": {k: v for k, v in totals["latency_ms"].items()},
+        "dropped_by_reason": {k: v for k, v in totals["dropped_by_reason"].items() if v},
+        "sent": result["sent"],
+        "results": len(rtts),
+        "mean_batch": stats["mean_batch_size"],
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json_out:
+        with open(args.json_out, "a") as fh:
+            fh.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
