@@ -24,6 +24,12 @@ def http(d: Daemon, token: str | None = None) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=10)
 
 
+def per_stream(text: str, family: str) -> dict[str, float]:
+    """A counter family's per-stream totals, parsed with prometheus_client's own parser."""
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return {s.labels["stream"]: s.value for s in fams[family].samples if s.name.endswith("_total")}
+
+
 def test_ready_is_503_while_warming_then_200() -> None:
     """/health answers during warm-up while /ready says 503 with the reason, then 200."""
 
@@ -81,12 +87,7 @@ def test_stats_streams_and_metrics_agree_with_clients() -> None:
                 assert (await h.get("/streams/zzz")).status_code == 404
                 text = (await h.get("/metrics")).text
             fams = {f.name: f for f in text_string_to_metric_families(text)}
-            got = {
-                s.labels["stream"]: s.value
-                for s in fams["vision_daemon_frames_processed"].samples
-                if s.name.endswith("_total")
-            }
-            assert got == {"a": 10.0, "b": 10.0}
+            assert per_stream(text, "vision_daemon_frames_processed") == {"a": 10.0, "b": 10.0}
             assert "vision_daemon_latency_seconds" in fams and "vision_daemon_queue_depth" in fams
 
     run(scenario())
@@ -103,12 +104,7 @@ def test_metrics_stream_labels_are_capped() -> None:
             await collect(c, 4)
             async with http(d) as h:
                 text = (await h.get("/metrics")).text
-            fams = {f.name: f for f in text_string_to_metric_families(text)}
-            labels = {
-                s.labels["stream"]: s.value
-                for s in fams["vision_daemon_frames_received"].samples
-                if s.name.endswith("_total")
-            }
+            labels = per_stream(text, "vision_daemon_frames_received")
             assert labels == {"s1": 1.0, "s2": 1.0, "_other": 2.0}
 
     run(scenario())
