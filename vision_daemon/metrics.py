@@ -49,9 +49,6 @@ class Metrics(Collector):
         for stage, ms in timings.items():
             self.latency.labels(stage.removesuffix("_ms")).observe(ms / 1000)
 
-    def on_drop(self, stream: str, reason: str) -> None:
-        return None  # drop counters are read from the daemon's own counts at scrape time
-
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         received = CounterMetricFamily(

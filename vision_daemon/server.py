@@ -227,7 +227,7 @@ class Daemon:
         self._next_cid = 0
         self.listening = False
         self.stopping = False
-        self.observers: list[Any] = []  # metrics sinks: on_processed(stream, timings), on_drop(...)
+        self.observers: list[Any] = []  # metrics sinks: on_processed(stream, timings)
         self.last_latency_ms: float | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -515,8 +515,6 @@ class Daemon:
     def drop(self, job: Job, reason: str) -> None:
         job.stream.counts.on_dropped(reason)
         self.totals.on_dropped(reason)
-        for obs in self.observers:
-            obs.on_drop(job.stream.name, reason)
         if job.conn.notices:
             job.conn.send(
                 {
