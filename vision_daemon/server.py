@@ -51,7 +51,6 @@ class Connection:
         self._idle.set()
         self.open = True
         self.saying_bye = False
-        self.results_dropped = 0
         self._writer_task: asyncio.Task[None] | None = None
         self.last_message_at = time.monotonic()
         self.messages = 0
@@ -62,8 +61,7 @@ class Connection:
         if not self.open:
             return False
         if droppable and len(self.outbox) >= self.daemon.config.send_buffer_messages:
-            self.results_dropped += 1
-            return False
+            return False  # the caller counts it (results_dropped per stream and in total)
         self.outbox.append(p.pack(msg))
         self._has_output.set()
         return True
