@@ -14,7 +14,14 @@ HEADER = struct.Struct(">I")
 
 
 class ClientError(Exception):
-    """A one-line, user-facing failure: unreachable daemon, auth refused, protocol error."""
+    """A one-line, user-facing failure: unreachable daemon, auth refused, protocol error.
+
+    `kind` tells programs which one: "unreachable", "unauthorized", "protocol".
+    """
+
+    def __init__(self, message: str, kind: str = "protocol") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def pack(msg: dict[str, Any]) -> bytes:
@@ -76,7 +83,8 @@ class DaemonClient:
         except (OSError, TimeoutError) as exc:
             raise ClientError(
                 f"daemon not reachable at {host}:{port} ({exc.__class__.__name__}); "
-                "is vision-daemon running there?"
+                "is vision-daemon running there?",
+                "unreachable",
             ) from None
         client = cls(reader, writer)
         if hello:
@@ -97,8 +105,10 @@ class DaemonClient:
             if reply is None:
                 raise ClientError("daemon closed the connection during the handshake")
             if reply.get("type") == "error":
+                code = str(reply.get("code"))
                 raise ClientError(
-                    f"daemon refused the handshake: {reply.get('code')}: {reply.get('message')}"
+                    f"daemon refused the handshake: {code}: {reply.get('message')}",
+                    "unauthorized" if code == "unauthorized" else "protocol",
                 )
             client.welcome = reply
         return client

@@ -63,6 +63,11 @@ class Config:
     )
     # [workers]
     workers: int = _f(2, "workers", "inference workers (one model instance each)")
+    threads: int = _f(
+        0,
+        "workers",
+        "OpenVINO threads per worker while several are busy (0 = cores / workers)",
+    )
     max_batch: int = _f(1, "workers", "frames from distinct streams one worker may batch")
     batch_wait_ms: float = _f(0.0, "workers", "wait this long for a fuller batch (0 = never)")
     worker_timeout_s: float = _f(30.0, "workers", "a detector call longer than this is stuck")
@@ -101,6 +106,7 @@ class Config:
             (-1 <= self.api_port <= 65535, "api_port must be -1 (off) or 0..65535"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.max_batch >= 1, "max_batch must be >= 1"),
+            (self.threads >= 0, "threads must be >= 0 (0 = auto)"),
             (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
             (self.queue_depth >= 1, "queue_depth must be >= 1"),
             (self.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
