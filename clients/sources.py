@@ -122,7 +122,9 @@ class FolderSource(Source):
             raise SourceError(f"cannot open folder {folder!r}: not a directory")
         self.paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise SourceError(f"folder {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise SourceError(
+                f"folder {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         self.loop = loop
         self.total = None if loop else len(self.paths)
         self.name = root.name

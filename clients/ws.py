@@ -122,8 +122,11 @@ async def watch(args: argparse.Namespace, stop: asyncio.Event, console: Console)
                     break
     except InvalidStatus as exc:
         code = exc.response.status_code
+        if code in (401, 403):  # a close before accept (code 1008) reaches the client as 403
+            print(f"vision-ws: the daemon refused the token (HTTP {code})", file=sys.stderr)
+            return EXIT_AUTH
         print(f"vision-ws: /ws refused the connection (HTTP {code})", file=sys.stderr)
-        return EXIT_AUTH if code in (401, 403) else EXIT_PROTOCOL
+        return EXIT_PROTOCOL
     except ConnectionClosed as exc:
         if exc.rcvd is not None and exc.rcvd.code == 1008:
             print("vision-ws: the daemon refused the token (close code 1008)", file=sys.stderr)

@@ -178,10 +178,11 @@ def create_app(daemon: Daemon) -> FastAPI:
         )
         daemon.hub.subscribers.add(sub)
         try:
-            while True:
-                for msg in await sub.next_batch():
+            while (batch := await sub.next_batch()) is not None:
+                for msg in batch:
                     await websocket.send_json(msg)
                     sub.sent += 1
+            await websocket.close(code=1001, reason="daemon shutting down")
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
         finally:

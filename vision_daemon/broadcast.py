@@ -42,9 +42,14 @@ class Subscriber:
         self.queue.append(msg)
         self.event.set()
 
-    async def next_batch(self) -> list[dict[str, Any]]:
+    closed: bool = False
+
+    async def next_batch(self) -> list[dict[str, Any]] | None:
+        """The queued messages, or None once the daemon is shutting down."""
         await self.event.wait()
         self.event.clear()
+        if self.closed:
+            return None
         batch = list(self.queue)
         self.queue.clear()
         return batch
@@ -58,6 +63,12 @@ class Hub:
     def publish(self, msg: dict[str, Any], now: float) -> None:
         for sub in self.subscribers:
             sub.offer(msg, now)
+
+    def close(self) -> None:
+        """Shutdown: wake every subscriber so its handler closes the socket itself."""
+        for sub in self.subscribers:
+            sub.closed = True
+            sub.event.set()
 
     def remove(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)

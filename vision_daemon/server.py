@@ -371,6 +371,7 @@ class Daemon:
         )
         for task in list(self._tasks):
             task.cancel()
+        self.hub.close()
         if self._api is not None:
             self._api.should_exit = True
             if self._api_task is not None:
