@@ -179,9 +179,11 @@ def create_app(daemon: Daemon) -> FastAPI:
         daemon.hub.subscribers.add(sub)
         try:
             while (batch := await sub.next_batch()) is not None:
+                sub.sending = len(batch)
                 for msg in batch:
                     await websocket.send_json(msg)
                     sub.sent += 1
+                    sub.sending -= 1
             await websocket.close(code=1001, reason="daemon shutting down")
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass

@@ -20,6 +20,7 @@ class Subscriber:
     queue: deque[dict[str, Any]] = field(init=False)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
+    sending: int = 0  # taken from the queue, being written to the socket
     dropped: int = 0
     _matched: int = 0
     _last: float = float("-inf")
@@ -85,6 +86,7 @@ class Hub:
                     "sent": s.sent,
                     "dropped": s.dropped,
                     "queued": len(s.queue),
+                    "sending": s.sending,
                 }
                 for s in self.subscribers
             ],

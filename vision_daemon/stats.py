@@ -39,7 +39,12 @@ class Window:
         self._born = time.monotonic()
 
     def add(self, value: float = 1.0, now: float | None = None) -> None:
-        self._items.append((time.monotonic() if now is None else now, value))
+        now = time.monotonic() if now is None else now
+        self._items.append((now, value))
+        # Prune here too, not only when /stats reads: unread windows would otherwise fill to the
+        # cap and hold minutes of samples (the soak saw RSS creep about 2 MB/min until they did).
+        if self._items[0][0] < now - self.span:
+            self._prune(now)
 
     def _prune(self, now: float) -> None:
         cutoff = now - self.span

@@ -1,0 +1,122 @@
+"""vision-stress runs as a real program against a daemon on ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tests.conftest import VIDEO, SlowDetector, run, running_daemon
+from tests.test_clients import program
+from vision_daemon.server import Daemon
+
+
+def ports(d: Daemon) -> list[str]:
+    return ["--port", str(d.tcp_port), "--api-port", str(d.api_port)]
+
+
+def test_stress_run_writes_summary_samples_and_report(tmp_path: Path) -> None:
+    """A short run writes summary.json (per stream and aggregate), samples.csv and a real PNG."""
+    out = tmp_path / "run"
+
+    async def scenario() -> dict[str, Any]:
+        async with running_daemon() as d:
+            rc, stdout, err = await program(
+                "vision-stress", *ports(d), "--streams", "3", "--fps", "10", "--duration", "3",
+                "--out-dir", str(out),
+            )  # fmt: skip
+            assert rc == 0, err
+            assert "ALL" in stdout and "kept its schedule" in stdout
+            return {name: s.counts.received for name, s in d.streams.items()}
+
+    received = run(scenario())
+    summary = json.loads((out / "summary.json").read_text())
+    agg = summary["aggregate"]
+    assert agg["streams"] == 3 and len(summary["streams"]) == 3
+    for s in summary["streams"]:
+        assert 28 <= s["sent"] <= 31 and s["sent"] == received[s["stream"]]
+        assert s["processed"] + s["dropped"] == s["sent"]
+        assert s["rtt_ms"]["p50"] > 0 and set(s["rtt_ms"]) == {"mean", "p50", "p95", "p99", "max"}
+    assert agg["unanswered"] == 0 and agg["sent"] == sum(received.values())
+    assert 0.9 <= agg["fairness"] <= 1.0 and agg["drift"] is not None
+    assert agg["generator_behind"] is False
+    assert summary["daemon_stats"]["total_frames"] >= 0
+    with (out / "samples.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == agg["processed"]
+    assert set(rows[0]) == {"stream", "frame_id", "send_time_s", "latency_ms"}
+    img = cv2.imread(str(out / "report.png"))
+    assert img is not None and img.shape[0] > 500 and img.shape[1] > 500
+    assert float(np.std(img)) > 10  # axes, points and lines, not a blank canvas
+
+
+def test_stress_video_source_over_two_processes(tmp_path: Path) -> None:
+    """--source video with --procs 2: every stream reports, frames come from the real video."""
+    out = tmp_path / "run"
+
+    async def scenario() -> None:
+        async with running_daemon() as d:
+            rc, _, err = await program(
+                "vision-stress", *ports(d), "--streams", "4", "--fps", "5", "--duration", "3",
+                "--source", "video", "--video", str(VIDEO), "--procs", "2", "--out-dir", str(out),
+            )  # fmt: skip
+            assert rc == 0, err
+            assert sorted(d.streams) == [f"stress{i}" for i in range(4)]
+
+    run(scenario())
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stream"] for s in summary["streams"]] == [f"stress{i}" for i in range(4)]
+    assert all(s["processed"] >= 12 for s in summary["streams"])
+
+
+def test_stress_exits_1_when_the_slo_is_broken(tmp_path: Path) -> None:
+    """--slo-p95-ms below what a 50 ms detector can do makes the exit code 1."""
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.05), workers=1) as d:
+            rc, stdout, err = await program(
+                "vision-stress", *ports(d), "--streams", "2", "--fps", "5", "--duration", "2",
+                "--slo-p95-ms", "10", "--out-dir", str(tmp_path / "slo"),
+            )  # fmt: skip
+            assert rc == 1, (stdout, err)
+            assert "SLO broken" in stdout
+
+    run(scenario())
+
+
+def test_find_capacity_brackets_a_known_capacity(tmp_path: Path) -> None:
+    """A 20 ms detector on one worker holds about 5 streams at 10 fps; the search lands near it."""
+    out = tmp_path / "cap"
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.02), workers=1) as d:
+            rc, stdout, err = await program(
+                "vision-stress", *ports(d), "--find-capacity", "--fps", "10", "--duration", "3",
+                "--slo-p95-ms", "150", "--max-drop-pct", "2", "--max-streams", "16",
+                "--out-dir", str(out),
+            )  # fmt: skip
+            assert rc == 0, err
+            assert "capacity:" in stdout
+
+    run(scenario())
+    result = json.loads((out / "capacity.json").read_text())
+    best = result["capacity_streams"]
+    assert 3 <= best <= 6
+    by_n = {s["streams"]: s for s in result["steps"]}
+    assert by_n[best]["passed"] and by_n[1]["passed"]
+    assert not by_n[best + 1]["passed"]  # the search tested the next count up and it failed
+    assert all(not s["passed"] for n, s in by_n.items() if n > best)
+
+
+def test_stress_unreachable_daemon_is_one_line_exit_4(tmp_path: Path) -> None:
+    """No daemon on the port: one line, exit code 4."""
+    rc, _, err = asyncio.run(
+        program("vision-stress", "--port", "1", "--api-port", "0", "--duration", "1",
+                "--out-dir", str(tmp_path))
+    )  # fmt: skip
+    assert rc == 4 and "not reachable" in err and "Traceback" not in err
