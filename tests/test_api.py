@@ -174,3 +174,26 @@ def test_token_guards_http_and_ws_but_not_health() -> None:
                 await until(lambda: len(d.hub.subscribers) == 1, what="authorised subscriber")
 
     run(scenario())
+
+
+def test_api_host_binds_only_the_given_address() -> None:
+    """--api-host / --tcp-host choose the bind address: 127.0.0.2 answers, 127.0.0.1 does not."""
+
+    async def scenario() -> None:
+        async with running_daemon(api_host="127.0.0.2", tcp_host="127.0.0.2") as d:
+            async with httpx.AsyncClient(timeout=5) as h:
+                r = await h.get(f"http://127.0.0.2:{d.api_port}/health")
+                assert r.status_code == 200
+                try:
+                    await h.get(f"http://127.0.0.1:{d.api_port}/health")
+                    raise AssertionError("the API answered on an address it was not bound to")
+                except httpx.ConnectError:
+                    pass
+            from clients.lib import DaemonClient
+
+            c = await DaemonClient.connect("127.0.0.2", d.tcp_port or 0)
+            await c.send_frame("cam", 0, IMG)
+            assert (await collect(c, 1))[0]["type"] == "result"
+            await c.close()
+
+    run(scenario())

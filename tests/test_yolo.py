@@ -90,3 +90,58 @@ def test_pytorch_pt_path_serves_an_untrained_model(tmp_path: Path) -> None:
     YOLO("yolov8n.yaml").save(str(pt))
     dets = detect_bus(model=str(pt), export="none", imgsz=320)
     assert isinstance(dets, list)  # untrained: any detections are noise; it must answer, not crash
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_runs_once_and_later_starts_serve_the_cache(tmp_path: Path, fmt: str) -> None:
+    """--export exports a .pt next to it once; a second start serves the cached export as is."""
+    from ultralytics import YOLO
+
+    from vision_daemon.detectors.yolo import ensure_export
+
+    pt = tmp_path / "untrained.pt"
+    YOLO("yolov8n.yaml").save(str(pt))
+    first = Path(ensure_export(str(pt), fmt, 320, "cpu", False, []))
+    expected = tmp_path / ("untrained.onnx" if fmt == "onnx" else "untrained_openvino_model")
+    assert first == expected and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert Path(ensure_export(str(pt), fmt, 320, "cpu", False, [])) == first
+    assert first.stat().st_mtime_ns == stamp  # served from the cache, not exported again
+    cfg = load_config(
+        overrides={"model": str(pt), "export": fmt, "imgsz": 320, "device": "cpu"}, environ={}
+    )
+    det = YoloFactory.from_config(cfg)()
+    assert det.info.backend == ("onnxruntime" if fmt == "onnx" else "openvino")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="needs an NVIDIA GPU")
+def test_cuda_half_and_cross_stream_batching(tmp_path: Path) -> None:
+    """On cuda:0 with --half and --max-batch 4, frames of waiting streams are batched together."""
+    from ultralytics import YOLO
+
+    pt = tmp_path / "untrained.pt"
+    YOLO("yolov8n.yaml").save(str(pt))
+
+    async def scenario() -> dict[int, int]:
+        async with running_daemon(
+            model=str(pt), device="cuda:0", half=True, export="none", workers=1, max_batch=4,
+            batch_wait_ms=20, imgsz=320,
+        ) as d:  # fmt: skip
+            clients = [await connect(d) for _ in range(4)]
+            for _ in range(5):
+                for i, c in enumerate(clients):
+                    await c.send_frame(f"cam{i}", 0, BUS)
+                for c in clients:
+                    assert (await collect(c, 1, timeout=60))[0]["type"] == "result"
+            assert d.pool is not None
+            return dict(d.pool.batch_sizes)
+
+    sizes = run(scenario())
+    assert max(sizes) > 1, sizes
