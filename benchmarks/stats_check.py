@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import time
 from typing import Any
@@ -21,7 +22,11 @@ from stress.load import LoadSpec, run_load
 
 
 async def check(args: argparse.Namespace) -> dict[str, Any]:
-    spec = LoadSpec("127.0.0.1", args.port, None, args.fps, args.duration, "video", args.video)
+    # fresh stream names: a name reconnecting within stream_grace_s would carry old counters
+    prefix = f"check{os.getpid()}-"
+    spec = LoadSpec(
+        "127.0.0.1", args.port, None, args.fps, args.duration, "video", args.video, prefix=prefix
+    )
     latest: dict[str, dict[str, Any]] = {}
     snap: dict[str, Any] = {}
 

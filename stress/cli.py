@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--source", choices=["synthetic", "video", "folder"], default="synthetic")
     ap.add_argument("--video", default=None, help="video file for --source video")
     ap.add_argument("--folder", default=None, help="image folder for --source folder")
+    ap.add_argument("--prefix", default="stress", help="stream names are PREFIX0, PREFIX1, ...")
     ap.add_argument("--procs", type=int, default=1, help="spread senders over K processes")
     ap.add_argument("--slo-p95-ms", type=float, default=None, help="round-trip p95 objective")
     ap.add_argument("--max-drop-pct", type=float, default=5.0, help="capacity: drops allowed")
@@ -141,6 +142,7 @@ async def one_run(
         args.duration,
         args.source,
         args.video if args.source == "video" else args.folder,
+        prefix=args.prefix,
     )
     view = LiveView(args, console, title)
     poller = asyncio.create_task(view.poll())
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--source folder needs --folder DIR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out_dir or f"results/stress-{stamp}")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # files and pipes: wide tables
     try:
         runner = find_capacity if args.find_capacity else stress
         return asyncio.run(runner(args, console, out))
