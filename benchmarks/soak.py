@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 
-from benchmarks.throughput import VIDEO, load, load_jpegs, pct, start_daemon
+from benchmarks.throughput import VIDEO, drift, emit, load, load_jpegs, pct, start_daemon
 
 
 def measure(proc: psutil.Process, t0: float) -> dict[str, float]:
@@ -86,8 +84,6 @@ def main() -> None:
     base = next((r for r in res if r["t"] >= args.warmup_s), res[0])
     end = res[-1]
     rtts = [r for _, r in sorted(result["samples"])]
-    third = max(1, len(rtts) // 3)
-    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
     totals = stats["totals"]
     summary = {
         "streams": args.streams,
@@ -109,7 +105,7 @@ def main() -> None:
             "after_clients_closed": result["after_close"]["fds"],
         },
         "rtt_ms": pct(rtts),
-        "drift": round(last / first, 3) if first else None,
+        "drift": drift(rtts),
         "received": totals["received"],
         "processed": totals["processed"],
         "dropped_by_reason": {k: v for k, v in totals["dropped_by_reason"].items() if v},
@@ -117,10 +113,7 @@ def main() -> None:
         == totals["processed"] + sum(totals["dropped_by_reason"].values()),
         "rss_trace_mb": [round(r["rss_mb"], 1) for r in res],
     }
-    print(json.dumps(summary, indent=2))
-    if args.json_out:
-        with open(args.json_out, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
+    emit(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,21 @@ def pct(values: list[float]) -> dict[str, float]:
     }
 
 
+def drift(rtts: list[float]) -> float | None:
+    """Median latency of the last third of the run over the first third (in send order)."""
+    third = max(1, len(rtts) // 3)
+    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
+    return round(last / first, 3) if first else None
+
+
+def emit(summary: dict[str, Any], json_out: str | None) -> None:
+    """Print the summary; with --json-out also append it as one JSON line."""
+    print(json.dumps(summary, indent=2))
+    if json_out:
+        with open(json_out, "a") as fh:
+            fh.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,8 +213,6 @@ def main() -> None:
         proc.wait(30)
     samples = sorted(result["samples"])
     rtts = [r for _, r in samples]
-    third = max(1, len(rtts) // 3)
-    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
     # throughput over the steady part: skip the first 2 s of ramp
     steady = [t for t, _ in samples if t >= 2.0]
     span = (max(steady) - 2.0) if steady else 1.0
@@ -220,17 +233,14 @@ def main() -> None:
         "ratio": round(fps / ceil["fps"], 3),
         "rtt_ms": pct(rtts),
         "rtt_median_minus_bare_ms": round(float(np.median(rtts)) - ceil["median_ms"], 1),
-        "drift": round(last / first, 3) if first else None,
+        "drift": drift(rtts),
         "server_ms": {k: v for k, v in totals["latency_ms"].items()},
         "dropped_by_reason": {k: v for k, v in totals["dropped_by_reason"].items() if v},
         "sent": result["sent"],
         "results": len(rtts),
         "mean_batch": stats["mean_batch_size"],
     }
-    print(json.dumps(summary, indent=2))
-    if args.json_out:
-        with open(args.json_out, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
+    emit(summary, args.json_out)
 
 
 if __name__ == "__main__":

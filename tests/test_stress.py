@@ -120,3 +120,35 @@ def test_stress_unreachable_daemon_is_one_line_exit_4(tmp_path: Path) -> None:
                 "--out-dir", str(tmp_path))
     )  # fmt: skip
     assert rc == 4 and "not reachable" in err and "Traceback" not in err
+
+
+def test_live_view_shows_client_counters_and_the_daemons_stats() -> None:
+    """The live view polls the real /stats and renders per-stream counters, workers and drops."""
+    from rich.console import Console
+
+    from stress.cli import LiveView, build_parser
+    from tests.conftest import collect, connect, jpeg, until
+
+    async def scenario() -> str:
+        async with running_daemon() as d:
+            c = await connect(d)
+            await c.send_frame("stress0", 0, jpeg())
+            await collect(c, 1)
+            args = build_parser().parse_args(["--api-port", str(d.api_port), "--no-live"])
+            console = Console(record=True, width=140)
+            view = LiveView(args, console, "live test")
+            assert view.live is None  # --no-live (and never on a non-terminal)
+            poller = asyncio.create_task(view.poll())
+            await until(lambda: view.stats is not None, what="/stats polled")
+            poller.cancel()
+            view.on_progress(
+                {"stress0": {"sent": 1, "results": 1, "dropped": 0, "errors": 0,
+                             "last_rtt_ms": 3.0, "recent": [3.0]}}
+            )  # fmt: skip
+            console.print(view.render())
+            return console.export_text()
+
+    text = run(scenario())
+    assert "stress0" in text and "live test" in text
+    assert "workers busy" in text and "w0:" in text and "w1:" in text
+    assert "drops by reason" in text and "processed fps" in text
