@@ -267,3 +267,41 @@ def test_ws_viewer_refused_token_exits_5() -> None:
             assert rc == 5 and "Traceback" not in err and "token" in err
 
     run(scenario())
+
+
+def test_pacer_skips_missed_slots_instead_of_sending_a_burst() -> None:
+    """After a stall the schedule resumes on its grid: missed slots are counted, not sent late."""
+    import time
+
+    from clients.sources import Pacer
+
+    async def scenario() -> tuple[Pacer, list[float]]:
+        pacer = Pacer(50.0)  # a slot every 20 ms
+        times = []
+        for i in range(12):
+            await pacer.wait()
+            times.append(time.monotonic() - pacer.start)
+            if i == 3:
+                time.sleep(0.1)  # noqa: ASYNC251 - a blocking source stalls the loop on purpose
+        return pacer, times
+
+    pacer, times = run(scenario())
+    assert 4 <= pacer.skipped <= 6
+    gaps = np.diff(times[4:])
+    assert gaps.min() > 0.012  # no burst of catch-up sends
+    slots = np.array(times) / 0.02
+    assert np.abs(slots - np.round(slots)).max() < 0.4  # every send on the absolute grid
+
+
+def test_client_exits_6_with_the_servers_reason_when_the_daemon_closes(tmp_path: Path) -> None:
+    """A protocol error that makes the daemon close (frame over max_message_bytes): one line, 6."""
+
+    async def scenario() -> None:
+        async with running_daemon(max_message_bytes=2048) as d:
+            rc, _, err = await program(
+                "vision-client", *ports(d), "--duration", "2", "--no-save", cwd=tmp_path
+            )
+            assert rc == 6, err
+            assert "message_too_large" in err and "Traceback" not in err
+
+    run(scenario())
