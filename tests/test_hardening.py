@@ -37,6 +37,19 @@ async def good_client_rtts(d: Daemon, name: str, frames: int, fps: float = 50.0)
     return rtts
 
 
+async def metric(d: Daemon, name: str, **labels: str) -> float:
+    """One sample of /metrics, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
+        text = (await h.get("/metrics")).text
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in (name, f"{name}_total") and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
 def processed(d: Daemon, name: str) -> int:
     stream = d.streams.get(name)
     return stream.counts.processed if stream else 0
@@ -135,6 +148,7 @@ def test_detector_that_raises_answers_an_error_and_the_worker_goes_on() -> None:
             assert stats["workers"][0]["errors"] == 3 and stats["workers"][0]["restarts"] == 0
             assert stats["totals"]["dropped_by_reason"]["detector_error"] == 3
             assert stats["errors"][p.E_DETECTOR] == 3
+            assert await metric(d, "vision_daemon_detector_errors", worker="0") == 3
 
     run(scenario())
 
@@ -161,6 +175,7 @@ def test_stuck_worker_is_reported_replaced_and_its_frame_dropped() -> None:
             worker = (await api.get("/stats")).json()["workers"][0]
             assert ready.status_code == 503 and "worker" in ready.json()["reason"]
             assert worker["state"] in ("stuck", "restarting") and worker["restarts"] == 1
+            assert await metric(d, "vision_daemon_worker_restarts", worker="0") == 1
             release.set()  # the replacement model does not hang
             await until(lambda: d.ready()[0], timeout=10, what="worker restarted")
             await c.send_frame("cam", 2, IMG)
@@ -225,6 +240,7 @@ def test_send_buffer_limit_drops_results_of_a_client_that_stops_reading() -> Non
                 await until(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
             counts = d.streams["deaf"].counts
             assert counts.results_dropped > 0 and d.totals.results_dropped == counts.results_dropped
+            assert await metric(d, "vision_daemon_results_dropped") == counts.results_dropped
             assert len(next(iter(d.connections)).outbox) <= 4
             good = await connect(d)
             await good.send_frame("good", 0, IMG)
@@ -255,6 +271,7 @@ def test_stalled_ws_subscriber_loses_its_oldest_messages_not_ingest() -> None:
                 (sub,) = ws["clients"]
                 assert sub["dropped"] > 0 and sub["queued"] <= 4
                 assert sub["sent"] + sub["dropped"] + sub["queued"] + sub["sending"] == 200
+                assert await metric(d, "vision_daemon_ws_messages_dropped") >= sub["dropped"]
                 await c.close()
 
     run(scenario())

@@ -109,6 +109,29 @@ class Metrics(Collector):
         yield batches
         workers = d.pool.workers if d.pool else []
         yield GaugeMetricFamily("vision_daemon_workers", "Inference workers", value=len(workers))
+        restarts = CounterMetricFamily(
+            "vision_daemon_worker_restarts",
+            "Workers replaced after a stuck call",
+            labels=["worker"],
+        )
+        failures = CounterMetricFamily(
+            "vision_daemon_detector_errors", "Detector calls that raised", labels=["worker"]
+        )
+        for w in workers:
+            restarts.add_metric([str(w.id)], w.stats.restarts)
+            failures.add_metric([str(w.id)], w.stats.errors)
+        yield restarts
+        yield failures
+        yield CounterMetricFamily(
+            "vision_daemon_results_dropped",
+            "Results not sent because the client was not reading",
+            value=d.totals.results_dropped,
+        )
+        yield CounterMetricFamily(
+            "vision_daemon_ws_messages_dropped",
+            "/ws messages a slow subscriber lost",
+            value=d.hub.snapshot()["dropped"],
+        )
         yield GaugeMetricFamily(
             "vision_daemon_workers_busy",
             "Workers running a detector call now",
