@@ -117,3 +117,10 @@ def test_cli_bad_flag_value_exits_2() -> None:
     """A bad flag value is reported in one line with exit status 2."""
     out = subprocess.run(daemon_cmd("--workers", "0"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "workers must be >= 1" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["cpu.toml", "gpu.toml"])
+def test_example_configs_load(name: str) -> None:
+    """The example configs only hold known settings with valid values."""
+    cfg = load_config(ROOT / "configs" / name, environ={})
+    assert cfg.device in ("cpu", "cuda:0") and cfg.max_batch >= 1
