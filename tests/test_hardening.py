@@ -361,3 +361,28 @@ def test_hello_and_idle_timeout_edges() -> None:
             assert await asyncio.wait_for(c.recv(), 5) is None
 
     run(scenario())
+
+
+def test_queued_bytes_budget_makes_the_hog_pay() -> None:
+    """Past max_queued_mb the biggest queue loses its oldest frames; a normal camera loses none."""
+
+    async def scenario() -> None:
+        async with running_daemon(
+            lambda: SlowDetector(0.05), workers=1, max_queued_mb=1, max_message_bytes=2**20
+        ) as d:
+            hog = await connect(d, dropped_notices=True)
+            calm = await connect(d)
+            big = IMG + b"\0" * 300_000  # decodes like IMG; 300 KB on the wire and in the queue
+            for i in range(10):
+                for k in range(4):
+                    await hog.send_frame(f"hog{k}", i, big)
+                await calm.send_frame("calm", i, IMG)
+                msg = await asyncio.wait_for(calm.recv(), 10)  # every calm frame is answered
+                assert msg is not None and msg["type"] == "result" and msg["frame_id"] == i
+                assert d.budget.used <= 2**20
+            hog_drops = sum(d.streams[f"hog{k}"].counts.dropped["memory_limit"] for k in range(4))
+            assert hog_drops > 0 and d.streams["calm"].counts.dropped["memory_limit"] == 0
+            await until(lambda: d.budget.used == sum(s.queued_bytes for s in d.streams.values()))
+            await until(lambda: all(accounted(d, n) for n in d.streams), what="all accounted")
+
+    run(scenario())

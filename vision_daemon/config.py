@@ -87,6 +87,9 @@ class Config:
         10.0, "limits", "time a new connection has to send its first message"
     )
     idle_timeout_s: float = _f(300.0, "limits", "close a connection silent for this long")
+    max_queued_mb: int = _f(
+        512, "limits", "MiB of frames queued in all streams; past it the largest queue drops"
+    )
     send_buffer_messages: int = _f(
         256, "limits", "results queued per connection before its results are dropped"
     )
@@ -121,6 +124,10 @@ class Config:
                 "max_streams and max_streams_per_connection must be >= 1",
             ),
             (self.send_buffer_messages >= 1, "send_buffer_messages must be >= 1"),
+            (
+                self.max_queued_mb * 2**20 >= self.max_message_bytes,
+                "max_queued_mb must hold at least one message of max_message_bytes",
+            ),
             (
                 self.export in ("auto", "none", "openvino", "onnx", "engine"),
                 "export must be auto, none, openvino, onnx or engine",

@@ -69,7 +69,7 @@ class Scheduler:
                 continue
             job = None
             while stream.queue:
-                candidate = stream.queue.popleft()
+                candidate = stream.pop()
                 if now - candidate.received_at > self._max_age:
                     self._on_drop(candidate, "stale")
                     continue

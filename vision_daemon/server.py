@@ -19,7 +19,7 @@ from vision_daemon.config import Config
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
-from vision_daemon.streams import Job, Stream
+from vision_daemon.streams import Job, QueueBudget, Stream
 from vision_daemon.workers import Outcome, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ class Daemon:
         self._factory = factory
         self.started_at = time.monotonic()
         self.streams: dict[str, Stream] = {}
+        self.budget = QueueBudget(config.max_queued_mb * 2**20)
         self.connections: set[Connection] = set()
         self.totals = Counts(config.stats_window_s)
         self.errors: Counter[str] = Counter()  # protocol errors by code
@@ -363,7 +364,7 @@ class Daemon:
             conn.reader.feed_eof()
         for stream in self.streams.values():
             while stream.queue:
-                self.drop(stream.queue.popleft(), "shutdown")
+                self.drop(stream.pop(), "shutdown")
         if self.pool is not None:
             await self.pool.stop(grace)
         await asyncio.gather(
@@ -435,7 +436,7 @@ class Daemon:
         now = time.monotonic()
         for stream in conn.streams.values():
             while stream.queue:
-                self.drop(stream.queue.popleft(), "disconnected")
+                self.drop(stream.pop(), "disconnected")
             stream.detached_at = now
         if self.stopping:  # results of frames already in a detector are delivered first
             await conn.wait_idle(self.config.shutdown_grace_s)
@@ -488,7 +489,9 @@ class Daemon:
             existing.conn, existing.detached_at, existing.options = conn, None, options
             stream = existing
         else:
-            stream = Stream(name, options, cfg.queue_depth, cfg.stats_window_s, conn=conn)
+            stream = Stream(
+                name, options, cfg.queue_depth, cfg.stats_window_s, conn=conn, budget=self.budget
+            )
             self.streams[name] = stream
             log.info("stream %s opened by %s (%s)", name, conn.peer, options)
         conn.streams[name] = stream
@@ -509,6 +512,11 @@ class Daemon:
         evicted = stream.push(job)
         if evicted is not None:
             self.drop(evicted, "queue_full")
+        while self.budget.over():
+            # Past max_queued_mb the stream holding the most queued bytes loses its oldest frame:
+            # a peer sending huge frames pays for them, cameras with normal frames do not.
+            hog = max(self.streams.values(), key=lambda s: s.queued_bytes)
+            self.drop(hog.pop(), "memory_limit")
         self.scheduler.notify(stream)
 
     def drop(self, job: Job, reason: str) -> None:

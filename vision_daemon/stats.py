@@ -20,6 +20,7 @@ DROP_REASONS = (
     "refused",  # stream not admitted (limits, name in use, auth)
     "detector_error",  # the detector raised on this frame
     "worker_timeout",  # the worker was stuck longer than worker_timeout_s
+    "memory_limit",  # queued frames of all streams passed max_queued_mb; the biggest queue paid
     "disconnected",  # the sending connection went away while the frame waited
     "shutdown",  # the daemon stopped before the frame was taken
 )

@@ -25,6 +25,19 @@ class Job:
     taken_at: float = 0.0
 
 
+class QueueBudget:
+    """Bytes of frames queued across all streams, against one limit (max_queued_mb)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def over(self) -> bool:
+        return self.used > self.limit
+
+
 @dataclass(eq=False)
 class Stream:
     name: str
@@ -32,7 +45,9 @@ class Stream:
     depth: int
     window_s: float
     conn: Connection | None = None
+    budget: QueueBudget = field(default_factory=lambda: QueueBudget(2**62))
     queue: deque[Job] = field(default_factory=deque)
+    queued_bytes: int = 0
     in_flight: int = 0
     counts: Counts = field(init=False)
     created_at: float = field(default_factory=time.monotonic)
@@ -63,9 +78,20 @@ class Stream:
 
     def push(self, job: Job) -> Job | None:
         """Queue a frame; when full the oldest queued frame is returned to be dropped (latest wins)."""
-        evicted = self.queue.popleft() if len(self.queue) >= self.depth else None
+        evicted = self.pop() if len(self.queue) >= self.depth else None
         self.queue.append(job)
+        size = len(job.frame.image)
+        self.queued_bytes += size
+        self.budget.used += size
         return evicted
+
+    def pop(self) -> Job:
+        """Take the oldest queued frame (every removal goes through here, for the byte budget)."""
+        job = self.queue.popleft()
+        size = len(job.frame.image)
+        self.queued_bytes -= size
+        self.budget.used -= size
+        return job
 
     def snapshot(self, now: float) -> dict[str, Any]:
         snap = self.counts.snapshot(now)
