@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import httpx
 import msgpack
+import psutil
 
 from clients.lib import DaemonClient, pack
 from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
@@ -50,6 +51,10 @@ async def metric(d: Daemon, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not in /metrics")
 
 
+def rss_mb() -> float:
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
 def processed(d: Daemon, name: str) -> int:
     stream = d.streams.get(name)
     return stream.counts.processed if stream else 0
@@ -66,6 +71,7 @@ def test_slowloris_storm_leaves_good_client_at_normal_latency() -> None:
     async def scenario() -> None:
         async with running_daemon(hello_timeout_s=1.5) as d:
             before = await good_client_rtts(d, "calm", 20)
+            rss = rss_mb()
             stalled = []
             for _ in range(100):
                 r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
@@ -76,6 +82,7 @@ def test_slowloris_storm_leaves_good_client_at_normal_latency() -> None:
             assert statistics.median(during) <= 3 * statistics.median(before) + 10
             await until(lambda: not d.connections, timeout=10, what="stalled peers closed")
             assert d.errors[p.E_HELLO_TIMEOUT] == 100
+            assert rss_mb() - rss < 64  # 100 stalled peers cost buffers, not memory growth
             for _, w in stalled:
                 w.close()
 
@@ -87,6 +94,7 @@ def test_connect_and_close_storm_releases_every_connection() -> None:
 
     async def scenario() -> None:
         async with running_daemon() as d:
+            rss = rss_mb()
             good = asyncio.create_task(good_client_rtts(d, "good", 60))
             partial = pack({"type": "frame", "stream_name": "x", "frame_id": 1, "image": IMG})
             for i in range(300):
@@ -102,6 +110,7 @@ def test_connect_and_close_storm_releases_every_connection() -> None:
             assert len(rtts) == 60
             await until(lambda: not d.connections, what="storm connections released")
             assert d.connections_total >= 301 and "x" not in d.streams
+            assert rss_mb() - rss < 64
             assert await good_client_rtts(d, "after", 5)  # still accepting
 
     run(scenario())
