@@ -78,6 +78,7 @@ class Viewer:
         self.writer: cv2.VideoWriter | None = None
         self.shown: collections.deque[float] = collections.deque(maxlen=30)
         self.written = 0
+        self.error = ""
 
     def on_send(self, frame_id: int, img: np.ndarray) -> None:
         self.frames[frame_id] = img
@@ -100,8 +101,11 @@ class Viewer:
                 h, w = annotated.shape[:2]
                 fourcc = cv2.VideoWriter.fourcc(*"mp4v")
                 self.writer = cv2.VideoWriter(self.record, fourcc, self.fps, (w, h))
-                if not self.writer.isOpened():
-                    raise SourceError(f"cannot write video {self.record!r}")
+                if not self.writer.isOpened():  # reported by main(); the run stops here
+                    self.error = f"cannot write video {self.record!r}"
+                    self.record = None
+                    self.stop.set()
+                    return
             self.writer.write(annotated)
             self.written += 1
         if not self.headless:
@@ -149,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vision-viz: {exc}", file=sys.stderr)
         return EXIT_SOURCE
     if args.record:
-        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"vision-viz: cannot write video {args.record!r}: {exc}", file=sys.stderr)
+            return EXIT_SOURCE
 
     async def run() -> Any:
         stop = asyncio.Event()
@@ -175,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SOURCE
     finally:
         source.close()
+    if viewer.error:
+        print(f"vision-viz: {viewer.error}", file=sys.stderr)
+        return EXIT_SOURCE
     print_summary(result.summary())
     if args.record:
         print(f"recorded {viewer.written} annotated frames to {args.record}")

@@ -305,3 +305,18 @@ def test_client_exits_6_with_the_servers_reason_when_the_daemon_closes(tmp_path:
             assert "message_too_large" in err and "Traceback" not in err
 
     run(scenario())
+
+
+def test_viz_unwritable_recording_is_one_line_exit_3(tmp_path: Path) -> None:
+    """--record into a path that cannot be a folder is a one-line error, not a traceback."""
+    (tmp_path / "file.txt").write_text("x")
+
+    async def scenario() -> None:
+        async with running_daemon() as d:
+            rc, _, err = await program(
+                "vision-viz", *ports(d), "--source", str(VIDEO), "--duration", "1",
+                "--headless", "--record", str(tmp_path / "file.txt" / "out.mp4"),
+            )  # fmt: skip
+            assert rc == 3 and "cannot write video" in err and "Traceback" not in err
+
+    run(scenario())
