@@ -71,6 +71,11 @@ class Hub:
             sub.closed = True
             sub.event.set()
 
+    @property
+    def dropped(self) -> int:
+        """Messages lost by slow subscribers, including those that have left."""
+        return self.dropped_total + sum(s.dropped for s in self.subscribers)
+
     def remove(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
         self.dropped_total += sub.dropped
@@ -78,7 +83,7 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         return {
             "subscribers": len(self.subscribers),
-            "dropped": self.dropped_total + sum(s.dropped for s in self.subscribers),
+            "dropped": self.dropped,
             "clients": [
                 {
                     "peer": s.peer,

@@ -130,7 +130,7 @@ class Metrics(Collector):
         yield CounterMetricFamily(
             "vision_daemon_ws_messages_dropped",
             "/ws messages a slow subscriber lost",
-            value=d.hub.snapshot()["dropped"],
+            value=d.hub.dropped,
         )
         yield GaugeMetricFamily(
             "vision_daemon_workers_busy",

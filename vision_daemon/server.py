@@ -490,7 +490,7 @@ class Daemon:
             stream = existing
         else:
             stream = Stream(
-                name, options, cfg.queue_depth, cfg.stats_window_s, conn=conn, budget=self.budget
+                name, options, cfg.queue_depth, cfg.stats_window_s, self.budget, conn=conn
             )
             self.streams[name] = stream
             log.info("stream %s opened by %s (%s)", name, conn.peer, options)

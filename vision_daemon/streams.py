@@ -44,8 +44,8 @@ class Stream:
     options: StreamOptions
     depth: int
     window_s: float
+    budget: QueueBudget  # shared by every stream of the daemon
     conn: Connection | None = None
-    budget: QueueBudget = field(default_factory=lambda: QueueBudget(2**62))
     queue: deque[Job] = field(default_factory=deque)
     queued_bytes: int = 0
     in_flight: int = 0

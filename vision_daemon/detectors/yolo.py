@@ -112,14 +112,16 @@ class YoloFactory:
     classes: tuple[str, ...]
     half: bool
     tried: tuple[str, ...] = ()
-    threads: int = 0
-    busy: Busy = field(default_factory=lambda: Busy(), compare=False)
+    threads: int = 0  # OpenVINO threads per worker while several are busy; 0 = no limit
+    busy: Busy = field(default_factory=Busy, compare=False)
 
     @classmethod
     def from_config(cls, config: Config) -> YoloFactory:
         _quiet_ultralytics()
         device = resolve_device(config.device)
         path, tried = resolve_model(config.model, Path(config.model_dir), device)
+        cores = len(os.sched_getaffinity(0))
+        threads = config.threads or max(1, cores // config.workers)
         fmt = export_target(path, config.export, device)
         if fmt is not None:
             path = ensure_export(path, fmt, config.imgsz, device, config.half, tried)
@@ -132,7 +134,7 @@ class YoloFactory:
             tuple(config.classes),
             config.half,
             tuple(tried),
-            config.threads or max(1, len(os.sched_getaffinity(0)) // config.workers),
+            threads if threads < cores else 0,  # 0: every core anyway, no second model
         )
 
     def __call__(self) -> YoloDetector:
@@ -215,15 +217,15 @@ class YoloDetector:
         return ids
 
     def _predict(self, images: Sequence[Image]) -> list[Any]:
-        f = self._f
-        busy = f.busy.enter()
+        if self._ov is None:  # one compiled model only: nothing to choose
+            return self._predict_with(images)
+        busy = self._f.busy.enter()
         try:
-            if self._ov is not None:
-                backend, full, shared = self._ov
-                backend.ov_compiled_model = full if busy == 1 else shared
+            backend, full, shared = self._ov
+            backend.ov_compiled_model = full if busy == 1 else shared
             return self._predict_with(images)
         finally:
-            f.busy.leave()
+            self._f.busy.leave()
 
     def _predict_with(self, images: Sequence[Image]) -> list[Any]:
         f = self._f
@@ -254,7 +256,7 @@ class YoloDetector:
         f = self._f
         if self.info.backend != "openvino" or f.device != "cpu":
             return
-        if not 1 <= f.threads < len(os.sched_getaffinity(0)):
+        if f.threads < 1:
             return
         predictor = getattr(self.model, "predictor", None)
         backend = getattr(getattr(predictor, "model", None), "backend", None)
@@ -284,14 +286,10 @@ class YoloDetector:
         self._share_openvino_cores()
         for _ in range(2):
             self._predict([blank])
-        if self._ov is not None:  # warm the shared-cores model too
-            self._f.busy.enter()
-            self._f.busy.enter()
-            try:
-                self._predict([blank])
-            finally:
-                self._f.busy.leave()
-                self._f.busy.leave()
+        if self._ov is not None:  # warm the shared-cores model too (the next call re-picks)
+            backend, _, shared = self._ov
+            backend.ov_compiled_model = shared
+            self._predict_with([blank])
         warm = (time.perf_counter() - t0) * 1000
         self.info = ModelInfo(**{**self.info.__dict__, "warmup_ms": warm})
 
