@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,16 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.throughput import VIDEO, drift, emit, load, load_jpegs, pct, start_daemon
+from benchmarks.throughput import (
+    VIDEO,
+    add_run_args,
+    drift,
+    emit,
+    load,
+    load_jpegs,
+    pct,
+    start_daemon,
+)
 
 
 def measure(proc: psutil.Process, t0: float) -> dict[str, float]:
@@ -58,17 +66,9 @@ async def soak(args: argparse.Namespace, tcp: int, pid: int, jpegs: list[bytes])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="yolov8n")
-    ap.add_argument(
-        "--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "../shared/models")
-    )
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--fps", type=float, default=10.0)
-    ap.add_argument("--duration", type=float, default=600.0)
-    ap.add_argument("--workers", type=int, default=2)
+    add_run_args(ap, duration=600.0)
     ap.add_argument("--warmup-s", type=float, default=60.0)
     ap.add_argument("--sample-s", type=float, default=10.0)
-    ap.add_argument("--json-out", help="append the summary as one JSON line to this file")
     args = ap.parse_args()
     args.max_batch, args.daemon_args = 1, []
 

@@ -25,7 +25,7 @@ import cv2
 import httpx
 import numpy as np
 
-from clients.lib import DaemonClient, frame_message
+from stress.load import LoadSpec, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
@@ -110,46 +110,14 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, 
 
 
 async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
-    """One connection per stream, each sending on its own absolute schedule; RTT on our clock."""
-    samples: list[tuple[float, float]] = []  # (send time since start, rtt ms)
-    sent = 0
-    start = time.monotonic() + 0.5
-    interval = 1.0 / args.fps
-
-    async def stream(k: int) -> None:
-        nonlocal sent
-        c = await DaemonClient.connect("127.0.0.1", tcp, client_name="bench")
-        sent_at: dict[int, float] = {}
-
-        async def reader() -> None:
-            async for m in c.messages():
-                if m["type"] == "result":
-                    t = sent_at.pop(m["frame_id"], None)
-                    if t is not None:
-                        samples.append((t - start, (time.monotonic() - t) * 1000))
-                elif m["type"] != "dropped":
-                    print("daemon said:", m, file=sys.stderr)
-
-        rtask = asyncio.create_task(reader())
-        offset = k * len(jpegs) // max(1, args.streams)  # each stream starts elsewhere in the video
-        phase = k * interval / max(1, args.streams)  # spread sends across the interval
-        n = 0
-        while True:
-            due = start + phase + n * interval
-            if due - start > args.duration:
-                break
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            sent_at[n] = time.monotonic()
-            c.send_nowait(frame_message(f"cam{k}", n, jpegs[(offset + n) % len(jpegs)]))
-            await c.writer.drain()
-            sent += 1
-            n += 1
-        await asyncio.sleep(1.0)  # let the last results come back
-        rtask.cancel()
-        await c.close()
-
-    await asyncio.gather(*(stream(k) for k in range(args.streams)))
-    return {"samples": samples, "sent": sent}
+    """vision-stress's simulated cameras (one connection each, absolute schedules spread across
+    the period, each starting at a different frame) fed with the ceiling's own JPEGs."""
+    spec = LoadSpec("127.0.0.1", tcp, None, args.fps, args.duration, "video", None, prefix="cam")
+    results = await run_load(spec, args.streams, 1, lambda _: None, frames=jpegs)
+    return {
+        "samples": [(t, rtt) for r in results for _, t, rtt in r.samples],  # (send time, rtt ms)
+        "sent": sum(r.sent for r in results),
+    }
 
 
 def pct(values: list[float]) -> dict[str, float]:
@@ -179,22 +147,27 @@ def emit(summary: dict[str, Any], json_out: str | None) -> None:
             fh.write(json.dumps(summary) + "\n")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_run_args(ap: argparse.ArgumentParser, duration: float) -> None:
+    """The model, the daemon's workers, the load and --json-out: flags every benchmark shares."""
     ap.add_argument("--model", default="yolov8n")
     ap.add_argument(
         "--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "../shared/models")
     )
-    ap.add_argument("--video", default=str(VIDEO))
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--fps", type=float, default=10.0)
-    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--duration", type=float, default=duration)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json-out", help="append the summary as one JSON line to this file")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(ap, duration=60.0)
+    ap.add_argument("--video", default=str(VIDEO))
     ap.add_argument("--max-batch", type=int, default=1)
     ap.add_argument("--ceiling-s", type=float, default=20.0)
-    ap.add_argument("--json-out", help="append the summary as one JSON line to this file")
     ap.add_argument("daemon_args", nargs="*", help="extra vision-daemon flags after --")
     args = ap.parse_args()
 

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from clients.lib import ClientError, DaemonClient, frame_message
+from clients.lib import ClientError, DaemonClient, add_daemon_args, frame_message
 from clients.sources import (
     Encoded,
     Pacer,
@@ -59,6 +59,12 @@ CSV_COLUMNS = [
 ]
 
 
+def exit_code(exc: ClientError) -> int:
+    """The documented exit code for a client failure (shared by every program)."""
+    codes = {"unauthorized": EXIT_AUTH, "unreachable": EXIT_UNREACHABLE}
+    return codes.get(exc.kind, EXIT_PROTOCOL)
+
+
 @dataclass
 class Run:
     """What one client run saw, measured on the client's own clock."""
@@ -73,7 +79,6 @@ class Run:
     last_error: str = ""
     latencies_ms: list[float] = field(default_factory=list)
     send_times: dict[int, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
     send_elapsed: float = 0.0
     elapsed: float = 0.0
     closed_by_server: bool = False
@@ -111,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--source", help="camera index, video file or stream URL")
     ap.add_argument("--folder", help="folder of images, played in sorted order")
     ap.add_argument("--loop", action="store_true", help="loop a video file or folder")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=9000)
-    ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
+    add_daemon_args(ap)
     ap.add_argument("--stream", default=None, help="stream name (default: from the source)")
     ap.add_argument(
         "--fps",
@@ -256,19 +259,16 @@ async def stream(
     sender = Sender(source, args)
     progress = _progress(source, args)
     task_id = progress.add_task(name, total=source.total) if progress else None
-    pacer = Pacer(fps)
-    run.started = pacer.start
+    start = time.monotonic()
+    pacer = Pacer(fps, start, start + args.duration if args.duration else None)
     try:
-        missed = 0
+        missed: int | None = 0
         while not stop.is_set() and not done.is_set():
-            item = await sender.next(missed)
+            item = await sender.next(missed or 0)
             if item is None:
                 break
             img, enc = item
-            if args.duration and pacer.due_time(pacer.slot) - pacer.start >= args.duration:
-                break
-            missed = await pacer.wait()
-            if args.duration and pacer.due_time(pacer.slot - 1) - pacer.start >= args.duration:
+            if (missed := await pacer.wait()) is None:
                 break
             if hooks.on_send:
                 hooks.on_send(run.sent, img)
@@ -388,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run(amain(args, source, out))
     except ClientError as exc:
         print(f"vision-client: {exc}", file=sys.stderr)
-        codes = {"unauthorized": EXIT_AUTH, "unreachable": EXIT_UNREACHABLE}
-        return codes.get(exc.kind, EXIT_PROTOCOL)
+        return exit_code(exc)
     finally:
         source.close()
         if out is not None:

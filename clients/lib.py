@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import struct
 import time
@@ -22,6 +23,18 @@ class ClientError(Exception):
     def __init__(self, message: str, kind: str = "protocol") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def add_daemon_args(
+    ap: argparse.ArgumentParser, *, tcp: bool = True, api: str | None = None
+) -> None:
+    """--host, --port (data plane), --api-port when `api` says what it is for, --token."""
+    ap.add_argument("--host", default="127.0.0.1", help="the daemon's address")
+    if tcp:
+        ap.add_argument("--port", type=int, default=9000, help="data-plane TCP port")
+    if api is not None:
+        ap.add_argument("--api-port", type=int, default=8000, help=api)
+    ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
 
 
 def pack(msg: dict[str, Any]) -> bytes:

@@ -198,17 +198,20 @@ class Pacer:
 
     Sending never drifts (each slot is computed from the start, not from the last send) and never
     accumulates delay: when the sender falls a whole slot behind, the missed slots are skipped and
-    counted rather than sent late in a burst.
+    counted rather than sent late in a burst. With `end` (a monotonic time), the schedule ends at
+    the first slot due at or after it.
     """
 
-    def __init__(self, fps: float, start: float | None = None) -> None:
+    def __init__(self, fps: float, start: float | None = None, end: float | None = None) -> None:
         self.period = 1.0 / fps if fps > 0 else 0.0
         self.start = time.monotonic() if start is None else start
+        self.end = end
         self.slot = 0
         self.skipped = 0
 
-    async def wait(self) -> int:
-        """Sleep until the next slot is due; return how many slots were skipped to get there."""
+    async def wait(self) -> int | None:
+        """Sleep until the next slot is due and return how many slots were skipped to get there;
+        None once the schedule has ended (without sleeping)."""
         if self.period == 0:
             self.slot += 1
             return 0
@@ -220,6 +223,8 @@ class Pacer:
             self.slot = behind
             self.skipped += missed
         due = self.start + self.slot * self.period
+        if self.end is not None and due >= self.end:
+            return None
         if due > now:
             await asyncio.sleep(due - now)
         self.slot += 1

@@ -23,17 +23,16 @@ import cv2
 import numpy as np
 
 from clients.client import (
-    EXIT_AUTH,
     EXIT_OK,
     EXIT_PROTOCOL,
     EXIT_SOURCE,
-    EXIT_UNREACHABLE,
     Hooks,
+    exit_code,
     print_summary,
     send_fps,
     stream,
 )
-from clients.lib import ClientError
+from clients.lib import ClientError, add_daemon_args
 from clients.sources import SourceError, open_source
 
 PENDING_FRAMES = 256  # frames kept while their result is outstanding; older ones are forgotten
@@ -126,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--source", default="0", help="camera index, video file or URL (default 0)")
     ap.add_argument("--loop", action="store_true", help="loop a video file")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=9000)
-    ap.add_argument("--token", default=None)
+    add_daemon_args(ap)
     ap.add_argument("--stream", default=None, help="stream name (default: from the source)")
     ap.add_argument("--fps", type=float, default=None, help="default: the file's rate, else 10")
     ap.add_argument("--duration", type=float, default=0.0, help="seconds (0 = until the end)")
@@ -175,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         result, viewer = asyncio.run(run())
     except ClientError as exc:
         print(f"vision-viz: {exc}", file=sys.stderr)
-        return {"unauthorized": EXIT_AUTH, "unreachable": EXIT_UNREACHABLE}.get(
-            exc.kind, EXIT_PROTOCOL
-        )
+        return exit_code(exc)
     except SourceError as exc:
         print(f"vision-viz: {exc}", file=sys.stderr)
         return EXIT_SOURCE

@@ -27,6 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from clients.client import EXIT_AUTH, EXIT_OK, EXIT_PROTOCOL, EXIT_UNREACHABLE
+from clients.lib import add_daemon_args
 
 WINDOW_S = 5.0  # fps and latency are shown over the last few seconds
 
@@ -69,9 +70,7 @@ def table(views: dict[str, StreamView], now: float) -> Table:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vision-ws", description="Watch the /ws detection feed.")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--api-port", type=int, default=8000)
-    ap.add_argument("--token", default=None)
+    add_daemon_args(ap, tcp=False, api="control-plane HTTP port serving /ws")
     ap.add_argument("--stream", action="append", default=[], help="only this stream (repeat)")
     ap.add_argument("--every", type=int, default=1, help="server-side: every Nth result")
     ap.add_argument("--max-fps", type=float, default=0.0, help="server-side rate cap per viewer")

@@ -24,12 +24,13 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from clients.lib import ClientError
+from clients.client import exit_code
+from clients.lib import ClientError, add_daemon_args
 from clients.sources import SourceError
 from stress.load import LoadSpec, StreamResult, run_load, source_label
 from stress.report import summarize, table, write_all
 
-EXIT_OK, EXIT_SLO, EXIT_SOURCE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 3, 4, 5
+EXIT_OK, EXIT_SLO, EXIT_SOURCE = 0, 1, 3  # and exit_code(): 4 unreachable, 5 token, 6 protocol
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--streams", type=int, default=4, help="simulated cameras")
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second per camera")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds (per step with capacity)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=9000, help="data-plane TCP port")
-    ap.add_argument("--api-port", type=int, default=8000, help="polled for /stats (0 = don't)")
-    ap.add_argument("--token", default=None)
+    add_daemon_args(ap, api="control-plane HTTP port, polled for /stats (0 = don't)")
     ap.add_argument("--source", choices=["synthetic", "video", "folder"], default="synthetic")
     ap.add_argument("--video", default=None, help="video file for --source video")
     ap.add_argument("--folder", default=None, help="image folder for --source folder")
@@ -134,16 +132,7 @@ class LiveView:
 async def one_run(
     args: argparse.Namespace, streams: int, console: Console, title: str
 ) -> tuple[list[StreamResult], dict[str, Any] | None]:
-    spec = LoadSpec(
-        args.host,
-        args.port,
-        args.token,
-        args.fps,
-        args.duration,
-        args.source,
-        args.video if args.source == "video" else args.folder,
-        prefix=args.prefix,
-    )
+    spec = spec_from(args)
     view = LiveView(args, console, title)
     poller = asyncio.create_task(view.poll())
     if view.live:
@@ -170,7 +159,7 @@ def breaks_slo(agg: dict[str, Any], args: argparse.Namespace) -> list[str]:
 
 
 async def stress(args: argparse.Namespace, console: Console, out: Path) -> int:
-    title = f"{args.streams} streams x {args.fps:g} fps, {source_label(_spec_source(args))}"
+    title = f"{args.streams} streams x {args.fps:g} fps, {source_label(spec_from(args))}"
     results, stats = await one_run(args, args.streams, console, title)
     summary = summarize(results, args.fps, args.duration, args.settle_s)
     summary["config"] = _config(args)
@@ -275,9 +264,19 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _spec_source(args: argparse.Namespace) -> LoadSpec:
+def spec_from(args: argparse.Namespace) -> LoadSpec:
+    """What each simulated camera sends, from the command line."""
     path = args.video if args.source == "video" else args.folder
-    return LoadSpec(args.host, args.port, None, args.fps, 0, args.source, path)
+    return LoadSpec(
+        args.host,
+        args.port,
+        args.token,
+        args.fps,
+        args.duration,
+        args.source,
+        path,
+        prefix=args.prefix,
+    )
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(runner(args, console, out))
     except ClientError as exc:
         print(f"vision-stress: {exc}", file=sys.stderr)
-        return {"unauthorized": EXIT_AUTH, "unreachable": EXIT_UNREACHABLE}.get(exc.kind, 6)
+        return exit_code(exc)
     except (SourceError, ValueError) as exc:
         print(f"vision-stress: {exc}", file=sys.stderr)
         return EXIT_SOURCE

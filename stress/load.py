@@ -122,16 +122,13 @@ async def run_stream(
 
     rtask = asyncio.create_task(reader())
     # Spread the streams' sends across one period, and start each at a different frame.
-    pacer = Pacer(spec.fps, start + index / (spec.fps * max(1, count)))
+    pacer = Pacer(spec.fps, start + index / (spec.fps * max(1, count)), start + spec.duration)
     offset = index * len(frames) // max(1, count)
     try:
         while not done.is_set():
-            if pacer.due_time(pacer.slot) - start >= spec.duration:
+            if await pacer.wait() is None:
                 break
-            await pacer.wait()
             slot = pacer.slot - 1
-            if pacer.due_time(slot) - start >= spec.duration:
-                break
             now = time.monotonic()
             if now - pacer.due_time(slot) > pacer.period / 2:
                 res.late_sends += 1
@@ -162,9 +159,10 @@ async def run_group(
     count: int,
     start_wall: float,
     on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    frames: list[bytes] | None = None,
 ) -> list[StreamResult]:
     """Run some of the streams; `start_wall` (time.time) aligns groups across processes."""
-    frames = load_frames(spec)
+    frames = frames or load_frames(spec)
     start = time.monotonic() + (start_wall - time.time())
     results = [StreamResult(f"{spec.prefix}{i}") for i in indices]
     tasks = [
@@ -206,11 +204,15 @@ async def run_load(
     streams: int,
     procs: int,
     on_progress: Callable[[dict[str, dict[str, Any]]], None],
+    frames: list[bytes] | None = None,
 ) -> list[StreamResult]:
-    """All streams, in this process (procs=1) or spread round-robin over `procs` processes."""
+    """All streams, in this process (procs=1) or spread round-robin over `procs` processes.
+
+    `frames` (pre-encoded JPEGs) replaces the spec's source, in this process only.
+    """
     start_wall = time.time() + 1.0  # time to connect every stream before the first send
     if procs <= 1:
-        return await run_group(spec, list(range(streams)), streams, start_wall, on_progress)
+        return await run_group(spec, list(range(streams)), streams, start_wall, on_progress, frames)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     groups = [list(range(streams))[k::procs] for k in range(procs)]

@@ -31,9 +31,7 @@ def summarize(
     """Per stream and aggregate figures; latency percentiles skip the first `settle_s` seconds."""
     settle_s = min(settle_s, duration / 4)  # a short run keeps most of its samples
 
-    def steady(r: StreamResult) -> list[float]:
-        return [rtt for _, t, rtt in r.samples if t >= settle_s]
-
+    steady = {r.name: [rtt for _, t, rtt in r.samples if t >= settle_s] for r in results}
     streams = []
     for r in results:
         streams.append(
@@ -45,7 +43,7 @@ def summarize(
                 "dropped_by_reason": dict(r.drops),
                 "errors": r.errors,
                 "processed_fps": round(r.results / duration, 2) if duration else 0.0,
-                "rtt_ms": percentiles(steady(r)),
+                "rtt_ms": percentiles(steady[r.name]),
                 "drift": drift(r.samples),
                 "skipped_slots": r.skipped_slots,
                 "late_sends": r.late_sends,
@@ -72,7 +70,7 @@ def summarize(
         "errors": sum(r.errors for r in results),
         "unanswered": sent - sum(processed) - sum(drops.values()),
         "processed_fps": round(sum(processed) / duration, 2) if duration else 0.0,
-        "rtt_ms": percentiles([x for r in results for x in steady(r)]),
+        "rtt_ms": percentiles([x for rtts in steady.values() for x in rtts]),
         "drift": drift([s for r in results for s in r.samples]),
         "fairness": round(min(processed) / max(processed), 3) if max(processed, default=0) else 0.0,
         # The load generator itself fell behind when it had to skip slots or send late.

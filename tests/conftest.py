@@ -32,16 +32,23 @@ def jpeg(h: int = 240, w: int = 320, value: int = 128) -> bytes:
 
 
 class SlowDetector:
-    """A detector whose speed the test controls: sleeps `delay` seconds per call, returns one box."""
+    """A detector the test controls: sleeps `delay` s per call, returns `boxes` identical boxes."""
 
     def __init__(
-        self, delay: float = 0.05, fail_every: int = 0, hang: threading.Event | None = None
+        self,
+        delay: float = 0.05,
+        fail_every: int = 0,
+        hang: threading.Event | None = None,
+        boxes: int = 1,
+        label: str = "thing",
     ):
         self.info = ModelInfo(name="slow-test", backend="fake", device="cpu", imgsz=0)
         self.delay = delay
         self.calls = 0
         self.fail_every = fail_every
         self.hang = hang
+        self.boxes = boxes
+        self.label = label
 
     def warmup(self) -> None:
         return None
@@ -53,10 +60,8 @@ class SlowDetector:
         if self.fail_every and self.calls % self.fail_every == 0:
             raise RuntimeError("injected detector failure")
         time.sleep(self.delay)
-        return [
-            [Detection(label="thing", conf=0.9, bbox=[1.0, 2.0, 3.0, 4.0], class_id=0)]
-            for _ in images
-        ]
+        box = Detection(label=self.label, conf=0.9, bbox=[1.0, 2.0, 3.0, 4.0], class_id=0)
+        return [[box] * self.boxes for _ in images]
 
 
 @asynccontextmanager

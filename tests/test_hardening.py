@@ -8,7 +8,6 @@ import statistics
 import struct
 import threading
 import time
-from collections.abc import Sequence
 
 import httpx
 import msgpack
@@ -17,7 +16,6 @@ import psutil
 from clients.lib import DaemonClient, pack
 from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
 from vision_daemon import protocol as p
-from vision_daemon.detectors.base import Detection, Image
 from vision_daemon.server import Daemon
 
 IMG = jpeg(96, 128)
@@ -222,27 +220,16 @@ def test_vanishing_client_mid_frame_releases_queue_inflight_and_stream() -> None
     run(scenario())
 
 
-class BigResults:
-    """A detector whose results are large, so a non-reading client's buffers fill quickly."""
-
-    def __init__(self) -> None:
-        from vision_daemon.detectors.base import ModelInfo
-
-        self.info = ModelInfo(name="big", backend="fake", device="cpu", imgsz=0)
-
-    def warmup(self) -> None:
-        return None
-
-    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
-        box = Detection(label="x" * 40, conf=0.5, bbox=[1.0, 2.0, 3.0, 4.0], class_id=1)
-        return [[box] * 2000 for _ in images]
+def big_results() -> SlowDetector:
+    """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
+    return SlowDetector(0.0, boxes=2000, label="x" * 40)
 
 
 def test_send_buffer_limit_drops_results_of_a_client_that_stops_reading() -> None:
     """Past send_buffer_messages the non-reader's results are dropped and counted; others flow."""
 
     async def scenario() -> None:
-        async with running_daemon(BigResults, send_buffer_messages=4, ws_queue=4) as d:
+        async with running_daemon(big_results, send_buffer_messages=4, ws_queue=4) as d:
             deaf = await connect(d)
             for i in range(300):  # about 30 MB of results; the socket buffers hold far less
                 await deaf.send_frame("deaf", i, IMG)
@@ -266,7 +253,7 @@ def test_stalled_ws_subscriber_loses_its_oldest_messages_not_ingest() -> None:
     import websockets
 
     async def scenario() -> None:
-        async with running_daemon(BigResults, ws_queue=4) as d:
+        async with running_daemon(big_results, ws_queue=4) as d:
             url = f"ws://127.0.0.1:{d.api_port}/ws"
             async with websockets.connect(url, max_size=2**24, max_queue=1, compression=None):
                 await until(lambda: len(d.hub.subscribers) == 1, what="subscriber")
