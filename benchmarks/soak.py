@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,10 +25,11 @@ from benchmarks.throughput import (
     drift,
     emit,
     load,
-    load_jpegs,
     pct,
     start_daemon,
 )
+from clients.sources import VideoSource
+from stress.load import encode_frames
 
 
 def measure(proc: psutil.Process, t0: float) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     args.max_batch, args.daemon_args = 1, []
 
-    jpegs = load_jpegs(Path(VIDEO), 300)
+    jpegs = encode_frames(VideoSource(str(VIDEO)), quality=90)
     proc, tcp, api = start_daemon(args)
     try:
         result = asyncio.run(soak(args, tcp, proc.pid, jpegs))

@@ -25,24 +25,11 @@ import cv2
 import httpx
 import numpy as np
 
-from stress.load import LoadSpec, run_load
+from clients.sources import VideoSource
+from stress.load import LoadSpec, encode_frames, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
-
-
-def load_jpegs(path: Path, count: int, quality: int = 90) -> list[bytes]:
-    cap = cv2.VideoCapture(str(path))
-    frames: list[bytes] = []
-    while len(frames) < count:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes())
-    cap.release()
-    if not frames:
-        raise SystemExit(f"cannot read frames from {path}")
-    return frames
 
 
 def ceiling(model: str, model_dir: str, jpegs: list[bytes], seconds: float) -> dict[str, float]:
@@ -171,7 +158,7 @@ def main() -> None:
     ap.add_argument("daemon_args", nargs="*", help="extra vision-daemon flags after --")
     args = ap.parse_args()
 
-    jpegs = load_jpegs(Path(args.video), 300)
+    jpegs = encode_frames(VideoSource(args.video), quality=90)  # the ceiling's and the daemon's
     ceil = ceiling(args.model, args.model_dir, jpegs, args.ceiling_s)
     print(
         f"ceiling: {ceil['fps']:.1f} fps, median {ceil['median_ms']:.1f} ms/frame "

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 
 from clients.lib import DaemonClient, frame_message
-from clients.sources import FolderSource, Pacer, Source, SyntheticSource, VideoSource, encode
+from clients.sources import Pacer, Source, encode, open_source
 
 MAX_FRAMES = 300  # frames pre-encoded per source; streams loop over them
 
@@ -67,28 +67,23 @@ class StreamResult:
         }
 
 
-def load_frames(spec: LoadSpec) -> list[bytes]:
-    """Pre-encode the source once, so the sender's cost per frame is only the send."""
-    src: Source
-    if spec.source == "synthetic":
-        src = SyntheticSource()
-    elif spec.source == "video":
-        src = VideoSource(spec.path or "", loop=False)
-    elif spec.source == "folder":
-        src = FolderSource(spec.path or "", loop=False)
-    else:
-        raise ValueError(f"unknown source {spec.source!r}")
+def encode_frames(src: Source, quality: int) -> list[bytes]:
+    """Pre-encode up to MAX_FRAMES of a source as JPEG (then close it): a send costs only the send."""
     frames: list[bytes] = []
     try:
         while len(frames) < MAX_FRAMES and (img := src.read()) is not None:
             if img.shape[1] > 1280:  # keep messages camera-sized
                 img = cv2.resize(img, (1280, img.shape[0] * 1280 // img.shape[1]))
-            frames.append(encode(img, "jpeg", spec.quality).data)
+            frames.append(encode(img, "jpeg", quality).data)
     finally:
         src.close()
     if not frames:
-        raise ValueError(f"source {spec.source} {spec.path or ''} gave no frames")
+        raise ValueError(f"source {src.name} gave no frames")
     return frames
+
+
+def load_frames(spec: LoadSpec) -> list[bytes]:
+    return encode_frames(open_source(spec.source, spec.path, spec.path), spec.quality)
 
 
 async def run_stream(
