@@ -18,7 +18,7 @@ import pytest
 from clients.lib import DaemonClient
 from vision_daemon.config import load_config
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
-from vision_daemon.server import Daemon
+from vision_daemon.lifecycle import Daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("VISION_DAEMON_MODEL_DIR", ROOT.parent / "shared" / "models"))
@@ -53,7 +53,7 @@ class SlowDetector:
     def warmup(self) -> None:
         return None
 
-    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
+    def detect(self, images: Sequence[Image], *, contended: bool = False) -> list[list[Detection]]:
         self.calls += 1
         if self.hang is not None and not self.hang.is_set():
             self.hang.wait(30)

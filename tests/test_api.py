@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
 from vision_daemon.config import load_config
-from vision_daemon.server import Daemon
+from vision_daemon.lifecycle import Daemon
 
 IMG = jpeg(96, 128)
 

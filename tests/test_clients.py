@@ -15,7 +15,7 @@ import pytest
 
 from clients.client import CSV_COLUMNS
 from tests.conftest import VIDEO, connect, jpeg, run, running_daemon, shared_model, until
-from vision_daemon.server import Daemon
+from vision_daemon.lifecycle import Daemon
 
 BIN = Path(sys.executable).parent
 

@@ -16,7 +16,7 @@ import psutil
 from clients.lib import DaemonClient, pack
 from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
 from vision_daemon import protocol as p
-from vision_daemon.server import Daemon
+from vision_daemon.lifecycle import Daemon
 
 IMG = jpeg(96, 128)
 

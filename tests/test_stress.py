@@ -13,7 +13,7 @@ import numpy as np
 
 from tests.conftest import VIDEO, SlowDetector, run, running_daemon
 from tests.test_clients import program
-from vision_daemon.server import Daemon
+from vision_daemon.lifecycle import Daemon
 
 
 def ports(d: Daemon) -> list[str]:

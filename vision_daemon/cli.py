@@ -11,8 +11,10 @@ from typing import Any
 from vision_daemon import __version__
 from vision_daemon.config import FIELDS, ConfigError, load_config
 from vision_daemon.detectors import ModelError
+from vision_daemon.httpserver import HttpStartupError
+from vision_daemon.ingest.tcp import StartupError
+from vision_daemon.lifecycle import Daemon
 from vision_daemon.log import setup_logging
-from vision_daemon.server import Daemon, StartupError
 
 log = logging.getLogger("vision_daemon")
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(Daemon(config).run())
-    except (StartupError, ModelError) as exc:
+    except (StartupError, HttpStartupError, ModelError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

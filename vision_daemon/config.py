@@ -80,19 +80,33 @@ class Config:
     # [limits]
     max_message_bytes: int = _f(16 * 1024 * 1024, "limits", "largest accepted message")
     max_image_pixels: int = _f(7680 * 4320, "limits", "largest decoded image (width*height)")
-    max_connections: int = _f(256, "limits", "concurrent TCP connections")
+    max_connections: int = _f(
+        256, "limits", "TCP connections past their first valid message (hello, or a legacy frame)"
+    )
+    max_pending_connections: int = _f(
+        64, "limits", "TCP connections still waiting for their first valid message"
+    )
     max_streams_per_connection: int = _f(64, "limits", "streams one connection may open")
     max_streams: int = _f(1024, "limits", "streams open in total")
     hello_timeout_s: float = _f(
         10.0, "limits", "time a new connection has to send its first message"
     )
-    idle_timeout_s: float = _f(300.0, "limits", "close a connection silent for this long")
+    idle_timeout_s: float = _f(60.0, "limits", "close a connection silent for this long")
     max_queued_mb: int = _f(
         512, "limits", "MiB of frames queued in all streams; past it the largest queue drops"
     )
     send_buffer_messages: int = _f(
-        256, "limits", "results queued per connection before its results are dropped"
+        256,
+        "limits",
+        "messages queued per connection: past it results drop, other messages close it",
     )
+    http_max_connections: int = _f(
+        128, "limits", "open HTTP and /ws connections; more are closed at accept"
+    )
+    http_idle_timeout_s: float = _f(
+        5.0, "limits", "close an HTTP connection that sends nothing for this long"
+    )
+    ws_max_subscribers: int = _f(64, "limits", "/ws subscribers at once; more are closed (1013)")
     # [stats]
     stats_window_s: float = _f(10.0, "stats", "sliding window for fps and latency percentiles")
     stream_grace_s: float = _f(
@@ -102,6 +116,9 @@ class Config:
         64, "stats", "streams labelled in /metrics; later ones are summed as stream='_other'"
     )
     ws_queue: int = _f(64, "stats", "messages buffered per /ws subscriber before its oldest drop")
+    stats_refresh_s: float = _f(
+        1.0, "stats", "/stats, /streams and /metrics serve a snapshot rebuilt this often"
+    )
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -118,7 +135,18 @@ class Config:
             (0 <= self.conf <= 1 and 0 <= self.iou <= 1, "conf and iou must be in 0..1"),
             (self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
             (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
-            (self.max_connections >= 1, "max_connections must be >= 1"),
+            (
+                self.max_connections >= 1 and self.max_pending_connections >= 1,
+                "max_connections and max_pending_connections must be >= 1",
+            ),
+            (
+                self.http_max_connections >= 1 and self.http_idle_timeout_s > 0,
+                "http_max_connections must be >= 1 and http_idle_timeout_s > 0",
+            ),
+            (
+                self.ws_max_subscribers >= 0 and 0.05 <= self.stats_refresh_s <= 60,
+                "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
+            ),
             (
                 self.max_streams >= 1 and self.max_streams_per_connection >= 1,
                 "max_streams and max_streams_per_connection must be >= 1",
@@ -154,12 +182,6 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"bad config value: {message}")
-
-    def public(self) -> dict[str, Any]:
-        """Settings as a dict, with the auth token masked (for logs and /stats)."""
-        d = dataclasses.asdict(self)
-        d["auth_token"] = "***" if self.auth_token else ""
-        return d
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

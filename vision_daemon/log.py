@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -16,6 +17,7 @@ def setup_logging(level: str, log_dir: str) -> Path | None:
         root.removeHandler(handler)
     stderr = logging.StreamHandler()
     stderr.setFormatter(logging.Formatter(FORMAT))
+    stderr.addFilter(RedactTokens())
     root.addHandler(stderr)
     path = None
     if log_dir:
@@ -23,7 +25,78 @@ def setup_logging(level: str, log_dir: str) -> Path | None:
         path = Path(log_dir) / "vision-daemon.log"
         rotating = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 2**20, backupCount=5)
         rotating.setFormatter(logging.Formatter(FORMAT))
+        rotating.addFilter(RedactTokens())
         root.addHandler(rotating)
     # ultralytics logs every model load at INFO through its own logger; keep ours readable.
     logging.getLogger("ultralytics").setLevel(logging.WARNING)
     return path
+
+
+class RateLimiter:
+    """At most `burst` messages per key per `period_s`; later ones are counted and summarised.
+
+    Keys are peer addresses or stream names, held in a bounded dict (oldest key evicted first),
+    so a flood of new peers cannot grow it either.
+    """
+
+    def __init__(self, burst: int = 5, period_s: float = 10.0, max_keys: int = 1024) -> None:
+        self.burst = burst
+        self.period_s = period_s
+        self.max_keys = max_keys
+        self._slots: dict[str, list[float]] = {}  # key -> [window start, count, suppressed]
+        self.suppressed = 0
+
+    def allow(self, key: str, now: float) -> tuple[bool, int]:
+        """(log this one?, how many were suppressed for this key since the last one logged)."""
+        slot = self._slots.get(key)
+        if slot is None or now - slot[0] >= self.period_s:
+            held = int(slot[2]) if slot is not None else 0
+            self._slots.pop(key, None)
+            if len(self._slots) >= self.max_keys:
+                self._slots.pop(next(iter(self._slots)))
+            self._slots[key] = [now, 1, 0]
+            return True, held
+        if slot[1] < self.burst:
+            slot[1] += 1
+            return True, 0
+        slot[2] += 1
+        self.suppressed += 1
+        return False, 0
+
+
+def log_limited(
+    logger: logging.Logger,
+    limiter: RateLimiter,
+    key: str,
+    now: float,
+    level: int,
+    msg: str,
+    *args: object,
+    exc_info: bool = False,
+) -> None:
+    """Log through a RateLimiter, saying how many similar lines were held back."""
+    ok, held = limiter.allow(key, now)
+    if not ok:
+        return
+    if held:
+        logger.log(level, msg + " (%d similar suppressed)", *args, held, exc_info=exc_info)
+    else:
+        logger.log(level, msg, *args, exc_info=exc_info)
+
+
+class RedactTokens(logging.Filter):
+    """Masks `token=...` and Authorization values in a record's message (websockets logs every
+    request header at DEBUG): a secret must never reach a log."""
+
+    PATTERN = re.compile(r"(token=)[^&\s'\"]+|(authorization:\s*)[^\r\n]+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        lower = text.lower()
+        if "token=" in lower or "authorization" in lower:
+            record.msg, record.args = self.PATTERN.sub(_mask, text), None
+        return True
+
+
+def _mask(m: re.Match[str]) -> str:
+    return (m.group(1) or m.group(2)) + "***"

@@ -1,151 +1,193 @@
-"""Prometheus exposition: counters and gauges read at scrape time, plus latency histograms."""
+"""Prometheus exposition: counters incremented where events happen, gauges read from the snapshot.
+
+Counters are prometheus-client `Counter`s bumped by the pipeline as frames arrive, finish or drop,
+so every series only ever goes up. Stream labels are capped at `metrics_max_streams` live
+streams; the rest count under `stream="_other"`, which is a counter too (never a sum over live
+streams, which would fall when one expires). An expired stream's series are removed, which frees
+its slot; no aggregate is lowered by that.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from vision_daemon.stats import DROP_REASONS
 
-if TYPE_CHECKING:
-    from vision_daemon.server import Daemon
-
 OTHER = "_other"
 BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
-class Metrics(Collector):
-    """One registry per daemon (tests run several); stream labels capped at metrics_max_streams."""
+class Metrics:
+    """One registry per daemon (tests run several in one process)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, max_stream_labels: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._labelled: dict[str, str] = {}
+        self.max_stream_labels = max_stream_labels
+        self._labelled: set[str] = set()
+        r = self.registry
+        self.received = Counter(
+            "vision_daemon_frames_received", "Frames received", ["stream"], registry=r
+        )
+        self.processed = Counter(
+            "vision_daemon_frames_processed", "Frames processed", ["stream"], registry=r
+        )
+        self.dropped = Counter(
+            "vision_daemon_frames_dropped",
+            "Frames dropped by reason",
+            ["stream", "reason"],
+            registry=r,
+        )
+        self.dropped_all = Counter(
+            "vision_daemon_frames_dropped_all",
+            "Frames dropped by reason, all streams (incl. removed)",
+            ["reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "vision_daemon_protocol_errors", "Refused messages by error code", ["code"], registry=r
+        )
+        self.results_dropped = Counter(
+            "vision_daemon_results_dropped",
+            "Results not sent because the client was not reading",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "vision_daemon_auth_failures",
+            "Refused credentials by plane (tcp, http, ws)",
+            ["plane"],
+            registry=r,
+        )
         self.latency = Histogram(
             "vision_daemon_latency_seconds",
             "Server-side time per processed frame by stage (queue wait, decode, inference, total)",
             ["stage"],
             buckets=BUCKETS_S,
-            registry=self.registry,
+            registry=r,
         )
-        self.registry.register(self)
-        daemon.observers.append(self)
+        for reason in DROP_REASONS:
+            self.dropped_all.labels(reason)
+        self.gauges: _SnapshotGauges | None = None
 
-    def label(self, stream: str) -> str:
-        label = self._labelled.get(stream)
-        if label is None:
-            cap = self.daemon.config.metrics_max_streams
-            label = stream if len(self._labelled) < cap else OTHER
-            if label != OTHER:
-                self._labelled[stream] = label
+    # ---- stream labels ----------------------------------------------------------------------
+    def label_for(self, stream: str) -> str:
+        """A new stream's label: its name while fewer than the cap are labelled, else _other."""
+        if len(self._labelled) >= self.max_stream_labels:
+            label = OTHER
+        else:
+            label = stream
+            self._labelled.add(stream)
+        self.received.labels(label)
+        self.processed.labels(label)
+        for reason in DROP_REASONS:
+            self.dropped.labels(label, reason)
         return label
 
-    # observer hooks, called by the daemon where things happen
-    def on_processed(self, stream: str, timings: dict[str, float]) -> None:
+    def release(self, label: str) -> None:
+        """An expired stream's series go away and its slot is free; _other is never removed."""
+        if label == OTHER or label not in self._labelled:
+            return
+        self._labelled.discard(label)
+        for counter in (self.received, self.processed):
+            try:
+                counter.remove(label)
+            except KeyError:
+                pass
+        for reason in DROP_REASONS:
+            try:
+                self.dropped.remove(label, reason)
+            except KeyError:
+                pass
+
+    # ---- events -----------------------------------------------------------------------------
+    def on_received(self, label: str | None) -> None:
+        if label:
+            self.received.labels(label).inc()
+
+    def on_dropped(self, label: str | None, reason: str) -> None:
+        self.dropped_all.labels(reason).inc()
+        if label:
+            self.dropped.labels(label, reason).inc()
+
+    def on_processed(self, label: str, timings: dict[str, float]) -> None:
+        self.processed.labels(label).inc()
         for stage, ms in timings.items():
             self.latency.labels(stage.removesuffix("_ms")).observe(ms / 1000)
 
+    def watch(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+        """Gauges (and per-worker counters) are read from the latest snapshot at scrape time."""
+        self.gauges = _SnapshotGauges(snapshot, self)
+        self.registry.register(self.gauges)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SnapshotGauges(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any] | None], metrics: Metrics) -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics
+
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        received = CounterMetricFamily(
-            "vision_daemon_frames_received", "Frames received", labels=["stream"]
-        )
-        processed = CounterMetricFamily(
-            "vision_daemon_frames_processed", "Frames processed", labels=["stream"]
-        )
-        dropped = CounterMetricFamily(
-            "vision_daemon_frames_dropped", "Frames dropped by reason", labels=["stream", "reason"]
-        )
+        snap = self._snapshot()
+        if snap is None:
+            return
         queue = GaugeMetricFamily(
             "vision_daemon_queue_depth", "Frames waiting per stream", labels=["stream"]
         )
-        sums: dict[str, list[int]] = {}
-        drops: dict[tuple[str, str], int] = {}
         depth: dict[str, int] = {}
-        for name, s in d.streams.items():
-            label = self.label(name)
-            acc = sums.setdefault(label, [0, 0])
-            acc[0] += s.counts.received
-            acc[1] += s.counts.processed
-            depth[label] = depth.get(label, 0) + len(s.queue)
-            for reason in DROP_REASONS:
-                drops[(label, reason)] = drops.get((label, reason), 0) + s.counts.dropped.get(
-                    reason, 0
-                )
-        for label, (r, pr) in sums.items():
-            received.add_metric([label], r)
-            processed.add_metric([label], pr)
-            queue.add_metric([label], depth[label])
-        for (label, reason), n in drops.items():
-            dropped.add_metric([label, reason], n)
-        yield received
-        yield processed
-        yield dropped
+        for s in snap["streams"].values():
+            label = s["metric_label"] or OTHER
+            depth[label] = depth.get(label, 0) + s["queue_depth"]
+        for label, n in depth.items():
+            queue.add_metric([label], n)
         yield queue
-        totals = CounterMetricFamily(
-            "vision_daemon_frames_dropped_all",
-            "Frames dropped by reason, all streams (incl. removed)",
-            labels=["reason"],
-        )
-        for reason in DROP_REASONS:
-            totals.add_metric([reason], d.totals.dropped.get(reason, 0))
-        yield totals
-        errors = CounterMetricFamily(
-            "vision_daemon_protocol_errors", "Refused messages by error code", labels=["code"]
-        )
-        for code, n in d.errors.items():
-            errors.add_metric([code], n)
-        yield errors
         batches = CounterMetricFamily(
             "vision_daemon_batches", "Detector calls by batch size", labels=["size"]
         )
-        if d.pool is not None:
-            for size, n in sorted(d.pool.batch_sizes.items()):
-                batches.add_metric([str(size)], n)
+        for size, n in snap["batch_sizes"].items():
+            batches.add_metric([size], n)
         yield batches
-        workers = d.pool.workers if d.pool else []
+        workers = snap["workers"]
         yield GaugeMetricFamily("vision_daemon_workers", "Inference workers", value=len(workers))
         restarts = CounterMetricFamily(
             "vision_daemon_worker_restarts",
-            "Workers replaced after a stuck call",
+            "Worker restarts (stuck call or failure)",
             labels=["worker"],
         )
         failures = CounterMetricFamily(
             "vision_daemon_detector_errors", "Detector calls that raised", labels=["worker"]
         )
+        up = GaugeMetricFamily(
+            "vision_daemon_worker_up", "1 while the worker can take frames", labels=["worker"]
+        )
         for w in workers:
-            restarts.add_metric([str(w.id)], w.stats.restarts)
-            failures.add_metric([str(w.id)], w.stats.errors)
+            restarts.add_metric([str(w["id"])], w["restarts"])
+            failures.add_metric([str(w["id"])], w["errors"])
+            up.add_metric([str(w["id"])], int(w["state"] in ("ready", "busy")))
         yield restarts
         yield failures
-        yield CounterMetricFamily(
-            "vision_daemon_results_dropped",
-            "Results not sent because the client was not reading",
-            value=d.totals.results_dropped,
-        )
+        yield up
         yield CounterMetricFamily(
             "vision_daemon_ws_messages_dropped",
             "/ws messages a slow subscriber lost",
-            value=d.hub.dropped,
+            value=snap["ws"]["dropped"],
         )
         yield GaugeMetricFamily(
             "vision_daemon_workers_busy",
             "Workers running a detector call now",
-            value=d.pool.busy() if d.pool else 0,
+            value=snap["workers_busy"],
         )
         yield GaugeMetricFamily(
-            "vision_daemon_connections", "Open TCP connections", value=len(d.connections)
+            "vision_daemon_connections", "Open TCP connections", value=snap["connections"]["open"]
         )
         yield GaugeMetricFamily(
-            "vision_daemon_ready", "1 when ready to serve", value=int(d.ready()[0])
+            "vision_daemon_ready", "1 when ready to serve", value=int(snap["ready"])
         )
         yield GaugeMetricFamily(
-            "vision_daemon_ws_subscribers", "Open /ws subscribers", value=len(d.hub.subscribers)
+            "vision_daemon_ws_subscribers", "Open /ws subscribers", value=snap["ws"]["subscribers"]
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -5,6 +5,7 @@ Pure functions and plain data only: no sockets, no clocks. See docs/PROTOCOL.md.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 
-STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+# fullmatch, not match + "$": "$" also matches before a trailing newline ("cam\n").
+STREAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 ENCODINGS = ("jpeg", "png", "raw")
 
 # Error codes sent in {"type": "error", "code": ...}. `fatal` ones close the connection.
@@ -35,7 +37,15 @@ E_DETECTOR = "detector_error"
 E_LIMIT = "limit_exceeded"
 E_HELLO_TIMEOUT = "hello_timeout"
 E_IDLE_TIMEOUT = "idle_timeout"
-E_SHUTDOWN = "shutting_down"
+E_SLOW_CONSUMER = "slow_consumer"
+
+# Bounds on what one msgpack body may make the decoder build, so decoding costs O(bytes) of
+# payload copies and a few thousand small objects at most, whatever the peer sends: the event
+# loop decodes bodies itself (a thread hand-off per frame would cost more than this bound does).
+MAX_ARRAY_LEN = 64  # the longest array in the protocol is a raw frame's shape (3)
+MAX_CONTAINERS = 256  # maps and arrays in one body (a frame has 1-2, a hello 2 + its streams)
+MAX_STR_LEN = 4096  # stream names, client names, tokens
+MAX_CLIENT_NAME = 128
 
 
 class ProtocolError(Exception):
@@ -113,15 +123,49 @@ def read_length(header: bytes, max_message_bytes: int) -> int:
     return n
 
 
-def unpack_body(body: bytes) -> dict[str, Any]:
-    """Decode one msgpack body into a map; the framing is intact, so errors are not fatal."""
+class _ContainerBudget:
+    """msgpack hook that refuses a body once it has built MAX_CONTAINERS maps and arrays."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_CONTAINERS} maps and arrays")
+        return obj
+
+
+def unpack_body(body: bytes, max_map_len: int = 64) -> dict[str, Any]:
+    """Decode one msgpack body into a map, within bounds; the framing is intact: not fatal.
+
+    Every length a peer declares is checked against a limit before msgpack allocates for it,
+    and the number of containers is capped, so a 16 MiB body of empty maps costs microseconds.
+    """
+    budget = _ContainerBudget()
     try:
         # strict_map_key=False: keys are checked below; raw=False: str keys and values as text.
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=MAX_STR_LEN,
+            max_bin_len=len(body),
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=max(max_map_len, 16),
+            max_ext_len=0,
+            object_hook=budget,
+            list_hook=budget,
+        )
     except msgpack.ExtraData:
         raise ProtocolError(E_BAD_MSGPACK, "body holds more than one msgpack object") from None
     except Exception as exc:  # msgpack raises several types (ValueError, StackError, ...)
-        raise ProtocolError(E_BAD_MSGPACK, f"body is not valid msgpack: {exc}") from None
+        detail = str(exc)[:120]  # msgpack's own words, never the peer's bytes
+        if "exceeds max_" in detail or "maps and arrays" in detail:
+            raise ProtocolError(E_LIMIT, f"message over a decoding limit: {detail}") from None
+        raise ProtocolError(E_BAD_MSGPACK, f"body is not valid msgpack: {detail}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(E_NOT_A_MAP, f"message must be a msgpack map, got {type(obj).__name__}")
     return obj
@@ -140,7 +184,7 @@ def _require(obj: dict[str, Any], key: str, types: tuple[type, ...], what: str) 
 
 
 def validate_stream_name(name: Any, frame_id: int | None = None) -> str:
-    if not isinstance(name, str) or not STREAM_NAME_RE.match(name):
+    if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name):
         raise ProtocolError(
             E_BAD_STREAM_NAME,
             "stream_name must be 1-64 characters of letters, digits and _ . : - "
@@ -155,31 +199,37 @@ def parse_options(raw: Any) -> StreamOptions:
         return StreamOptions()
     if not isinstance(raw, dict):
         raise ProtocolError(E_INVALID, "stream options must be a map")
-    skip = raw.get("skip_frames", 1)
-    max_fps = raw.get("max_fps", 0.0)
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= 10_000:
-        raise ProtocolError(E_INVALID, "skip_frames must be an integer in 0..10000")
+    skip = _opt(raw, "skip_frames", 1)
+    max_fps = _opt(raw, "max_fps", 0.0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 10_000:
+        raise ProtocolError(E_INVALID, "skip_frames must be an integer in 1..10000")
     if (
         isinstance(max_fps, bool)
         or not isinstance(max_fps, int | float)
-        or not 0 <= max_fps <= 1000
+        or not 0 <= max_fps <= 1000  # also refuses NaN
     ):
         raise ProtocolError(E_INVALID, "max_fps must be a number in 0..1000 (0 = no limit)")
-    return StreamOptions(skip_frames=max(1, skip), max_fps=float(max_fps))
+    return StreamOptions(skip_frames=skip, max_fps=float(max_fps))
 
 
-def parse_message(obj: dict[str, Any]) -> Message:
+def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:
+    """An optional field: absent and nil both mean the default."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
+def parse_message(obj: dict[str, Any], max_streams: int = 64) -> Message:
     """Validate a decoded map into a typed message, or raise ProtocolError (not fatal)."""
     mtype = obj.get("type")
     if mtype == "frame":
         return _parse_frame(obj)
     if mtype == "hello":
-        return _parse_hello(obj)
+        return _parse_hello(obj, max_streams)
     if mtype == "bye":
         return Bye()
-    raise ProtocolError(
+    raise ProtocolError(  # the peer's value is not echoed back: it may be anything, any size
         E_UNKNOWN_TYPE,
-        f"unknown message type {mtype!r}; expected frame, hello or bye",
+        "unknown message type; expected frame, hello or bye",
         frame_id=_frame_id_of(obj),
     )
 
@@ -187,11 +237,17 @@ def parse_message(obj: dict[str, Any]) -> Message:
 def _parse_frame(obj: dict[str, Any]) -> Frame:
     frame_id = _require(obj, "frame_id", (int,), "an integer")
     name = validate_stream_name(obj.get("stream_name"), frame_id)
-    timestamp = obj.get("timestamp", 0.0)
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
-        raise ProtocolError(E_INVALID, "field 'timestamp' must be a number", frame_id=frame_id)
+    timestamp = _opt(obj, "timestamp", 0.0)
+    if (
+        isinstance(timestamp, bool)
+        or not isinstance(timestamp, int | float)
+        or not math.isfinite(timestamp)
+    ):
+        raise ProtocolError(
+            E_INVALID, "field 'timestamp' must be a finite number", frame_id=frame_id
+        )
     image = _require(obj, "image", (bytes,), "binary (msgpack bin)")
-    encoding = obj.get("encoding", "jpeg")
+    encoding = _opt(obj, "encoding", "jpeg")
     if encoding not in ENCODINGS:
         raise ProtocolError(
             E_INVALID, f"encoding must be one of {', '.join(ENCODINGS)}", frame_id=frame_id
@@ -221,8 +277,8 @@ def _parse_frame(obj: dict[str, Any]) -> Frame:
     return Frame(name, frame_id, float(timestamp), image, encoding, shape)
 
 
-def _parse_hello(obj: dict[str, Any]) -> Hello:
-    version = obj.get("version", PROTOCOL_VERSION)
+def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
+    version = _opt(obj, "version", PROTOCOL_VERSION)
     if isinstance(version, bool) or not isinstance(version, int):
         raise ProtocolError(E_INVALID, "hello 'version' must be an integer")
     if version != PROTOCOL_VERSION:
@@ -231,7 +287,7 @@ def _parse_hello(obj: dict[str, Any]) -> Hello:
             f"protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}",
             fatal=True,
         )
-    client = obj.get("client", "")
+    client = _opt(obj, "client", "")
     token = obj.get("token")
     if not isinstance(client, str) or (token is not None and not isinstance(token, str)):
         raise ProtocolError(E_INVALID, "hello 'client' and 'token' must be strings")
@@ -239,13 +295,18 @@ def _parse_hello(obj: dict[str, Any]) -> Hello:
     raw_streams = obj.get("streams") or {}
     if not isinstance(raw_streams, dict):
         raise ProtocolError(E_INVALID, "hello 'streams' must be a map of stream name to options")
+    if len(raw_streams) > max_streams:
+        raise ProtocolError(
+            E_LIMIT,
+            f"hello names {len(raw_streams)} streams; max_streams_per_connection={max_streams}",
+        )
     per_stream = {
         validate_stream_name(name): parse_options(opts) for name, opts in raw_streams.items()
     }
-    notices = obj.get("dropped_notices", False)
+    notices = _opt(obj, "dropped_notices", False)
     if not isinstance(notices, bool):
         raise ProtocolError(E_INVALID, "hello 'dropped_notices' must be a boolean")
-    return Hello(version, client[:128], token, options, per_stream, notices)
+    return Hello(version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices)
 
 
 def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Fair hand-out of waiting frames to workers: streams take turns, one frame each per turn."""
+"""Fair hand-out of waiting frames to workers: streams take turns, one frame each per turn.
+
+A pure policy: it calls nobody above it. Frames it drops (stale) go back as values on `Reports`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from vision_daemon.streams import Job, Stream
-
-DropFn = Callable[[Job, str], None]
+from vision_daemon.streams import Job, Reports, Stream
 
 
 class Scheduler:
@@ -19,13 +20,20 @@ class Scheduler:
     goes to the back of the line, so a 30 fps camera gets the same turns as a 5 fps one.
     """
 
-    def __init__(self, max_in_flight: int, max_frame_age_s: float, on_drop: DropFn) -> None:
+    def __init__(
+        self,
+        max_in_flight: int,
+        max_frame_age_s: float,
+        reports: Reports,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._ready: deque[Stream] = deque()
         self._queued: set[Stream] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._max_in_flight = max_in_flight
         self._max_age = max_frame_age_s
-        self._on_drop = on_drop
+        self._reports = reports
         self._closed = False
 
     def _eligible(self, stream: Stream) -> bool:
@@ -52,6 +60,11 @@ class Scheduler:
         job.stream.in_flight -= 1
         self.notify(job.stream)
 
+    @property
+    def waiting(self) -> int:
+        """Streams with a frame ready for a worker now."""
+        return len(self._ready)
+
     def close(self) -> None:
         """Workers waiting for frames return empty-handed (shutdown)."""
         self._closed = True
@@ -62,7 +75,7 @@ class Scheduler:
 
     def _take_now(self, limit: int, exclude: set[Stream]) -> list[Job]:
         jobs: list[Job] = []
-        now = time.monotonic()
+        now = self._clock()
         skipped: list[Stream] = []
         while self._ready and len(jobs) < limit:
             stream = self._ready.popleft()
@@ -74,7 +87,7 @@ class Scheduler:
             while stream.queue:
                 candidate = stream.pop()
                 if now - candidate.received_at > self._max_age:
-                    self._on_drop(candidate, "stale")
+                    self._reports.drop_untaken(candidate, "stale")
                     continue
                 job = candidate
                 break

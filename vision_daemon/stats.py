@@ -7,8 +7,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 # Every reason a received frame may end without a result. A frame is processed or dropped with one.
 DROP_REASONS = (
     "queue_full",  # the stream's queue was full; the oldest queued frame made room
@@ -23,6 +21,7 @@ DROP_REASONS = (
     "memory_limit",  # queued frames of all streams passed max_queued_mb; the biggest queue paid
     "disconnected",  # the sending connection went away while the frame waited
     "shutdown",  # the daemon stopped before the frame was taken
+    "internal_error",  # routing its result failed (a bug; logged with a traceback)
 )
 
 STAGES = ("queue_ms", "decode_ms", "infer_ms", "total_ms")
@@ -69,16 +68,26 @@ class Window:
     def percentiles(self, now: float | None = None) -> dict[str, float | None]:
         now = time.monotonic() if now is None else now
         self._prune(now)
-        if not self._items:
-            return {"p50": None, "p95": None, "p99": None, "mean": None}
-        vals = np.fromiter((v for _, v in self._items), dtype=np.float64)
-        p50, p95, p99 = np.percentile(vals, [50, 95, 99])
-        return {
-            "p50": round(float(p50), 2),
-            "p95": round(float(p95), 2),
-            "p99": round(float(p99), 2),
-            "mean": round(float(vals.mean()), 2),
-        }
+        return percentiles([v for _, v in self._items])
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 (nearest rank on the sorted values) and mean; sorted() beats numpy below ~10k
+    values, and /stats builds one of these per stage per stream."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    vals = sorted(values)
+    last = len(vals) - 1
+
+    def pick(q: float) -> float:
+        return round(vals[min(last, int(q * len(vals)))], 2)
+
+    return {
+        "p50": pick(0.50),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "mean": round(sum(vals) / len(vals), 2),
+    }
 
 
 @dataclass

@@ -1,17 +1,43 @@
-"""Per-stream bounded queues: latest wins, every frame that leaves without a result has a reason."""
+"""Per-stream bounded queues, the sink a stream answers through, and the values that flow back.
+
+A stream never knows its transport: it holds a `Sink` (what the ingest adapter gave the
+pipeline), and workers and the scheduler hand their verdicts back as `Report` values through one
+`Reports` queue that the pipeline drains.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from vision_daemon.detectors.base import Detection
 from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.stats import Counts
 
-if TYPE_CHECKING:
-    from vision_daemon.server import Connection
+
+class Sink(Protocol):
+    """Where a stream's answers go (a TCP connection today; WebSocket, shm, cameras later)."""
+
+    peer: str  # for /stats and log lines; never holds a secret
+
+    def result(self, payload: bytes) -> bool:
+        """Queue a packed result; False when the sink's outbox is full (the result is lost)."""
+        ...
+
+    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
+        """A frame of this sink ended without a result."""
+        ...
+
+    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
+        """Tell the peer one of its messages or frames was refused."""
+        ...
+
+    def frame_done(self) -> None:
+        """Exactly once per submitted frame, after its result or drop: the sink's own tally."""
+        ...
 
 
 @dataclass(slots=True)
@@ -20,9 +46,57 @@ class Job:
 
     frame: Frame
     stream: Stream
-    conn: Connection
+    sink: Sink
     received_at: float  # monotonic, server clock
     taken_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a worker made of one job: detections, or an error code that drops the frame."""
+
+    detections: list[Detection] | None = None
+    error: str | None = None  # protocol error code
+    message: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Report:
+    """A job leaving the scheduler or a worker: an outcome, or a drop reason."""
+
+    job: Job
+    outcome: Outcome | None = None
+    dropped: str | None = None
+    taken: bool = True  # a worker had it (its stream's in-flight slot is released when routed)
+
+
+class Reports:
+    """The one queue on which verdicts travel back up to the pipeline (event loop only)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Report] = deque()
+        self._event = asyncio.Event()
+
+    def put(self, report: Report) -> None:
+        self._items.append(report)
+        self._event.set()
+
+    def drop_untaken(self, job: Job, reason: str) -> None:
+        """A frame that left its queue without reaching a worker (the scheduler's stale drops)."""
+        self.put(Report(job, dropped=reason, taken=False))
+
+    def take_all(self) -> list[Report]:
+        items = list(self._items)
+        self._items.clear()
+        self._event.clear()
+        return items
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class QueueBudget:
@@ -45,19 +119,24 @@ class Stream:
     depth: int
     window_s: float
     budget: QueueBudget  # shared by every stream of the daemon
-    conn: Connection | None = None
+    sink: Sink | None = None
     queue: deque[Job] = field(default_factory=deque)
     queued_bytes: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # taken by a worker, or reported and not yet routed by the pipeline
     counts: Counts = field(init=False)
     created_at: float = field(default_factory=time.monotonic)
     last_frame_at: float | None = None
-    detached_at: float | None = None  # set when its connection closed; removed after a grace
+    detached_at: float | None = None  # set when its sink closed; removed after a grace
+    metric_label: str = ""  # the label this stream's Prometheus series carry
     _seen: int = 0
     _next_due: float = 0.0
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)
+
+    @property
+    def peer(self) -> str | None:
+        return self.sink.peer if self.sink is not None else None
 
     def admit(self, now: float) -> str | None:
         """Per-stream options, applied before a frame is queued: the drop reason, or None to queue."""
@@ -98,7 +177,7 @@ class Stream:
         snap.update(
             {
                 "name": self.name,
-                "peer": self.conn.peer if self.conn is not None else None,
+                "peer": self.peer,
                 "connected": self.detached_at is None,
                 "queue_depth": len(self.queue),
                 "in_flight": self.in_flight,

@@ -1,79 +1,113 @@
-"""Worker pool: each worker owns one thread and one detector; decoding and inference run there."""
+"""Worker pool: each worker owns one daemon thread and one detector; decode and inference run there.
+
+Fault isolation: nothing a frame or a detector does can end a worker. `process` turns every
+exception into a per-frame error, a call that outlives `worker_timeout_s` is abandoned and the
+worker restarts on a fresh thread with capped backoff, and a supervisor restarts the worker loop
+itself if anything else escapes it. Verdicts go back to the pipeline as `Report`s on one queue.
+
+Why daemon threads and not processes: a process per detector (Frigate's choice) could be killed,
+but every frame would then cross a process boundary (a 640x480 BGR frame is 900 KB of copies,
+plus pickling of results), which costs more than the whole queue wait at light load on a 2-core
+box. A hung call in a daemon thread cannot be interrupted either, but it no longer holds the
+process at exit (daemon threads are not joined), and abandoned threads are capped per worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import io
+import inspect
 import logging
+import math
+import queue
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-import cv2
-import numpy as np
-from PIL import Image as PILImage
-
-from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, Image, ModelInfo
-from vision_daemon.protocol import E_DECODE, E_DETECTOR, E_IMAGE_TOO_LARGE, Frame
+from vision_daemon.decode import DecodeFailure, decode
+from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, ModelInfo
+from vision_daemon.protocol import E_DECODE, E_DETECTOR
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import WorkerStats
-from vision_daemon.streams import Job
+from vision_daemon.streams import Job, Outcome, Report, Reports
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (1.0, 5.0, 30.0)  # waits before successive restarts of one worker
+MAX_ABANDONED_THREADS = 3  # hung calls a worker may leave behind before it is marked failed
+
+T = TypeVar("T")
 
 
-class DecodeFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class WorkerThread:
+    """One daemon thread running submitted calls in order; results come back as loop futures."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args, fut, loop = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting task, never lost in the thread
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop closed while this call ran (abandoned at shutdown)
+                return
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, args, fut, loop))
+        return fut
+
+    def stop(self) -> None:
+        """The thread ends after its current call; it is never joined."""
+        self._calls.put(None)
 
 
-def decode(frame: Frame, max_pixels: int) -> Image:
-    """Decode to BGR uint8; the pixel limit is checked from the header before the full decode."""
-    if frame.encoding == "raw":
-        assert frame.shape is not None  # validated by protocol.parse_message
-        h, w, _ = frame.shape
-        if h * w > max_pixels:
-            raise DecodeFailure(
-                E_IMAGE_TOO_LARGE, f"image {w}x{h} exceeds max_image_pixels={max_pixels}"
-            )
-        return np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a long call (model export, load) where a signal can abandon it and exit at once."""
+    thread = WorkerThread(f"vision-{getattr(fn, '__name__', 'call')}")
     try:
-        # Pillow reads only the header here: a 100k x 100k "decompression bomb" costs nothing.
-        with PILImage.open(io.BytesIO(frame.image)) as header:
-            w, h = header.size
-    except Exception:
-        raise DecodeFailure(E_DECODE, "image bytes are not a decodable JPEG or PNG") from None
-    if w * h > max_pixels:
-        raise DecodeFailure(
-            E_IMAGE_TOO_LARGE, f"image {w}x{h} exceeds max_image_pixels={max_pixels}"
+        return await thread.submit(fn, *args)
+    finally:
+        thread.stop()
+
+
+def normalise(dets: Any) -> list[Detection]:
+    """Detector output as plain Python types (msgpack and JSON cannot carry numpy scalars)."""
+    out: list[Detection] = []
+    for d in dets:
+        conf = float(d["conf"])
+        bbox = [float(v) for v in d["bbox"]]
+        if len(bbox) != 4 or not all(math.isfinite(v) for v in (conf, *bbox)):
+            raise ValueError(f"detection has a non-finite or malformed box: conf={conf} {bbox}")
+        out.append(
+            Detection(label=str(d["label"]), conf=conf, bbox=bbox, class_id=int(d["class_id"]))
         )
-    img: Image | None = cv2.imdecode(  # type: ignore[assignment]
-        np.frombuffer(frame.image, dtype=np.uint8), cv2.IMREAD_COLOR
-    )
-    if img is None:
-        raise DecodeFailure(E_DECODE, "image bytes are not a decodable JPEG or PNG")
-    return img
+    return out
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What a worker made of one job: detections, or an error code that drops the frame."""
-
-    detections: list[Detection] | None = None
-    error: str | None = None  # protocol error code
-    message: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def process(detector: Detector, jobs: list[Job], max_pixels: int) -> list[Outcome]:
+def process(
+    detector: Detector, jobs: Sequence[Job], max_pixels: int, contended: bool
+) -> list[Outcome]:
     """Runs in the worker's thread: decode every frame, then one detector call for the batch."""
     outcomes = [Outcome() for _ in jobs]
-    images: list[Image] = []
+    images = []
     ok: list[int] = []
     for i, job in enumerate(jobs):
         t0 = time.perf_counter()
@@ -82,25 +116,42 @@ def process(detector: Detector, jobs: list[Job], max_pixels: int) -> list[Outcom
             ok.append(i)
         except DecodeFailure as exc:
             outcomes[i].error, outcomes[i].message = exc.code, exc.message
+        except Exception as exc:  # a codec raising on crafted bytes: that frame only
+            outcomes[i].error = E_DECODE
+            outcomes[i].message = f"image could not be decoded ({type(exc).__name__})"
         outcomes[i].timings["decode_ms"] = (time.perf_counter() - t0) * 1000
     if images:
         t0 = time.perf_counter()
         try:
-            results = detector.detect(images)
+            if _takes_contended(detector):
+                results = detector.detect(images, contended=contended)
+            else:  # a detector written against the one-argument interface
+                results = detector.detect(images)
+            if len(results) != len(images):
+                raise ValueError(f"{len(results)} results for {len(images)} images")
+            clean = [normalise(r) for r in results]
         except Exception as exc:
-            log.warning("detector raised on a batch of %d: %r", len(images), exc)
+            message = f"detector failed: {type(exc).__name__}: {str(exc)[:200]}"
             for i in ok:
-                outcomes[i].error, outcomes[i].message = E_DETECTOR, f"detector failed: {exc}"
+                outcomes[i].error, outcomes[i].message = E_DETECTOR, message
             return outcomes
         infer_ms = (time.perf_counter() - t0) * 1000
-        for i, dets in zip(ok, results, strict=True):
+        for i, dets in zip(ok, clean, strict=True):
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
     return outcomes
 
 
-OutcomeFn = Callable[[Job, Outcome], None]
-DropFn = Callable[[Job, str], None]
+def _takes_contended(detector: Detector) -> bool:
+    try:
+        return "contended" in inspect.signature(detector.detect).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def share_cores(others_busy: int) -> bool:
+    """The policy for OpenVINO's two compiled copies: share the cores while others run too."""
+    return others_busy > 0
 
 
 class Worker:
@@ -108,8 +159,9 @@ class Worker:
         self.id = worker_id
         self.factory = factory
         self.stats = WorkerStats(worker_id, window_s)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"vision-worker-{worker_id}")
+        self.thread = WorkerThread(f"vision-worker-{worker_id}")
         self.detector: Detector | None = None
+        self.abandoned = 0
 
     def _load(self) -> Detector:
         detector = self.factory()
@@ -117,9 +169,8 @@ class Worker:
         return detector
 
     async def load(self) -> ModelInfo:
-        loop = asyncio.get_running_loop()
         self.stats.state = "starting"
-        self.detector = await loop.run_in_executor(self.executor, self._load)
+        self.detector = await self.thread.submit(self._load)
         self.stats.state = "ready"
         log.info(
             "worker %d ready: %s warm-up %.0f ms",
@@ -129,10 +180,11 @@ class Worker:
         )
         return self.detector.info
 
-    def replace_thread(self) -> None:
-        """A stuck call cannot be interrupted: abandon its thread and start on a fresh one."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"vision-worker-{self.id}")
+    def abandon_thread(self) -> None:
+        """A stuck call cannot be interrupted: leave its thread behind and start a fresh one."""
+        self.thread.stop()
+        self.abandoned += 1
+        self.thread = WorkerThread(f"vision-worker-{self.id}")
         self.detector = None
 
 
@@ -142,69 +194,79 @@ class WorkerPool:
         count: int,
         factory: DetectorFactory,
         scheduler: Scheduler,
+        reports: Reports,
         *,
         max_batch: int,
         batch_wait_s: float,
         max_pixels: int,
         timeout_s: float,
         window_s: float,
-        on_outcome: OutcomeFn,
-        on_drop: DropFn,
     ) -> None:
         self.workers = [Worker(i, factory, window_s) for i in range(count)]
         self._scheduler = scheduler
+        self._reports = reports
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._max_pixels = max_pixels
         self._timeout_s = timeout_s
-        self._on_outcome = on_outcome
-        self._on_drop = on_drop
         self._tasks: list[asyncio.Task[None]] = []
         self.batch_sizes: dict[int, int] = {}
-        self.model_info: ModelInfo | None = None
 
     async def load(self) -> ModelInfo:
         """Load and warm every worker's model in parallel; the first failure is raised."""
         infos = await asyncio.gather(*(w.load() for w in self.workers))
-        self.model_info = infos[0]
         return infos[0]
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._run(w), name=f"worker-{w.id}") for w in self.workers
+            asyncio.create_task(self._supervise(w), name=f"worker-{w.id}") for w in self.workers
         ]
 
     @property
     def ready(self) -> bool:
-        return all(w.detector is not None for w in self.workers)
+        return all(w.detector is not None and w.stats.state != "failed" for w in self.workers)
 
     def busy(self) -> int:
+        """Workers inside a detector call now: the one count the core-sharing policy reads."""
         return sum(1 for w in self.workers if w.stats.busy_since is not None)
 
-    async def _run(self, worker: Worker) -> None:
-        loop = asyncio.get_running_loop()
+    async def _supervise(self, worker: Worker) -> None:
+        """Keep the worker's loop running: an escaped exception restarts it, with backoff."""
         while True:
+            try:
+                await self._serve(worker)
+                return  # the scheduler closed, or the worker failed for good
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker %d loop failed; restarting it", worker.id)
+                if not await self._restart(worker):
+                    return
+
+    async def _serve(self, worker: Worker) -> None:
+        while True:
+            if worker.detector is None and not await self._restart(worker):
+                return
             jobs = await self._scheduler.take(self._max_batch, self._batch_wait_s)
             if not jobs:
                 return  # scheduler closed
-            assert worker.detector is not None
-            now = time.monotonic()
-            worker.stats.start(now)
+            detector = worker.detector
+            assert detector is not None  # (re)loaded above; only this task replaces it
+            contended = share_cores(self.busy())
+            worker.stats.start(time.monotonic())
             self.batch_sizes[len(jobs)] = self.batch_sizes.get(len(jobs), 0) + 1
-            fut = loop.run_in_executor(
-                worker.executor, process, worker.detector, jobs, self._max_pixels
-            )
+            fut = worker.thread.submit(process, detector, jobs, self._max_pixels, contended)
             try:
                 outcomes = await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)
             except asyncio.CancelledError:
                 # Shutdown ran past its grace: these frames end without a result, counted.
+                worker.stats.busy_since = None
                 for job in jobs:
-                    self._on_drop(job, "shutdown")
-                    self._scheduler.done(job)
+                    self._reports.put(Report(job, dropped="shutdown"))
                 raise
             except TimeoutError:
                 log.error(
-                    "worker %d stuck for over %.1f s on %d frame(s); replacing it",
+                    "worker %d stuck for over %.1f s on %d frame(s); replacing its thread",
                     worker.id,
                     self._timeout_s,
                     len(jobs),
@@ -212,9 +274,8 @@ class WorkerPool:
                 worker.stats.state = "stuck"
                 worker.stats.busy_since = None
                 for job in jobs:
-                    self._on_drop(job, "worker_timeout")
-                    self._scheduler.done(job)
-                worker.replace_thread()
+                    self._reports.put(Report(job, dropped="worker_timeout"))
+                worker.abandon_thread()
                 if not await self._restart(worker):
                     return
                 continue
@@ -222,17 +283,27 @@ class WorkerPool:
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if outcome.error == E_DETECTOR:
                     worker.stats.errors += 1
-                self._on_outcome(job, outcome)
-                self._scheduler.done(job)
+                self._reports.put(Report(job, outcome))
 
     async def _restart(self, worker: Worker) -> bool:
+        if worker.abandoned > MAX_ABANDONED_THREADS:
+            worker.stats.state = "failed"
+            log.error(
+                "worker %d left %d hung calls behind; it stays down (restart the daemon)",
+                worker.id,
+                worker.abandoned,
+            )
+            return False
         backoff = RESTART_BACKOFF_S[min(worker.stats.restarts, len(RESTART_BACKOFF_S) - 1)]
         worker.stats.restarts += 1
         worker.stats.state = "restarting"
         log.warning("worker %d restart #%d in %.0f s", worker.id, worker.stats.restarts, backoff)
         await asyncio.sleep(backoff)  # rate limit: a model that keeps hanging cannot spin
         try:
-            await worker.load()
+            if worker.detector is None:
+                await worker.load()
+            else:
+                worker.stats.state = "ready"
         except Exception as exc:
             worker.stats.state = "failed"
             log.error("worker %d could not restart: %s", worker.id, exc)
@@ -248,4 +319,5 @@ class WorkerPool:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         for w in self.workers:
-            w.executor.shutdown(wait=False, cancel_futures=True)
+            w.thread.stop()  # a thread still inside a hung call is a daemon: exit does not wait
+            w.stats.state = "stopped"

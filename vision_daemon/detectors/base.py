@@ -52,8 +52,13 @@ class Detector(Protocol):
     def warmup(self) -> None:
         """Run the model until its first-call costs are paid (called before the daemon is ready)."""
 
-    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
-        """Detections for each image, in order; may raise (the worker counts and reports it)."""
+    def detect(self, images: Sequence[Image], *, contended: bool = False) -> list[list[Detection]]:
+        """Detections for each image, in order; may raise (the worker counts and reports it).
+
+        `contended` is the pool's word that other workers are busy too: a backend that can trade
+        per-call latency for throughput (OpenVINO's thread-limited copy) does so then. A
+        detector whose `detect` takes only the images is called without it.
+        """
         ...
 
 

@@ -16,5 +16,5 @@ class NoneDetector:
     def warmup(self) -> None:
         return None
 
-    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
+    def detect(self, images: Sequence[Image], *, contended: bool = False) -> list[list[Detection]]:
         return [[] for _ in images]

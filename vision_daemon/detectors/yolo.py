@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ def _quiet_ultralytics() -> None:
     from ultralytics.utils import SETTINGS
 
     if SETTINGS.get("sync"):
-        SETTINGS.update({"sync": False})  # type: ignore[no-untyped-call]
+        # In memory only: SETTINGS' own __setitem__/update would rewrite the user's settings.json.
+        dict.__setitem__(SETTINGS, "sync", False)
 
 
 def resolve_device(device: str) -> str:
@@ -83,23 +83,6 @@ def export_target(path: str, export: str, device: str) -> str | None:
     return None if export == "none" else export
 
 
-class Busy:
-    """How many of one factory's detectors are inside a predict call right now."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._n = 0
-
-    def enter(self) -> int:
-        with self._lock:
-            self._n += 1
-            return self._n
-
-    def leave(self) -> None:
-        with self._lock:
-            self._n -= 1
-
-
 @dataclass(frozen=True)
 class YoloFactory:
     """Resolved once in the main thread; called in each worker thread to build its own model."""
@@ -113,7 +96,6 @@ class YoloFactory:
     half: bool
     tried: tuple[str, ...] = ()
     threads: int = 0  # OpenVINO threads per worker while several are busy; 0 = no limit
-    busy: Busy = field(default_factory=Busy, compare=False)
 
     @classmethod
     def from_config(cls, config: Config) -> YoloFactory:
@@ -216,16 +198,11 @@ class YoloDetector:
                 raise ModelError(f"class {w!r} is not in the model's {len(names)} classes")
         return ids
 
-    def _predict(self, images: Sequence[Image]) -> list[Any]:
-        if self._ov is None:  # one compiled model only: nothing to choose
-            return self._predict_with(images)
-        busy = self._f.busy.enter()
-        try:
+    def _predict(self, images: Sequence[Image], contended: bool = False) -> list[Any]:
+        if self._ov is not None:  # the pool decides which compiled copy fits the load
             backend, full, shared = self._ov
-            backend.ov_compiled_model = full if busy == 1 else shared
-            return self._predict_with(images)
-        finally:
-            self._f.busy.leave()
+            backend.ov_compiled_model = shared if contended else full
+        return self._predict_with(images)
 
     def _predict_with(self, images: Sequence[Image]) -> list[Any]:
         f = self._f
@@ -258,14 +235,12 @@ class YoloDetector:
             return
         if f.threads < 1:
             return
-        predictor = getattr(self.model, "predictor", None)
-        backend = getattr(getattr(predictor, "model", None), "backend", None)
-        compile_model = getattr(backend, "compile_model", None)
-        full = getattr(backend, "ov_compiled_model", None)
+        found = openvino_backend(self.model)
         xml = next(Path(f.path).glob("*.xml"), None)
-        if backend is None or compile_model is None or full is None or xml is None:
+        if found is None or xml is None:
             log.warning("cannot share OpenVINO cores on this ultralytics version; using its own")
             return
+        backend, compile_model, full = found
         import openvino as ov  # type: ignore[import-untyped]
 
         config = {**compile_model.keywords.get("config", {})}
@@ -293,9 +268,9 @@ class YoloDetector:
         warm = (time.perf_counter() - t0) * 1000
         self.info = ModelInfo(**{**self.info.__dict__, "warmup_ms": warm})
 
-    def detect(self, images: Sequence[Image]) -> list[list[Detection]]:
+    def detect(self, images: Sequence[Image], *, contended: bool = False) -> list[list[Detection]]:
         out: list[list[Detection]] = []
-        for result in self._predict(images):
+        for result in self._predict(images, contended):
             boxes = result.boxes
             xyxy = boxes.xyxy.cpu().numpy().tolist()
             confs = boxes.conf.cpu().numpy().tolist()
@@ -312,3 +287,21 @@ class YoloDetector:
                 ]
             )
         return out
+
+
+def openvino_backend(model: Any) -> tuple[Any, Any, Any] | None:
+    """(backend, its compile_model partial, its compiled model) inside an ultralytics YOLO.
+
+    The one place that reads ultralytics internals: `model.predictor.model.backend` with
+    `compile_model` (a functools.partial holding the compile config) and `ov_compiled_model`.
+    None when that shape is not there (tests/test_yolo.py fails loudly if it changes).
+    """
+    predictor = getattr(model, "predictor", None)
+    backend = getattr(getattr(predictor, "model", None), "backend", None)
+    compile_model = getattr(backend, "compile_model", None)
+    full = getattr(backend, "ov_compiled_model", None)
+    if backend is None or compile_model is None or full is None:
+        return None
+    if not hasattr(compile_model, "keywords"):
+        return None
+    return backend, compile_model, full

@@ -1,4 +1,8 @@
-"""Fan-out of processed results to /ws subscribers, each with its own bounded queue."""
+"""What leaves besides the reply: fan-out of results to /ws subscribers, each with a bounded queue.
+
+Each result is encoded to JSON once, for every subscriber (`publish` takes the text); a slow
+subscriber loses its oldest messages, never slows the publisher, and subscribers are capped.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ class Subscriber:
     every: int = 1  # deliver every Nth matching result
     min_interval_s: float = 0.0  # max_fps thinning
     peer: str = ""
-    queue: deque[dict[str, Any]] = field(init=False)
+    queue: deque[str] = field(init=False)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
     sending: int = 0  # taken from the queue, being written to the socket
@@ -28,8 +32,8 @@ class Subscriber:
     def __post_init__(self) -> None:
         self.queue = deque()
 
-    def offer(self, msg: dict[str, Any], now: float) -> None:
-        if self.streams and msg["stream_name"] not in self.streams:
+    def offer(self, stream: str, text: str, now: float) -> None:
+        if self.streams and stream not in self.streams:
             return
         self._matched += 1
         if (self._matched - 1) % self.every:
@@ -40,12 +44,12 @@ class Subscriber:
         if len(self.queue) >= self.maxlen:
             self.queue.popleft()
             self.dropped += 1
-        self.queue.append(msg)
+        self.queue.append(text)
         self.event.set()
 
     closed: bool = False
 
-    async def next_batch(self) -> list[dict[str, Any]] | None:
+    async def next_batch(self) -> list[str] | None:
         """The queued messages, or None once the daemon is shutting down."""
         await self.event.wait()
         self.event.clear()
@@ -57,13 +61,23 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, max_subscribers: int = 64) -> None:
+        self.max_subscribers = max_subscribers
         self.subscribers: set[Subscriber] = set()
         self.dropped_total = 0  # from subscribers that have left
+        self.refused = 0  # subscribers turned away at the cap
 
-    def publish(self, msg: dict[str, Any], now: float) -> None:
+    def add(self, sub: Subscriber) -> bool:
+        """Admit a subscriber unless the cap is reached (then the caller closes it)."""
+        if len(self.subscribers) >= self.max_subscribers:
+            self.refused += 1
+            return False
+        self.subscribers.add(sub)
+        return True
+
+    def publish(self, stream: str, text: str, now: float) -> None:
         for sub in self.subscribers:
-            sub.offer(msg, now)
+            sub.offer(stream, text, now)
 
     def close(self) -> None:
         """Shutdown: wake every subscriber so its handler closes the socket itself."""
@@ -83,6 +97,8 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         return {
             "subscribers": len(self.subscribers),
+            "max_subscribers": self.max_subscribers,
+            "refused": self.refused,
             "dropped": self.dropped,
             "clients": [
                 {

@@ -1,0 +1,97 @@
+"""Image decoding for the workers: only the encodings the protocol names, sized from the header.
+
+Runs in worker threads. Every foreseeable failure is a `DecodeFailure` with a protocol error code,
+so the worker drops the frame with a reason; nothing here may end a worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image as PILImage
+
+from vision_daemon.detectors.base import Image
+from vision_daemon.protocol import E_DECODE, E_IMAGE_TOO_LARGE, Frame
+
+log = logging.getLogger(__name__)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class DecodeFailure(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def quiet_codecs() -> None:
+    """Keep OpenCV's own messages off stderr; frames that fail are reported through logging.
+
+    libpng's warnings (e.g. "iCCP: known incorrect sRGB profile") are printed by libpng itself
+    and would still reach stderr, so PNG headers are parsed here and libpng sees only PNGs whose
+    header we accepted; what it still prints is harmless and rare.
+    """
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    utils_logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if utils_logging is not None:  # cv2.setLogLevel is gone in OpenCV 5
+        utils_logging.setLogLevel(utils_logging.LOG_LEVEL_ERROR)
+    # A header over Pillow's bomb limit is refused by our own pixel check; no warning either.
+    warnings.filterwarnings("ignore", category=PILImage.DecompressionBombWarning)
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> DecodeFailure:
+    return DecodeFailure(E_IMAGE_TOO_LARGE, f"image {w}x{h} exceeds max_image_pixels={max_pixels}")
+
+
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header of a JPEG or PNG; anything else is refused unread."""
+    if data.startswith(PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise DecodeFailure(E_DECODE, "PNG header is truncated or has no IHDR")
+        w, h = struct.unpack(">II", data[16:24])
+        return w, h
+    if not data.startswith(JPEG_MAGIC):
+        raise DecodeFailure(
+            E_DECODE, "image bytes are not JPEG or PNG (the only encoded formats accepted)"
+        )
+    try:
+        # Pillow reads only the JPEG header here: a 100k x 100k "decompression bomb" costs nothing.
+        with PILImage.open(io.BytesIO(data), formats=("JPEG",)) as header:
+            return header.size
+    except PILImage.DecompressionBombError:  # over Pillow's own limit (~179 MPx): ours is lower
+        raise _too_large(0, 0, max_pixels) from None
+    except Exception:
+        raise DecodeFailure(E_DECODE, "JPEG header does not decode") from None
+
+
+def decode(frame: Frame, max_pixels: int) -> Image:
+    """Decode to BGR uint8; the pixel limit is checked from the header before the full decode."""
+    if frame.encoding == "raw":
+        if frame.shape is None:  # validated by protocol.parse_message; kept as a guard
+            raise DecodeFailure(E_DECODE, "raw frame without a shape")
+        h, w, _ = frame.shape
+        if h * w > max_pixels:
+            raise _too_large(w, h, max_pixels)
+        return np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+    w, h = image_size(frame.image, max_pixels)
+    if w * h > max_pixels or w == 0 or h == 0:
+        if w * h > max_pixels:
+            raise _too_large(w, h, max_pixels)
+        raise DecodeFailure(E_DECODE, f"image header declares {w}x{h} pixels")
+    try:
+        img: Image | None = cv2.imdecode(  # type: ignore[assignment]
+            np.frombuffer(frame.image, dtype=np.uint8), cv2.IMREAD_COLOR
+        )
+    except cv2.error:  # OpenCV raises on some headers it cannot handle
+        img = None
+    if img is None:
+        raise DecodeFailure(E_DECODE, "image bytes are not a decodable JPEG or PNG")
+    return img

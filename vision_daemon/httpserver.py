@@ -1,0 +1,155 @@
+"""Hosts the ASGI control plane on uvicorn, inside the daemon's loop, with connection bounds.
+
+uvicorn's own settings close idle keep-alive connections (`timeout_keep_alive`) and answer 503
+past `limit_concurrency`, but they neither cap connections at accept nor time out a socket that
+never sends its first byte. A subclass of its h11 protocol adds both; it is a handful of lines
+over uvicorn's documented `Config(http=<protocol class>)` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from vision_daemon.config import Config
+from vision_daemon.log import RedactTokens
+
+log = logging.getLogger(__name__)
+
+
+class HttpStartupError(Exception):
+    """The control plane cannot listen; the message is one line."""
+
+
+class _Limits:
+    """Shared by every connection of one server: the cap, the idle time, what was refused."""
+
+    def __init__(self, max_connections: int, idle_s: float) -> None:
+        self.max_connections = max_connections
+        self.idle_s = idle_s
+        self.refused = 0
+
+
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    b"content-length: 45\r\n\r\nhttp_max_connections reached; try again later"
+)
+
+
+def _bounded_protocol(limits: _Limits) -> type[H11Protocol]:
+    class BoundedH11(H11Protocol):
+        """Caps connections at accept; a request head must arrive within the idle time."""
+
+        _head_timer: asyncio.TimerHandle | None = None
+        _cycle_seen: Any = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                limits.refused += 1
+                self.connections.discard(self)
+                transport.write(BUSY)
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            self._head_timer = self.loop.call_later(limits.idle_s, self._head_timeout)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            # Nothing, or only part of a request head, within the idle time (uvicorn's own
+            # keep-alive timer is cancelled by any byte, so a trickle would hold it forever).
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self.cycle is not self._cycle_seen:
+                self._cycle_seen = self.cycle  # a whole request head arrived
+                self._cancel_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()  # the next request head gets the same time
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._cancel_head_timer()
+            super().handle_websocket_upgrade(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+    return BoundedH11
+
+
+class _Server(uvicorn.Server):
+    # The daemon owns the one set of signal handlers; uvicorn must not install its own.
+    def capture_signals(self) -> Any:
+        return contextlib.nullcontext()
+
+
+class HttpServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.limits = _Limits(config.http_max_connections, config.http_idle_timeout_s)
+        self.port: int | None = None
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def bind(self) -> socket.socket:
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.api_host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.api_host, cfg.api_port))
+        except OSError as exc:
+            sock.close()
+            raise HttpStartupError(
+                f"cannot listen on {cfg.api_host}:{cfg.api_port} ({exc.strerror}); "
+                "pick another --api-port or stop the process using it"
+            ) from None
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        return sock
+
+    async def start(self, app: Any) -> None:
+        sock = self.bind()
+        # uvicorn and websockets log requests and handshakes; query strings may hold a token.
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "websockets"):
+            logging.getLogger(name).addFilter(RedactTokens())
+        ucfg = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,  # paths and query strings (tokens) stay out of the log
+            ws="websockets-sansio",
+            http=_bounded_protocol(self.limits),
+            timeout_keep_alive=max(1, int(self.config.http_idle_timeout_s)),
+            limit_concurrency=self.config.http_max_connections + 1,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = _Server(ucfg)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="api")
+        log.info("control plane listening on http://%s:%d", self.config.api_host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                pass

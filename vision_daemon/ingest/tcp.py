@@ -1,0 +1,380 @@
+"""TCP ingest: length-prefixed msgpack over a socket; each connection is a Sink for its streams.
+
+A connection owns its framing, handshake, timeouts, a bounded outbox and its own `shutdown()`.
+Until its first valid message (the hello, or a legacy client's first frame when auth is off) it
+sits in a small pending pool under `hello_timeout_s`; only then does it take one of the
+`max_connections` slots, so sockets that never speak cannot keep a camera out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from vision_daemon import protocol as p
+from vision_daemon.config import Config
+from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start (port in use, model missing); the message is one line."""
+
+
+class Connection:
+    """One TCP peer: a reader that never waits on inference and a writer with a bounded outbox."""
+
+    def __init__(
+        self,
+        ingest: TcpIngest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cid: int,
+    ) -> None:
+        self.ingest = ingest
+        self.config = ingest.config
+        self.pipeline = ingest.pipeline
+        self.id = cid
+        self.reader = reader
+        self.writer = writer
+        addr = writer.get_extra_info("peername")
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.outbox: deque[bytes] = deque()
+        self._has_output = asyncio.Event()
+        self.hello: p.Hello | None = None
+        self.authenticated = False
+        self.notices = False
+        self.pending = 0  # this connection's frames queued or in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.open = True  # False once nothing more may be queued for sending
+        self.saying_bye = False
+        self.messages = 0
+        self._writer_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ---- the Sink side ------------------------------------------------------------------------
+    def result(self, payload: bytes) -> bool:
+        return self._send(payload, droppable=True)
+
+    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
+        if self.notices:
+            msg = {"type": "dropped", "stream_name": stream, "frame_id": frame_id, "reason": reason}
+            self._send(p.pack(msg), droppable=True)
+
+    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
+        self._send(p.pack(p.error_message(code, message, frame_id)))
+
+    def frame_done(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self._idle.set()
+
+    # ---- output -------------------------------------------------------------------------------
+    def _send(self, payload: bytes, *, droppable: bool = False) -> bool:
+        """Queue a message within one bound for every type (send_buffer_messages).
+
+        Past it a result or a dropped notice is lost (the caller counts it); any other message
+        means the peer is not reading its errors: the connection ends with `slow_consumer`.
+        """
+        if not self.open:
+            return False
+        if len(self.outbox) >= self.config.send_buffer_messages:
+            if droppable:
+                return False
+            self.pipeline.count_error(p.E_SLOW_CONSUMER)
+            self.outbox.append(
+                p.pack(
+                    p.error_message(
+                        p.E_SLOW_CONSUMER,
+                        f"{len(self.outbox)} messages unread (send_buffer_messages); closing",
+                    )
+                )
+            )
+            self._has_output.set()
+            self.shutdown()
+            self.open = False
+            return False
+        self.outbox.append(payload)
+        self._has_output.set()
+        return True
+
+    async def _write_loop(self) -> None:
+        try:
+            while self.open or self.outbox:
+                await self._has_output.wait()
+                self._has_output.clear()
+                while self.outbox:
+                    chunk = b"".join(self.outbox)
+                    self.outbox.clear()
+                    self.writer.write(chunk)
+                    await self.writer.drain()
+        except (ConnectionError, OSError):
+            self.open = False
+
+    async def _flush(self, timeout: float) -> None:
+        """Deliver what is queued (bounded by timeout), then close the socket."""
+        self.open = False
+        self._has_output.set()
+        if self._writer_task is not None:
+            try:
+                await asyncio.wait_for(self._writer_task, timeout)
+            except TimeoutError:
+                self.writer.transport.abort()  # a peer that does not read gets no more time
+        self.writer.close()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop reading: nothing new is accepted; `run` then delivers what is owed and closes."""
+        if self._timer is not None:
+            self._timer.cancel()
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            transport.pause_reading()
+        self.reader.feed_eof()
+
+    def _arm_timer(self) -> None:
+        """One re-armed timer per connection (not a task per read): close peers that stall.
+
+        The first message must arrive within hello_timeout_s (a half-sent length prefix does not
+        count), later ones within idle_timeout_s of the previous complete message.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        first = self.messages == 0
+        limit = self.config.hello_timeout_s if first else self.config.idle_timeout_s
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(limit, self._on_timeout, first, limit)
+
+    def _on_timeout(self, first: bool, limit: float) -> None:
+        code = p.E_HELLO_TIMEOUT if first else p.E_IDLE_TIMEOUT
+        self.pipeline.count_error(code)
+        self.error(code, f"no complete message for {limit:g} s; closing")
+        self.shutdown()
+
+    async def run(self) -> None:
+        self._writer_task = asyncio.create_task(self._write_loop())
+        cfg = self.config
+        self._arm_timer()
+        try:
+            while self.open:
+                header = await self.reader.readexactly(p.HEADER_SIZE)
+                n = p.read_length(header, cfg.max_message_bytes)
+                body = await self.reader.readexactly(n)
+                self.messages += 1
+                self._arm_timer()
+                if not self.handle(body):
+                    break
+            if self.saying_bye:  # results of frames already accepted are delivered first
+                await self.wait_idle(cfg.shutdown_grace_s)
+                self._send(p.pack({"type": "bye"}))
+        except p.ProtocolError as exc:  # framing is broken: the rest of the stream is unreadable
+            self.pipeline.count_error(exc.code)
+            self.error(exc.code, exc.message)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass  # peer went away (or was shut down); a partial message is not a frame
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            await self._close()
+
+    async def _close(self) -> None:
+        """The one teardown path: detach streams, deliver what is owed, close, leave the pool."""
+        self.pipeline.detach(self)
+        if self.ingest.stopping:  # results of frames already in a detector are delivered first
+            await self.wait_idle(self.config.shutdown_grace_s)
+        await self._flush(2.0)
+        self.ingest.forget(self)
+
+    async def wait_idle(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # ---- input --------------------------------------------------------------------------------
+    def handle(self, body: bytes) -> bool:
+        """Handle one message; False ends the connection."""
+        max_streams = self.config.max_streams_per_connection
+        try:
+            # max_streams + 1 entries pass msgpack so an over-long hello gets limit_exceeded.
+            obj = p.unpack_body(body, max_map_len=max_streams + 1)
+            msg = p.parse_message(obj, max_streams)
+        except p.ProtocolError as exc:
+            self.pipeline.refuse_message(exc)
+            self.error(exc.code, exc.message, exc.frame_id)
+            return not exc.fatal
+        token = self.config.auth_token
+        if isinstance(msg, p.Hello):
+            if token and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
+                self.ingest.auth_failed(self)
+                self.error(p.E_UNAUTHORIZED, "auth token missing or wrong")
+                return False
+            if not self._authenticate():
+                return False
+            self.hello = msg
+            self.notices = msg.dropped_notices
+            self._send(self.ingest.welcome)
+            return True
+        if token and self.hello is None:
+            self.ingest.auth_failed(self)
+            self.error(p.E_UNAUTHORIZED, "this server requires a hello with an auth token first")
+            return False
+        if not self.authenticated and not self._authenticate():
+            return False
+        if isinstance(msg, p.Bye):
+            self.saying_bye = True
+            return False
+        self.pending += 1
+        self._idle.clear()
+        self.pipeline.submit(self, msg, self.options_for(msg.stream_name))
+        return True
+
+    def _authenticate(self) -> bool:
+        if self.authenticated:
+            return True
+        if not self.ingest.promote(self):
+            self.pipeline.count_error(p.E_LIMIT)
+            limit = self.config.max_connections
+            self.error(p.E_LIMIT, f"max_connections={limit} reached; try again later")
+            return False
+        self.authenticated = True
+        return True
+
+    def options_for(self, name: str) -> p.StreamOptions:
+        if self.hello is None:
+            return p.StreamOptions()
+        return self.hello.stream_options.get(name, self.hello.options)
+
+
+class TcpIngest:
+    """The listener and its connections: a pending pool, then `max_connections` slots."""
+
+    def __init__(self, config: Config, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.pending: set[Connection] = set()  # accepted, no valid first message yet
+        self.connections: set[Connection] = set()  # authenticated (or legacy, auth off)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port: int | None = None
+        self.welcome = b""
+        self.stopping = False
+        self.total = 0
+        self.refused = 0
+        self._next_cid = 0
+        self._log_limit = RateLimiter()
+
+    async def start(self, welcome: dict[str, Any]) -> None:
+        cfg = self.config
+        self.welcome = p.pack(welcome)
+        try:
+            self.server = await asyncio.start_server(
+                self._on_connect, cfg.tcp_host, cfg.tcp_port, limit=2**16, reuse_address=True
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {cfg.tcp_host}:{cfg.tcp_port} ({exc.strerror}); "
+                "pick another --tcp-port or stop the process using it"
+            ) from None
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("data plane listening on tcp://%s:%d", cfg.tcp_host, self.port)
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None and not self.stopping
+
+    def stop_accepting(self) -> None:
+        """Close the listener and stop reading every connection (shutdown, first phase)."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in self.pending | self.connections:
+            conn.shutdown()
+
+    async def aclose(self, timeout: float) -> None:
+        """Wait for every connection to deliver what it owes and close (shutdown, last phase)."""
+        self.stop_accepting()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def promote(self, conn: Connection) -> bool:
+        if len(self.connections) >= self.config.max_connections:
+            self._refused(conn.peer, "max_connections")
+            return False
+        self.pending.discard(conn)
+        self.connections.add(conn)
+        return True
+
+    def forget(self, conn: Connection) -> None:
+        self.pending.discard(conn)
+        self.connections.discard(conn)
+
+    def auth_failed(self, conn: Connection) -> None:
+        self.pipeline.count_error(p.E_UNAUTHORIZED)
+        log_limited(
+            log,
+            self._log_limit,
+            "auth:" + _host(conn.peer),
+            time.monotonic(),
+            logging.WARNING,
+            "refused a TCP client from %s: wrong or missing token",
+            _host(conn.peer),
+        )
+
+    def _refused(self, peer: str, why: str) -> None:
+        self.refused += 1
+        log_limited(
+            log,
+            self._log_limit,
+            "refused:" + _host(peer),
+            time.monotonic(),
+            logging.WARNING,
+            "refused a TCP connection from %s: %s reached",
+            _host(peer),
+            why,
+        )
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.total += 1
+        cfg = self.config
+        if self.stopping or len(self.pending) >= cfg.max_pending_connections:
+            self.pipeline.count_error(p.E_LIMIT)
+            peer = writer.get_extra_info("peername")
+            self._refused(str(peer[0]) if isinstance(peer, tuple) else "?", "pending limit")
+            msg = (
+                "server is shutting down"
+                if self.stopping
+                else f"max_pending_connections={cfg.max_pending_connections} reached; retry"
+            )
+            writer.write(p.pack(p.error_message(p.E_LIMIT, msg)))
+            writer.close()  # flushes what it can; never waits on a peer that does not read
+            return
+        self._next_cid += 1
+        conn = Connection(self, reader, writer, self._next_cid)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pending.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await conn.run()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+
+def _host(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]

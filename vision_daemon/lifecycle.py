@@ -1,0 +1,247 @@
+"""Builds the components, starts them in order, and stops them in reverse.
+
+Each stop is registered on an `AsyncExitStack` as its component starts (as aiohttp's runner and
+svcs do), so shutdown is the reverse of start-up and a start-up that fails half-way cleans up
+exactly what started. A failing cleanup is logged and the rest still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from vision_daemon import __version__
+from vision_daemon import protocol as p
+from vision_daemon.api import create_app
+from vision_daemon.config import Config
+from vision_daemon.decode import quiet_codecs
+from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
+from vision_daemon.httpserver import HttpServer
+from vision_daemon.ingest.tcp import TcpIngest
+from vision_daemon.metrics import Metrics
+from vision_daemon.outputs import Hub
+from vision_daemon.pipeline import Pipeline
+from vision_daemon.scheduler import Scheduler
+from vision_daemon.snapshot import Components, Snapshot, SnapshotCache
+from vision_daemon.streams import Reports
+from vision_daemon.workers import WorkerPool, in_daemon_thread
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """`run()` is start, serve until a signal, stop; tests call `start()` and `shutdown()`."""
+
+    def __init__(self, config: Config, factory: DetectorFactory | None = None) -> None:
+        self.config = config
+        self._factory = factory
+        self.started_at = time.monotonic()
+        self.reports = Reports()
+        self.metrics = Metrics(config.metrics_max_streams)
+        self.hub = Hub(config.ws_max_subscribers)
+        self.scheduler = Scheduler(
+            config.max_in_flight_per_stream, config.max_frame_age_ms / 1000, self.reports
+        )
+        self.pipeline = Pipeline(config, self.reports, self.scheduler, self.hub, self.metrics)
+        self.ingest = TcpIngest(config, self.pipeline)
+        self.http = HttpServer(config)
+        self.pool: WorkerPool | None = None
+        self.model_info: ModelInfo | None = None
+        self.components = Components(
+            self.pipeline, self.hub, self.ingest, self.started_at, self.ready
+        )
+        self.stats = SnapshotCache(self.components, config.stats_refresh_s)
+        self.metrics.watch(self.stats.data)
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._stack = AsyncExitStack()
+
+    # ---- what tests and the API read ----------------------------------------------------------
+    @property
+    def tcp_port(self) -> int | None:
+        return self.ingest.port
+
+    @property
+    def api_port(self) -> int | None:
+        return self.http.port
+
+    def snapshot(self) -> Snapshot:
+        """A fresh snapshot now (the API serves the periodic one)."""
+        return self.stats.refresh()
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready = every worker's model loaded and warm, and the TCP listener up; else the reason."""
+        if self.stopping:
+            return False, "shutting down"
+        pool = self.pool
+        if pool is None or not all(w.detector is not None for w in pool.workers):
+            states = [w.stats.state for w in pool.workers] if pool else []
+            return False, f"model loading/warming up (workers: {states or 'not started'})"
+        down = [w.id for w in pool.workers if w.stats.state in ("stuck", "restarting", "failed")]
+        if down:
+            return False, f"worker(s) {down} stuck, restarting or failed"
+        if not self.ingest.listening:
+            return False, "TCP listener not up"
+        return True, "ready"
+
+    # ---- start-up, in order; each stop registered as its part starts -------------------------
+    async def start(self) -> None:
+        stack = self._stack
+        try:
+            await self._start(stack)
+        except BaseException:
+            await self._close_stack()
+            raise
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        cfg = self.config
+        quiet_codecs()
+        # The API comes up first so /health answers while the model loads and warms up.
+        if cfg.api_port >= 0:
+            app = create_app(cfg, self.stats, self.hub, self.metrics, self.started_at, self.ready)
+            await self.http.start(app)
+            stack.push_async_callback(self._guard, "control plane", self.http.stop)
+            stack.callback(self.hub.close)  # /ws subscribers close with 1001 before the server
+        # Connections deliver what they owe and close after the workers have finished.
+        stack.push_async_callback(
+            self._guard, "connections", lambda: self.ingest.aclose(cfg.shutdown_grace_s + 2)
+        )
+        factory = self._factory
+        if factory is None:  # a daemon thread: a signal during a long export exits at once
+            factory = await in_daemon_thread(load_detector_factory, cfg)
+        self.pool = WorkerPool(
+            cfg.workers,
+            factory,
+            self.scheduler,
+            self.reports,
+            max_batch=cfg.max_batch,
+            batch_wait_s=cfg.batch_wait_ms / 1000,
+            max_pixels=cfg.max_image_pixels,
+            timeout_s=cfg.worker_timeout_s,
+            window_s=cfg.stats_window_s,
+        )
+        self.components.pool = self.pool
+        t0 = time.perf_counter()
+        self.model_info = self.components.model_info = await self.pool.load()
+        log.info(
+            "model %s (%s on %s) loaded and warmed in %d worker(s) in %.1f s",
+            self.model_info.name,
+            self.model_info.backend,
+            self.model_info.device,
+            cfg.workers,
+            time.perf_counter() - t0,
+        )
+        self._spawn(stack, "pipeline", self.pipeline.run(), then=self.pipeline.drain)
+        self.pool.start()
+        stack.push_async_callback(self._guard, "workers", self._stop_workers)
+        await self.ingest.start(self.welcome())
+        stack.callback(self._stop_accepting)
+        self._spawn(stack, "stats", self.stats.run())
+
+    def _spawn(
+        self,
+        stack: AsyncExitStack,
+        name: str,
+        coro: Awaitable[None],
+        then: Callable[[], Any] | None = None,
+    ) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if then is not None:
+                then()
+
+        stack.push_async_callback(self._guard, name, stop)
+
+    async def _stop_workers(self) -> None:
+        assert self.pool is not None
+        await self.pool.stop(self.config.shutdown_grace_s)
+        self.pipeline.drain()  # results of the frames the workers finished go out now
+
+    def _stop_accepting(self) -> None:
+        """Shutdown, first step: no new connections or frames; queued frames drop as shutdown."""
+        self.stopping = True
+        self.ingest.stop_accepting()
+        self.pipeline.drop_queued("shutdown")
+
+    @staticmethod
+    async def _guard(what: str, stop: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await stop()
+        except Exception:
+            log.exception("stopping the %s failed; stopping the rest", what)
+
+    async def _close_stack(self) -> None:
+        self.stopping = True
+        await self._stack.aclose()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finish in-flight work within the grace, flush, close: reverse order."""
+        await self._close_stack()
+        totals = self.pipeline.totals
+        log.info(
+            "stopped: %d received, %d processed, %d dropped",
+            totals.received,
+            totals.processed,
+            sum(totals.dropped.values()),
+        )
+
+    def welcome(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "type": "welcome",
+            "version": p.PROTOCOL_VERSION,
+            "server": f"vision-daemon {__version__}",
+            "model": self.model_info.to_dict() if self.model_info else None,
+            "limits": {
+                "max_message_bytes": cfg.max_message_bytes,
+                "max_image_pixels": cfg.max_image_pixels,
+                "max_streams_per_connection": cfg.max_streams_per_connection,
+                "queue_depth": cfg.queue_depth,
+                "max_frame_age_ms": cfg.max_frame_age_ms,
+                "send_buffer_messages": cfg.send_buffer_messages,
+            },
+        }
+
+    # ---- the process ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start, serve until SIGINT/SIGTERM, stop. A signal during start-up stops at once."""
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(sig: signal.Signals) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second %s: exiting now", sig.name)
+                os._exit(1)
+            log.info("%s: shutting down (again to force)", sig.name)
+            self._stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            starting = asyncio.ensure_future(self.start())
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # a signal during export or warm-up: abandon the start
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                log.info("stopped during start-up")
+                return
+            stopped.cancel()
+            starting.result()  # a start-up error propagates (StartupError, ModelError)
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

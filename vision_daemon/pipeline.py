@@ -1,0 +1,273 @@
+"""The pipeline: stream registry and admission, byte budget, drop policy, and routing of results.
+
+Ingest adapters call `submit(sink, frame, options)`; every submitted frame then ends in exactly
+one result or one drop, routed to its stream's sink (then `sink.frame_done()`), to the /ws hub and
+to the counters. Workers and the scheduler hand their verdicts back on the `Reports` queue, which
+`run()` drains; nothing below the pipeline calls up into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from vision_daemon import protocol as p
+from vision_daemon.config import Config
+from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.metrics import Metrics
+from vision_daemon.outputs import Hub
+from vision_daemon.scheduler import Scheduler
+from vision_daemon.stats import Counts
+from vision_daemon.streams import Job, Outcome, QueueBudget, Report, Reports, Sink, Stream
+
+log = logging.getLogger(__name__)
+
+ERROR_DROP_REASON = {p.E_DETECTOR: "detector_error", p.E_DECODE: "decode_error"}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        reports: Reports,
+        scheduler: Scheduler,
+        hub: Hub,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.reports = reports
+        self.scheduler = scheduler
+        self.hub = hub
+        self.metrics = metrics
+        self.clock = clock
+        self.streams: dict[str, Stream] = {}
+        self._owned: dict[Sink, dict[str, Stream]] = {}
+        self.budget = QueueBudget(config.max_queued_mb * 2**20)
+        self.totals = Counts(config.stats_window_s)
+        self.errors: Counter[str] = Counter()  # protocol errors by code
+        self.streams_evicted = 0  # detached streams removed early to make room for new ones
+        self.last_latency_ms: float | None = None
+        self._log_limit = RateLimiter()
+
+    # ---- admission ----------------------------------------------------------------------------
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+        self.metrics.errors.labels(code).inc()
+        if code == p.E_UNAUTHORIZED:
+            self.metrics.auth_failures.labels("tcp").inc()
+
+    def refuse_message(self, exc: p.ProtocolError) -> None:
+        """A refused message is counted; if it was meant as a frame, also as a dropped frame."""
+        self.count_error(exc.code)
+        if exc.frame_id is not None or exc.code in (p.E_INVALID, p.E_BAD_STREAM_NAME):
+            self.totals.on_received(self.clock())
+            self.totals.on_dropped("invalid")
+            self.metrics.on_dropped(None, "invalid")
+
+    def _stream_for(self, sink: Sink, name: str, options: p.StreamOptions) -> Stream | str:
+        owned = self._owned.setdefault(sink, {})
+        stream = owned.get(name)
+        if stream is not None:
+            return stream
+        cfg = self.config
+        existing = self.streams.get(name)
+        if existing is not None and existing.detached_at is None:
+            return f"stream {name!r} is in use by another connection ({existing.peer})"
+        if len(owned) >= cfg.max_streams_per_connection:
+            return f"max_streams_per_connection={cfg.max_streams_per_connection} reached"
+        if existing is None and len(self.streams) >= cfg.max_streams and not self._evict_one():
+            return f"max_streams={cfg.max_streams} reached"
+        if existing is not None:  # a camera reconnecting: counters carry on
+            existing.sink, existing.detached_at, existing.options = sink, None, options
+            stream = existing
+        else:
+            stream = Stream(name, options, cfg.queue_depth, cfg.stats_window_s, self.budget, sink)
+            stream.metric_label = self.metrics.label_for(name)
+            self.streams[name] = stream
+            log_limited(
+                log,
+                self._log_limit,
+                _host(sink.peer),
+                self.clock(),
+                logging.INFO,
+                "stream %s opened by %s (%s)",
+                name,
+                sink.peer,
+                options,
+            )
+        owned[name] = stream
+        return stream
+
+    def _evict_one(self) -> bool:
+        """Make room for a new stream: the detached stream that left first goes (counted)."""
+        idle = [
+            s
+            for s in self.streams.values()
+            if s.detached_at is not None and s.in_flight == 0 and not s.queue
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.detached_at or 0.0)
+        self._remove(oldest)
+        self.streams_evicted += 1
+        return True
+
+    def _remove(self, stream: Stream) -> None:
+        del self.streams[stream.name]
+        self.metrics.release(stream.metric_label)
+
+    def submit(self, sink: Sink, frame: p.Frame, options: p.StreamOptions) -> None:
+        """Take one frame from an ingest; it ends later in exactly one result or drop."""
+        now = self.clock()
+        stream = self._stream_for(sink, frame.stream_name, options)
+        if isinstance(stream, str):
+            self.totals.on_received(now)
+            self.count_error(p.E_LIMIT)
+            sink.error(p.E_LIMIT, f"stream refused: {stream}", frame.frame_id)
+            self._count_drop(None, "refused")
+            sink.dropped(frame.stream_name, frame.frame_id, "refused")
+            sink.frame_done()
+            return
+        self.totals.on_received(now)
+        self.metrics.on_received(stream.metric_label)
+        job = Job(frame, stream, sink, now)
+        reason = stream.admit(now)
+        if reason is not None:
+            self.drop(job, reason)
+            return
+        evicted = stream.push(job)
+        if evicted is not None:
+            self.drop(evicted, "queue_full")
+        while self.budget.over():
+            # Past max_queued_mb the stream holding the most queued bytes loses its oldest frame:
+            # a peer sending huge frames pays for them, cameras with normal frames do not.
+            hog = max(self.streams.values(), key=lambda s: s.queued_bytes)
+            self.drop(hog.pop(), "memory_limit")
+        self.scheduler.notify(stream)
+
+    def detach(self, sink: Sink) -> None:
+        """The sink closed: its queued frames drop as disconnected; streams stay for a grace."""
+        now = self.clock()
+        for stream in self._owned.pop(sink, {}).values():
+            while stream.queue:
+                self.drop(stream.pop(), "disconnected")
+            stream.detached_at = now
+
+    def drop_queued(self, reason: str) -> None:
+        for stream in self.streams.values():
+            while stream.queue:
+                self.drop(stream.pop(), reason)
+
+    # ---- routing ------------------------------------------------------------------------------
+    def _count_drop(self, stream: Stream | None, reason: str) -> None:
+        self.totals.on_dropped(reason)
+        if stream is not None:
+            stream.counts.on_dropped(reason)
+        self.metrics.on_dropped(stream.metric_label if stream else None, reason)
+
+    def drop(self, job: Job, reason: str) -> None:
+        self._count_drop(job.stream, reason)
+        try:
+            job.sink.dropped(job.stream.name, job.frame.frame_id, reason)
+        finally:
+            job.sink.frame_done()
+
+    def complete(self, job: Job, outcome: Outcome) -> None:
+        frame = job.frame
+        if outcome.error is not None:
+            self.count_error(outcome.error)
+            job.sink.error(outcome.error, outcome.message, frame.frame_id)
+            self.drop(job, ERROR_DROP_REASON.get(outcome.error, "invalid"))
+            return
+        now = self.clock()
+        timings = dict(outcome.timings)
+        timings["queue_ms"] = (job.taken_at - job.received_at) * 1000
+        timings["total_ms"] = (now - job.received_at) * 1000
+        self.last_latency_ms = timings["total_ms"]
+        job.stream.counts.on_processed(now, timings)
+        self.totals.on_processed(now, timings)
+        self.metrics.on_processed(job.stream.metric_label, timings)
+        msg = {
+            "type": "result",
+            "stream_name": frame.stream_name,
+            "frame_id": frame.frame_id,
+            "detections": outcome.detections or [],
+            "latency_ms": round(timings["total_ms"], 3),
+            "timestamp": frame.timestamp,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        try:
+            if not job.sink.result(p.pack(msg)):
+                job.stream.counts.results_dropped += 1
+                self.totals.results_dropped += 1
+                self.metrics.results_dropped.inc()
+            if self.hub.subscribers:  # encoded once for every subscriber
+                self.hub.publish(frame.stream_name, json.dumps(msg, allow_nan=False), now)
+        finally:
+            job.sink.frame_done()
+
+    def _route(self, report: Report) -> None:
+        job = report.job
+        try:
+            if report.outcome is not None:
+                self.complete(job, report.outcome)
+            else:
+                self.drop(job, report.dropped or "internal_error")
+        except Exception:  # a sink or an output failing must not stop routing for the others
+            log_limited(
+                log,
+                self._log_limit,
+                "route",
+                self.clock(),
+                logging.ERROR,
+                "routing a result of stream %s failed",
+                job.stream.name,
+                exc_info=True,
+            )
+        finally:
+            if report.taken:
+                self.scheduler.done(job)
+
+    def drain(self) -> int:
+        """Route every verdict waiting on the reports queue now; returns how many."""
+        items = self.reports.take_all()
+        for report in items:
+            self._route(report)
+        return len(items)
+
+    def expire(self) -> None:
+        """Streams whose sink closed leave after stream_grace_s."""
+        now = self.clock()
+        grace = self.config.stream_grace_s
+        for s in list(self.streams.values()):
+            if s.detached_at is not None and s.in_flight == 0 and now - s.detached_at >= grace:
+                self._remove(s)
+
+    async def run(self) -> None:
+        """Route verdicts as they come; once a second, expire streams past their grace."""
+        next_expiry = self.clock() + 1.0
+        while True:
+            try:
+                await asyncio.wait_for(self.reports.wait(), max(0.0, next_expiry - self.clock()))
+            except TimeoutError:
+                pass
+            self.drain()
+            if self.clock() >= next_expiry:
+                self.expire()
+                next_expiry = self.clock() + min(1.0, self.config.stream_grace_s)
+
+    def queued(self) -> int:
+        return sum(len(s.queue) for s in self.streams.values())
+
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.streams.values())
+
+
+def _host(peer: str) -> str:
+    """The address part of host:port, the key for per-peer log rate limits."""
+    return peer.rsplit(":", 1)[0]

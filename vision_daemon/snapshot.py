@@ -1,0 +1,225 @@
+"""One typed stats snapshot, built from the components at most once a second, off the request path.
+
+`/stats`, `/streams/{name}`, `/ready` and `/metrics` all read the latest snapshot; a flood of
+scrapes costs one build a second. The pipeline's pending verdicts are routed first, so the
+snapshot's accounting is exact at the instant it is taken:
+received = processed + dropped by reason + queued + in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+from pydantic import BaseModel, Field
+
+from vision_daemon import __version__
+from vision_daemon.detectors import ModelInfo
+from vision_daemon.ingest.tcp import TcpIngest
+from vision_daemon.outputs import Hub
+from vision_daemon.pipeline import Pipeline
+from vision_daemon.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class Percentiles(BaseModel):
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+
+
+class Latency(BaseModel):
+    queue: Percentiles = Field(description="time from receipt until a worker took the frame")
+    decode: Percentiles
+    infer: Percentiles = Field(description="detector call (for the whole batch)")
+    total: Percentiles = Field(description="receipt to result queued for sending")
+
+
+class FrameCounts(BaseModel):
+    received: int
+    processed: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    results_dropped: int = Field(description="processed, but the client's send buffer was full")
+    received_fps: float = Field(description="over the last stats_window_s")
+    processed_fps: float
+    latency_ms: Latency
+
+
+class StreamOptionsModel(BaseModel):
+    skip_frames: int
+    max_fps: float
+
+
+class StreamStats(FrameCounts):
+    name: str
+    peer: str | None
+    connected: bool
+    queue_depth: int
+    in_flight: int
+    last_frame_age_ms: float | None
+    options: StreamOptionsModel
+
+
+class WorkerStatsModel(BaseModel):
+    id: int
+    state: str
+    frames: int
+    batches: int
+    errors: int
+    restarts: int
+    busy_fraction: float
+    busy_for_s: float | None
+
+
+class ModelInfoModel(BaseModel):
+    name: str
+    backend: str
+    device: str
+    imgsz: int
+    classes: int
+    class_names: dict[str, str]
+    warmup_ms: float
+
+
+class Stats(BaseModel):
+    # The seed's flat fields, kept at the top level for existing dashboards.
+    total_frames: int = Field(description="frames received, all streams")
+    processed_frames: int
+    dropped_frames: int
+    last_latency_ms: float | None
+    fps: float = Field(description="processed frames per second over the sliding window")
+    queue_size: int = Field(description="frames waiting in all stream queues")
+    cpu: float = Field(description="system CPU percent")
+    ram: float = Field(description="system memory percent")
+    # Since v1
+    version: str
+    uptime_s: float
+    ready: bool
+    ready_reason: str
+    rss_mb: float
+    model: ModelInfoModel | None
+    workers: list[WorkerStatsModel]
+    workers_busy: int
+    totals: FrameCounts
+    batch_sizes: dict[str, int]
+    mean_batch_size: float | None
+    connections: dict[str, int]
+    errors: dict[str, int] = Field(description="refused messages by protocol error code")
+    ws: dict[str, Any]
+    streams_evicted: int = Field(
+        description="disconnected streams removed before their grace to make room (max_streams)"
+    )
+    streams: dict[str, StreamStats]
+
+
+@dataclass
+class Components:
+    """What a snapshot is built from; the lifecycle fills it in as components start."""
+
+    pipeline: Pipeline
+    hub: Hub
+    ingest: TcpIngest
+    started_at: float
+    ready: Callable[[], tuple[bool, str]]
+    pool: WorkerPool | None = None
+    model_info: ModelInfo | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The data (a dict shaped like `Stats`), the validated model, and its JSON body."""
+
+    data: dict[str, Any]
+    model: Stats
+    body: bytes
+    built_at: float
+
+
+def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
+    """Everything /stats shows, from the live counters at one instant (event loop only)."""
+    c.pipeline.drain()
+    now = time.monotonic()
+    totals = c.pipeline.totals.snapshot(now)
+    pool = c.pool
+    sizes = dict(pool.batch_sizes) if pool else {}
+    calls = sum(sizes.values())
+    ok, reason = c.ready()
+    streams = c.pipeline.streams
+    return {
+        "total_frames": totals["received"],
+        "processed_frames": totals["processed"],
+        "dropped_frames": totals["dropped"],
+        "last_latency_ms": (
+            None if c.pipeline.last_latency_ms is None else round(c.pipeline.last_latency_ms, 2)
+        ),
+        "fps": totals["processed_fps"],
+        "queue_size": c.pipeline.queued(),
+        "cpu": psutil.cpu_percent(None),
+        "ram": psutil.virtual_memory().percent,
+        "version": __version__,
+        "uptime_s": round(now - c.started_at, 1),
+        "ready": ok,
+        "ready_reason": reason,
+        "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+        "model": c.model_info.to_dict() if c.model_info else None,
+        "workers": [w.stats.snapshot(now) for w in pool.workers] if pool else [],
+        "workers_busy": pool.busy() if pool else 0,
+        "totals": totals,
+        "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "mean_batch_size": (
+            round(sum(k * v for k, v in sizes.items()) / calls, 3) if calls else None
+        ),
+        "connections": {
+            "open": len(c.ingest.connections),
+            "pending": len(c.ingest.pending),
+            "total": c.ingest.total,
+            "refused": c.ingest.refused,
+        },
+        "errors": dict(c.pipeline.errors),
+        "ws": c.hub.snapshot(),
+        "streams_evicted": c.pipeline.streams_evicted,
+        "streams": {
+            name: {**s.snapshot(now), "metric_label": s.metric_label}
+            for name, s in sorted(streams.items())
+        },
+    }
+
+
+class SnapshotCache:
+    """Holds the latest snapshot; `refresh` rebuilds it, `run` does so every `interval_s`."""
+
+    def __init__(self, components: Components, interval_s: float = 1.0) -> None:
+        self.components = components
+        self.interval_s = interval_s
+        self._proc = psutil.Process()
+        psutil.cpu_percent(None)  # prime: later calls measure since the previous one
+        self._latest: Snapshot | None = None
+
+    def refresh(self) -> Snapshot:
+        data = build(self.components, self._proc)
+        model = Stats.model_validate(data)
+        snap = Snapshot(data, model, model.model_dump_json().encode(), time.monotonic())
+        self._latest = snap
+        return snap
+
+    def latest(self) -> Snapshot:
+        return self._latest if self._latest is not None else self.refresh()
+
+    def data(self) -> dict[str, Any] | None:
+        return self._latest.data if self._latest is not None else None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception:  # a bug here must not stop the refreshes (nor end the daemon)
+                log.exception("building the stats snapshot failed")
+            await asyncio.sleep(self.interval_s)
