@@ -19,15 +19,8 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.throughput import (
-    VIDEO,
-    add_run_args,
-    drift,
-    emit,
-    load,
-    pct,
-    start_daemon,
-)
+from benchmarks.throughput import VIDEO, add_run_args, emit, load, start_daemon
+from clients.lib import drift, percentiles
 from clients.sources import VideoSource
 from stress.load import encode_frames
 
@@ -104,7 +97,7 @@ def main() -> None:
             "max": max(r["fds"] for r in res),
             "after_clients_closed": result["after_close"]["fds"],
         },
-        "rtt_ms": pct(rtts),
+        "rtt_ms": percentiles(rtts, digits=1),
         "drift": drift(rtts),
         "received": totals["received"],
         "processed": totals["processed"],

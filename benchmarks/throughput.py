@@ -25,6 +25,7 @@ import cv2
 import httpx
 import numpy as np
 
+from clients.lib import drift, percentiles
 from clients.sources import VideoSource
 from stress.load import LoadSpec, encode_frames, run_load
 
@@ -107,25 +108,6 @@ async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[s
     }
 
 
-def pct(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {
-        "p50": round(float(p50), 1),
-        "p95": round(float(p95), 1),
-        "p99": round(float(p99), 1),
-        "max": round(max(values), 1),
-    }
-
-
-def drift(rtts: list[float]) -> float | None:
-    """Median latency of the last third of the run over the first third (in send order)."""
-    third = max(1, len(rtts) // 3)
-    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
-    return round(last / first, 3) if first else None
-
-
 def emit(summary: dict[str, Any], json_out: str | None) -> None:
     """Print the summary; with --json-out also append it as one JSON line."""
     print(json.dumps(summary, indent=2))
@@ -191,7 +173,7 @@ def main() -> None:
         "ceiling_median_ms": round(ceil["median_ms"], 1),
         "daemon_fps": round(fps, 1),
         "ratio": round(fps / ceil["fps"], 3),
-        "rtt_ms": pct(rtts),
+        "rtt_ms": percentiles(rtts, digits=1),
         "rtt_median_minus_bare_ms": round(float(np.median(rtts)) - ceil["median_ms"], 1),
         "drift": drift(rtts),
         "server_ms": {k: v for k, v in totals["latency_ms"].items()},

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,17 +21,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-from clients.client import (
+from clients.client import print_summary, run_source, send_fps, summarize
+from clients.engine import Hooks
+from clients.lib import (
     EXIT_OK,
     EXIT_PROTOCOL,
     EXIT_SOURCE,
-    Hooks,
+    ClientError,
+    add_daemon_args,
     exit_code,
-    print_summary,
-    send_fps,
-    stream,
+    stop_on_signals,
 )
-from clients.lib import ClientError, add_daemon_args
 from clients.sources import SourceError, open_source
 
 PENDING_FRAMES = 256  # frames kept while their result is outstanding; older ones are forgotten
@@ -79,7 +78,9 @@ class Viewer:
         self.written = 0
         self.error = ""
 
-    def on_send(self, frame_id: int, img: np.ndarray) -> None:
+    def on_send(self, frame_id: int, img: np.ndarray | None) -> None:
+        if img is None:
+            return
         self.frames[frame_id] = img
         while len(self.frames) > PENDING_FRAMES:
             self.frames.popitem(last=False)
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.headless and not args.record:
         ap.error("--headless needs --record FILE.mp4 (there is nothing else to show)")
-    # vision-client's streaming loop, with the options it expects but viz does not expose
-    args.encoding, args.no_progress = "jpeg", True
+    args.encoding = "jpeg"  # vision-client's run_source reads it; viz always sends JPEG
     try:
         source = open_source("video", args.source, loop=args.loop)
     except SourceError as exc:
@@ -157,14 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SOURCE
 
     async def run() -> Any:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         viewer = Viewer(args.headless, args.record, send_fps(args, source), stop)
         hooks = Hooks(viewer.on_send, viewer.on_result, viewer.on_dropped)
         try:
-            return await stream(args, source, stop, None, hooks, "vision-viz"), viewer
+            return await run_source(args, source, stop, hooks, "vision-viz"), viewer
         finally:
             viewer.close()
 
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if viewer.error:
         print(f"vision-viz: {viewer.error}", file=sys.stderr)
         return EXIT_SOURCE
-    print_summary(result.summary())
+    print_summary(summarize(result))
     if args.record:
         print(f"recorded {viewer.written} annotated frames to {args.record}")
     return EXIT_PROTOCOL if result.closed_by_server else EXIT_OK

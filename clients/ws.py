@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import collections
 import json
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,14 @@ from rich.table import Table
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from clients.client import EXIT_AUTH, EXIT_OK, EXIT_PROTOCOL, EXIT_UNREACHABLE
-from clients.lib import add_daemon_args
+from clients.lib import (
+    EXIT_AUTH,
+    EXIT_OK,
+    EXIT_PROTOCOL,
+    EXIT_UNREACHABLE,
+    add_daemon_args,
+    stop_on_signals,
+)
 
 WINDOW_S = 5.0  # fps and latency are shown over the last few seconds
 
@@ -154,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--every must be >= 1 and --max-fps >= 0")
 
     async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await watch(args, stop, Console())
+        return await watch(args, stop_on_signals(), Console())
 
     return asyncio.run(run())
 
