@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,20 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, 
     return proc, tcp, api
 
 
+def drive_daemon(
+    args: argparse.Namespace, drive: Callable[[int, int], Coroutine[Any, Any, dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start a daemon, run `drive(tcp_port, pid)` against it, read its /stats, stop it."""
+    proc, tcp, api = start_daemon(args)
+    try:
+        result = asyncio.run(drive(tcp, proc.pid))
+        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return result, stats
+
+
 async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
     """vision-stress's simulated cameras (one connection each, absolute schedules spread across
     the period, each starting at a different frame) fed with the ceiling's own JPEGs."""
@@ -146,13 +161,7 @@ def main() -> None:
         f"ceiling: {ceil['fps']:.1f} fps, median {ceil['median_ms']:.1f} ms/frame "
         f"({ceil['frames']} frames, {ceil['backend']})"
     )
-    proc, tcp, api = start_daemon(args)
-    try:
-        result = asyncio.run(load(args, tcp, jpegs))
-        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    result, stats = drive_daemon(args, lambda tcp, _pid: load(args, tcp, jpegs))
     samples = sorted(result["samples"])
     rtts = [r for _, r in samples]
     # throughput over the steady part: skip the first 2 s of ramp

@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--folder", help="folder of images, played in sorted order")
     ap.add_argument("--loop", action="store_true", help="loop a video file or folder")
     add_daemon_args(ap)
+    add_send_args(ap)
+    ap.add_argument("--encoding", choices=["jpeg", "raw"], default="jpeg")
+    ap.add_argument("--results-dir", default="results", help="where <stream>.jsonl is written")
+    ap.add_argument("--no-save", action="store_true", help="do not write results/<stream>.jsonl")
+    ap.add_argument("--bench-out", default=None, help="append one summary row to this CSV file")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return ap
+
+
+def add_send_args(ap: argparse.ArgumentParser) -> None:
+    """--stream, --fps, --duration, --quality, --width, --height: vision-client's and vision-viz's."""
     ap.add_argument("--stream", default=None, help="stream name (default: from the source)")
     ap.add_argument(
         "--fps",
@@ -98,19 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--duration", type=float, default=0.0, help="seconds to stream (0 = until the source ends)"
     )
-    ap.add_argument("--encoding", choices=["jpeg", "raw"], default="jpeg")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100")
     ap.add_argument("--width", type=int, default=0, help="resize frames to this width")
     ap.add_argument("--height", type=int, default=0, help="resize frames to this height")
-    ap.add_argument("--results-dir", default="results", help="where <stream>.jsonl is written")
-    ap.add_argument("--no-save", action="store_true", help="do not write results/<stream>.jsonl")
-    ap.add_argument("--bench-out", default=None, help="append one summary row to this CSV file")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return ap
 
 
-def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_send_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) what add_send_args' flags cannot mean."""
     if args.fps is not None and args.fps <= 0:
         ap.error("--fps must be > 0")
     if args.duration < 0:
@@ -234,7 +240,7 @@ async def amain(args: argparse.Namespace, source: Source, out: TextIO | None) ->
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    _check_args(ap, args)
+    check_send_args(ap, args)
     try:
         source = open_source(args.mode, args.source, args.folder, args.loop)
     except SourceError as exc:

@@ -85,6 +85,11 @@ def add_daemon_args(
     ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
 
 
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The control plane's bearer-token header for --token (none without one)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def pack(msg: dict[str, Any]) -> bytes:
     body: bytes = msgpack.packb(msg, use_bin_type=True)
     return HEADER.pack(len(body)) + body

@@ -21,7 +21,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from clients.client import print_summary, run_source, send_fps, summarize
+from clients.client import (
+    add_send_args,
+    check_send_args,
+    print_summary,
+    run_source,
+    send_fps,
+    summarize,
+)
 from clients.engine import Hooks
 from clients.lib import (
     EXIT_OK,
@@ -127,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--source", default="0", help="camera index, video file or URL (default 0)")
     ap.add_argument("--loop", action="store_true", help="loop a video file")
     add_daemon_args(ap)
-    ap.add_argument("--stream", default=None, help="stream name (default: from the source)")
-    ap.add_argument("--fps", type=float, default=None, help="default: the file's rate, else 10")
-    ap.add_argument("--duration", type=float, default=0.0, help="seconds (0 = until the end)")
-    ap.add_argument("--quality", type=int, default=90)
-    ap.add_argument("--width", type=int, default=0)
-    ap.add_argument("--height", type=int, default=0)
+    add_send_args(ap)
     ap.add_argument("--headless", action="store_true", help="no window (use with --record)")
     ap.add_argument("--record", default=None, help="write the annotated video to this .mp4")
     return ap
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    check_send_args(ap, args)
     if args.headless and not args.record:
         ap.error("--headless needs --record FILE.mp4 (there is nothing else to show)")
     args.encoding = "jpeg"  # vision-client's run_source reads it; viz always sends JPEG

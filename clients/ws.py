@@ -31,6 +31,7 @@ from clients.lib import (
     EXIT_PROTOCOL,
     EXIT_UNREACHABLE,
     add_daemon_args,
+    auth_headers,
     stop_on_signals,
 )
 
@@ -96,13 +97,14 @@ def url(args: argparse.Namespace) -> str:
 
 
 async def watch(args: argparse.Namespace, stop: asyncio.Event, console: Console) -> int:
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     views: dict[str, StreamView] = {}
     live = None if args.json or not console.is_terminal else Live(console=console, transient=False)
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        async with connect(url(args), additional_headers=headers, open_timeout=10) as ws:
+        async with connect(
+            url(args), additional_headers=auth_headers(args.token), open_timeout=10
+        ) as ws:
             if live:
                 live.start()
             while not stop.is_set():

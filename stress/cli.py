@@ -30,6 +30,7 @@ from clients.lib import (
     EXIT_SOURCE,
     ClientError,
     add_daemon_args,
+    auth_headers,
     exit_code,
     percentiles,
 )
@@ -119,9 +120,8 @@ class LiveView:
         if not self.args.api_port:
             self.stats_error = "/stats polling off (--api-port 0)"
             return
-        headers = {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
         url = f"http://{self.args.host}:{self.args.api_port}/stats"
-        async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
+        async with httpx.AsyncClient(timeout=2.0, headers=auth_headers(self.args.token)) as http:
             while True:
                 try:
                     r = await http.get(url)
