@@ -16,18 +16,10 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
 import psutil
 
-from benchmarks.throughput import (
-    VIDEO,
-    add_run_args,
-    drift,
-    emit,
-    load,
-    pct,
-    start_daemon,
-)
+from benchmarks.throughput import VIDEO, add_run_args, drive_daemon, emit, load
+from clients.lib import drift, percentiles
 from clients.sources import VideoSource
 from stress.load import encode_frames
 
@@ -73,13 +65,7 @@ def main() -> None:
     args.max_batch, args.daemon_args = 1, []
 
     jpegs = encode_frames(VideoSource(str(VIDEO)), quality=90)
-    proc, tcp, api = start_daemon(args)
-    try:
-        result = asyncio.run(soak(args, tcp, proc.pid, jpegs))
-        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    result, stats = drive_daemon(args, lambda tcp, pid: soak(args, tcp, pid, jpegs))
     res = result["resources"]
     base = next((r for r in res if r["t"] >= args.warmup_s), res[0])
     end = res[-1]
@@ -104,7 +90,7 @@ def main() -> None:
             "max": max(r["fds"] for r in res),
             "after_clients_closed": result["after_close"]["fds"],
         },
-        "rtt_ms": pct(rtts),
+        "rtt_ms": percentiles(rtts, digits=1),
         "drift": drift(rtts),
         "received": totals["received"],
         "processed": totals["processed"],

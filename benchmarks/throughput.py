@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import cv2
 import httpx
 import numpy as np
 
+from clients.lib import drift, percentiles
 from clients.sources import VideoSource
 from stress.load import LoadSpec, encode_frames, run_load
 
@@ -96,6 +98,20 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, 
     return proc, tcp, api
 
 
+def drive_daemon(
+    args: argparse.Namespace, drive: Callable[[int, int], Coroutine[Any, Any, dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start a daemon, run `drive(tcp_port, pid)` against it, read its /stats, stop it."""
+    proc, tcp, api = start_daemon(args)
+    try:
+        result = asyncio.run(drive(tcp, proc.pid))
+        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return result, stats
+
+
 async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
     """vision-stress's simulated cameras (one connection each, absolute schedules spread across
     the period, each starting at a different frame) fed with the ceiling's own JPEGs."""
@@ -105,25 +121,6 @@ async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[s
         "samples": [(t, rtt) for r in results for _, t, rtt in r.samples],  # (send time, rtt ms)
         "sent": sum(r.sent for r in results),
     }
-
-
-def pct(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {
-        "p50": round(float(p50), 1),
-        "p95": round(float(p95), 1),
-        "p99": round(float(p99), 1),
-        "max": round(max(values), 1),
-    }
-
-
-def drift(rtts: list[float]) -> float | None:
-    """Median latency of the last third of the run over the first third (in send order)."""
-    third = max(1, len(rtts) // 3)
-    first, last = float(np.median(rtts[:third])), float(np.median(rtts[-third:]))
-    return round(last / first, 3) if first else None
 
 
 def emit(summary: dict[str, Any], json_out: str | None) -> None:
@@ -164,13 +161,7 @@ def main() -> None:
         f"ceiling: {ceil['fps']:.1f} fps, median {ceil['median_ms']:.1f} ms/frame "
         f"({ceil['frames']} frames, {ceil['backend']})"
     )
-    proc, tcp, api = start_daemon(args)
-    try:
-        result = asyncio.run(load(args, tcp, jpegs))
-        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    result, stats = drive_daemon(args, lambda tcp, _pid: load(args, tcp, jpegs))
     samples = sorted(result["samples"])
     rtts = [r for _, r in samples]
     # throughput over the steady part: skip the first 2 s of ramp
@@ -191,7 +182,7 @@ def main() -> None:
         "ceiling_median_ms": round(ceil["median_ms"], 1),
         "daemon_fps": round(fps, 1),
         "ratio": round(fps / ceil["fps"], 3),
-        "rtt_ms": pct(rtts),
+        "rtt_ms": percentiles(rtts, digits=1),
         "rtt_median_minus_bare_ms": round(float(np.median(rtts)) - ceil["median_ms"], 1),
         "drift": drift(rtts),
         "server_ms": {k: v for k, v in totals["latency_ms"].items()},

@@ -1,17 +1,27 @@
-"""Async client library for the vision-daemon data plane (clients, stress tool and tests use it)."""
+"""Async client library for the vision-daemon data plane (clients, stress tool and tests use it).
+
+Also what every program reports the same way: exit codes, the stop-on-signal helper, latency
+percentiles and drift. The streaming engine built on it is `clients.engine`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgpack
+import numpy as np
 
 HEADER = struct.Struct(">I")
+
+# The documented exit codes of vision-client, vision-viz, vision-ws and vision-stress.
+EXIT_OK, EXIT_SLO, EXIT_USAGE, EXIT_SOURCE = 0, 1, 2, 3
+EXIT_UNREACHABLE, EXIT_AUTH, EXIT_PROTOCOL = 4, 5, 6
 
 
 class ClientError(Exception):
@@ -25,6 +35,44 @@ class ClientError(Exception):
         self.kind = kind
 
 
+def exit_code(exc: ClientError) -> int:
+    """The documented exit code for a client failure (shared by every program)."""
+    codes = {"unauthorized": EXIT_AUTH, "unreachable": EXIT_UNREACHABLE}
+    return codes.get(exc.kind, EXIT_PROTOCOL)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGINT and SIGTERM set: Ctrl-C ends a run, which still reports (call in a loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def percentiles(values: Sequence[float], digits: int = 3) -> dict[str, float]:
+    """mean, p50, p95, p99 and max of a list, rounded to `digits` (zeros when it is empty)."""
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    figures = {"mean": arr.mean(), "p50": p50, "p95": p95, "p99": p99, "max": arr.max()}
+    return {k: round(float(v), digits) for k, v in figures.items()}
+
+
+def drift(rtts: Sequence[float]) -> float | None:
+    """Median round trip of the last third over the first third, `rtts` in send order.
+
+    The one definition every program reports; None with fewer than 3 results per third, or
+    when the first third's median is 0.
+    """
+    third = len(rtts) // 3
+    if third < 3:
+        return None
+    first = float(np.median(rtts[:third]))
+    return round(float(np.median(rtts[-third:])) / first, 3) if first > 0 else None
+
+
 def add_daemon_args(
     ap: argparse.ArgumentParser, *, tcp: bool = True, api: str | None = None
 ) -> None:
@@ -35,6 +83,11 @@ def add_daemon_args(
     if api is not None:
         ap.add_argument("--api-port", type=int, default=8000, help=api)
     ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The control plane's bearer-token header for --token (none without one)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def pack(msg: dict[str, Any]) -> bytes:

@@ -1,4 +1,4 @@
-"""Frame sources (synthetic, camera/file/URL, folder), encoding, pacing and latency summaries.
+"""Frame sources (synthetic, camera/file/URL, folder), encoding and pacing.
 
 Shared by vision-client, vision-viz and vision-stress so every program paces and measures the
 same way.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,12 +200,22 @@ class Pacer:
     Sending never drifts (each slot is computed from the start, not from the last send) and never
     accumulates delay: when the sender falls a whole slot behind, the missed slots are skipped and
     counted rather than sent late in a burst. With `end` (a monotonic time), the schedule ends at
-    the first slot due at or after it.
+    the first slot due at or after it. `clock` and `sleep` are injectable for tests.
     """
 
-    def __init__(self, fps: float, start: float | None = None, end: float | None = None) -> None:
+    def __init__(
+        self,
+        fps: float,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.clock = clock
+        self.sleep = sleep
         self.period = 1.0 / fps if fps > 0 else 0.0
-        self.start = time.monotonic() if start is None else start
+        self.start = clock() if start is None else start
         self.end = end
         self.slot = 0
         self.skipped = 0
@@ -215,7 +226,7 @@ class Pacer:
         if self.period == 0:
             self.slot += 1
             return 0
-        now = time.monotonic()
+        now = self.clock()
         behind = math.floor((now - self.start) / self.period)
         missed = 0
         if behind > self.slot:  # a whole slot late: jump to the current one
@@ -226,24 +237,9 @@ class Pacer:
         if self.end is not None and due >= self.end:
             return None
         if due > now:
-            await asyncio.sleep(due - now)
+            await self.sleep(due - now)
         self.slot += 1
         return missed
 
     def due_time(self, slot: int) -> float:
         return self.start + slot * self.period
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """mean, p50, p95, p99 and max of a list (zeros when it is empty)."""
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
-    arr = np.asarray(values, dtype=np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {
-        "mean": round(float(arr.mean()), 3),
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(arr.max()), 3),
-    }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,23 @@ import cv2
 import numpy as np
 
 from clients.client import (
+    add_send_args,
+    check_send_args,
+    print_summary,
+    run_source,
+    send_fps,
+    summarize,
+)
+from clients.engine import Hooks
+from clients.lib import (
     EXIT_OK,
     EXIT_PROTOCOL,
     EXIT_SOURCE,
-    Hooks,
+    ClientError,
+    add_daemon_args,
     exit_code,
-    print_summary,
-    send_fps,
-    stream,
+    stop_on_signals,
 )
-from clients.lib import ClientError, add_daemon_args
 from clients.sources import SourceError, open_source
 
 PENDING_FRAMES = 256  # frames kept while their result is outstanding; older ones are forgotten
@@ -79,7 +85,9 @@ class Viewer:
         self.written = 0
         self.error = ""
 
-    def on_send(self, frame_id: int, img: np.ndarray) -> None:
+    def on_send(self, frame_id: int, img: np.ndarray | None) -> None:
+        if img is None:
+            return
         self.frames[frame_id] = img
         while len(self.frames) > PENDING_FRAMES:
             self.frames.popitem(last=False)
@@ -126,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--source", default="0", help="camera index, video file or URL (default 0)")
     ap.add_argument("--loop", action="store_true", help="loop a video file")
     add_daemon_args(ap)
-    ap.add_argument("--stream", default=None, help="stream name (default: from the source)")
-    ap.add_argument("--fps", type=float, default=None, help="default: the file's rate, else 10")
-    ap.add_argument("--duration", type=float, default=0.0, help="seconds (0 = until the end)")
-    ap.add_argument("--quality", type=int, default=90)
-    ap.add_argument("--width", type=int, default=0)
-    ap.add_argument("--height", type=int, default=0)
+    add_send_args(ap)
     ap.add_argument("--headless", action="store_true", help="no window (use with --record)")
     ap.add_argument("--record", default=None, help="write the annotated video to this .mp4")
     return ap
@@ -140,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    check_send_args(ap, args)
     if args.headless and not args.record:
         ap.error("--headless needs --record FILE.mp4 (there is nothing else to show)")
-    # vision-client's streaming loop, with the options it expects but viz does not expose
-    args.encoding, args.no_progress = "jpeg", True
+    args.encoding = "jpeg"  # vision-client's run_source reads it; viz always sends JPEG
     try:
         source = open_source("video", args.source, loop=args.loop)
     except SourceError as exc:
@@ -157,14 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SOURCE
 
     async def run() -> Any:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         viewer = Viewer(args.headless, args.record, send_fps(args, source), stop)
         hooks = Hooks(viewer.on_send, viewer.on_result, viewer.on_dropped)
         try:
-            return await stream(args, source, stop, None, hooks, "vision-viz"), viewer
+            return await run_source(args, source, stop, hooks, "vision-viz"), viewer
         finally:
             viewer.close()
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if viewer.error:
         print(f"vision-viz: {viewer.error}", file=sys.stderr)
         return EXIT_SOURCE
-    print_summary(result.summary())
+    print_summary(summarize(result))
     if args.record:
         print(f"recorded {viewer.written} annotated frames to {args.record}")
     return EXIT_PROTOCOL if result.closed_by_server else EXIT_OK

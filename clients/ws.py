@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import collections
 import json
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,15 @@ from rich.table import Table
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from clients.client import EXIT_AUTH, EXIT_OK, EXIT_PROTOCOL, EXIT_UNREACHABLE
-from clients.lib import add_daemon_args
+from clients.lib import (
+    EXIT_AUTH,
+    EXIT_OK,
+    EXIT_PROTOCOL,
+    EXIT_UNREACHABLE,
+    add_daemon_args,
+    auth_headers,
+    stop_on_signals,
+)
 
 WINDOW_S = 5.0  # fps and latency are shown over the last few seconds
 
@@ -91,13 +97,14 @@ def url(args: argparse.Namespace) -> str:
 
 
 async def watch(args: argparse.Namespace, stop: asyncio.Event, console: Console) -> int:
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     views: dict[str, StreamView] = {}
     live = None if args.json or not console.is_terminal else Live(console=console, transient=False)
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        async with connect(url(args), additional_headers=headers, open_timeout=10) as ws:
+        async with connect(
+            url(args), additional_headers=auth_headers(args.token), open_timeout=10
+        ) as ws:
             if live:
                 live.start()
             while not stop.is_set():
@@ -154,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--every must be >= 1 and --max-fps >= 0")
 
     async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await watch(args, stop, Console())
+        return await watch(args, stop_on_signals(), Console())
 
     return asyncio.run(run())
 

@@ -19,18 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from clients.client import exit_code
-from clients.lib import ClientError, add_daemon_args
+from clients.engine import Tally
+from clients.lib import (
+    EXIT_OK,
+    EXIT_SLO,
+    EXIT_SOURCE,
+    ClientError,
+    add_daemon_args,
+    auth_headers,
+    exit_code,
+    percentiles,
+)
 from clients.sources import SourceError
-from stress.load import LoadSpec, StreamResult, run_load, source_label
+from stress.load import LoadSpec, run_load, source_label
 from stress.report import summarize, table, write_all
-
-EXIT_OK, EXIT_SLO, EXIT_SOURCE = 0, 1, 3  # and exit_code(): 4 unreachable, 5 token, 6 protocol
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +87,7 @@ class LiveView:
         for col in ("stream", "sent", "results", "drops", "errors", "last ms", "recent p95"):
             t.add_column(col, justify="left" if col == "stream" else "right")
         for name, p in sorted(self.progress.items(), key=lambda kv: kv[0]):
-            recent = p.get("recent") or [0.0]
+            recent = percentiles(p.get("recent") or [])
             t.add_row(
                 name,
                 str(p["sent"]),
@@ -89,7 +95,7 @@ class LiveView:
                 str(p["dropped"]),
                 str(p["errors"]),
                 f"{p['last_rtt_ms']:.0f}",
-                f"{float(np.percentile(recent, 95)):.0f}",
+                f"{recent['p95']:.0f}",
             )
         return Group(t, self.daemon_table())
 
@@ -114,9 +120,8 @@ class LiveView:
         if not self.args.api_port:
             self.stats_error = "/stats polling off (--api-port 0)"
             return
-        headers = {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
         url = f"http://{self.args.host}:{self.args.api_port}/stats"
-        async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
+        async with httpx.AsyncClient(timeout=2.0, headers=auth_headers(self.args.token)) as http:
             while True:
                 try:
                     r = await http.get(url)
@@ -131,7 +136,7 @@ class LiveView:
 
 async def one_run(
     args: argparse.Namespace, streams: int, console: Console, title: str
-) -> tuple[list[StreamResult], dict[str, Any] | None]:
+) -> tuple[list[Tally], dict[str, Any] | None]:
     spec = spec_from(args)
     view = LiveView(args, console, title)
     poller = asyncio.create_task(view.poll())

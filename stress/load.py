@@ -1,8 +1,9 @@
 """Simulated cameras: N streams from one asyncio process (or K processes), each on its own schedule.
 
 Each stream is one TCP connection (as a camera would be) that sends pre-encoded frames on an
-absolute schedule and reads its results concurrently. Everything is timed on this machine's
-monotonic clock, relative to one shared start time.
+absolute schedule and reads its results concurrently: the client engine (clients.engine) with a
+`LoopFeed`. Everything is timed on this machine's monotonic clock, relative to one shared start
+time.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import asyncio
 import multiprocessing as mp
 import queue as queue_mod
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 
-from clients.lib import DaemonClient, frame_message
+from clients.engine import Endpoint, LoopFeed, Tally, stream
 from clients.sources import Pacer, Source, encode, open_source
 
 MAX_FRAMES = 300  # frames pre-encoded per source; streams loop over them
@@ -38,33 +38,6 @@ class LoadSpec:
     path: str | None
     quality: int = 85
     prefix: str = "stress"
-
-
-@dataclass
-class StreamResult:
-    """One simulated camera's run."""
-
-    name: str
-    sent: int = 0
-    results: int = 0
-    errors: int = 0
-    drops: Counter[str] = field(default_factory=Counter)
-    samples: list[tuple[int, float, float]] = field(default_factory=list)  # frame_id, t, rtt ms
-    drop_times: list[float] = field(default_factory=list)
-    skipped_slots: int = 0
-    late_sends: int = 0  # sent more than half a period after the slot was due
-    closed_by_server: str = ""
-
-    def progress(self) -> dict[str, Any]:
-        recent = [rtt for _, _, rtt in self.samples[-50:]]
-        return {
-            "sent": self.sent,
-            "results": self.results,
-            "dropped": sum(self.drops.values()),
-            "errors": self.errors,
-            "last_rtt_ms": recent[-1] if recent else 0.0,
-            "recent": recent,
-        }
 
 
 def encode_frames(src: Source, quality: int) -> list[bytes]:
@@ -87,65 +60,14 @@ def load_frames(spec: LoadSpec) -> list[bytes]:
 
 
 async def run_stream(
-    spec: LoadSpec, index: int, count: int, frames: list[bytes], start: float, res: StreamResult
+    spec: LoadSpec, index: int, count: int, frames: list[bytes], start: float, tally: Tally
 ) -> None:
-    client = await DaemonClient.connect(
-        spec.host, spec.port, token=spec.token, client_name="vision-stress", dropped_notices=True
-    )
-    sent_at: dict[int, float] = {}
-    done = asyncio.Event()
-
-    async def reader() -> None:
-        async for msg in client.messages():
-            now = time.monotonic()
-            kind = msg.get("type")
-            if kind == "result":
-                t = sent_at.pop(msg.get("frame_id", -1), None)
-                res.results += 1
-                if t is not None:
-                    res.samples.append((int(msg["frame_id"]), t - start, (now - t) * 1000))
-            elif kind == "dropped":
-                sent_at.pop(msg.get("frame_id", -1), None)
-                res.drops[str(msg.get("reason"))] += 1
-                res.drop_times.append(now - start)
-            elif kind == "error":
-                res.errors += 1
-                res.closed_by_server = f"{msg.get('code')}: {msg.get('message')}"
-            elif kind == "bye":
-                break
-        done.set()
-
-    rtask = asyncio.create_task(reader())
-    # Spread the streams' sends across one period, and start each at a different frame.
+    """One simulated camera through the client engine, its sends spread across one period and
+    starting at a different frame from the others."""
     pacer = Pacer(spec.fps, start + index / (spec.fps * max(1, count)), start + spec.duration)
-    offset = index * len(frames) // max(1, count)
-    try:
-        while not done.is_set():
-            if await pacer.wait() is None:
-                break
-            slot = pacer.slot - 1
-            now = time.monotonic()
-            if now - pacer.due_time(slot) > pacer.period / 2:
-                res.late_sends += 1
-            sent_at[res.sent] = now
-            client.send_nowait(
-                frame_message(res.name, res.sent, frames[(offset + slot) % len(frames)])
-            )
-            res.sent += 1
-            await client.writer.drain()
-        res.skipped_slots = pacer.skipped
-        if not done.is_set():
-            await client.send({"type": "bye"})
-            try:
-                await asyncio.wait_for(done.wait(), 15)
-            except TimeoutError:
-                pass
-    except ConnectionError as exc:
-        res.closed_by_server = res.closed_by_server or f"connection lost: {exc}"
-    finally:
-        rtask.cancel()
-        await asyncio.gather(rtask, return_exceptions=True)
-        await client.close()
+    feed = LoopFeed(frames, offset=index * len(frames) // max(1, count))
+    endpoint = Endpoint(spec.host, spec.port, spec.token, "vision-stress")
+    await stream(endpoint, tally, feed, pacer, start=start)
 
 
 async def run_group(
@@ -155,11 +77,11 @@ async def run_group(
     start_wall: float,
     on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
     frames: list[bytes] | None = None,
-) -> list[StreamResult]:
+) -> list[Tally]:
     """Run some of the streams; `start_wall` (time.time) aligns groups across processes."""
     frames = frames or load_frames(spec)
     start = time.monotonic() + (start_wall - time.time())
-    results = [StreamResult(f"{spec.prefix}{i}") for i in indices]
+    results = [Tally(f"{spec.prefix}{i}") for i in indices]
     tasks = [
         asyncio.create_task(run_stream(spec, i, count, frames, start, r))
         for i, r in zip(indices, results, strict=True)
@@ -200,7 +122,7 @@ async def run_load(
     procs: int,
     on_progress: Callable[[dict[str, dict[str, Any]]], None],
     frames: list[bytes] | None = None,
-) -> list[StreamResult]:
+) -> list[Tally]:
     """All streams, in this process (procs=1) or spread round-robin over `procs` processes.
 
     `frames` (pre-encoded JPEGs) replaces the spec's source, in this process only.
@@ -219,7 +141,7 @@ async def run_load(
     ]
     for c in children:
         c.start()
-    results: list[StreamResult] = []
+    results: list[Tally] = []
     merged: dict[str, dict[str, Any]] = {}
     pending = len(children)
     try:

@@ -11,22 +11,17 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from clients.sources import percentiles
-from stress.load import StreamResult
+from clients.engine import Tally
+from clients.lib import drift, percentiles
 
 
-def drift(samples: list[tuple[int, float, float]]) -> float | None:
-    """Median round trip of the last third of results over the first third (by send time)."""
-    rtts = [rtt for _, _, rtt in sorted(samples, key=lambda s: s[1])]
-    third = len(rtts) // 3
-    if third < 3:
-        return None
-    first = float(np.median(rtts[:third]))
-    return round(float(np.median(rtts[-third:])) / first, 3) if first > 0 else None
+def send_order_rtts(samples: list[tuple[int, float, float]]) -> list[float]:
+    """Round trips in the order their frames were sent."""
+    return [rtt for _, _, rtt in sorted(samples, key=lambda s: s[1])]
 
 
 def summarize(
-    results: list[StreamResult], fps: float, duration: float, settle_s: float = 0.0
+    results: list[Tally], fps: float, duration: float, settle_s: float = 0.0
 ) -> dict[str, Any]:
     """Per stream and aggregate figures; latency percentiles skip the first `settle_s` seconds."""
     settle_s = min(settle_s, duration / 4)  # a short run keeps most of its samples
@@ -41,13 +36,13 @@ def summarize(
                 "processed": r.results,
                 "dropped": sum(r.drops.values()),
                 "dropped_by_reason": dict(r.drops),
-                "errors": r.errors,
+                "errors": sum(r.errors.values()),
                 "processed_fps": round(r.results / duration, 2) if duration else 0.0,
                 "rtt_ms": percentiles(steady[r.name]),
-                "drift": drift(r.samples),
+                "drift": drift(send_order_rtts(r.samples)),
                 "skipped_slots": r.skipped_slots,
                 "late_sends": r.late_sends,
-                "closed_by_server": r.closed_by_server,
+                "closed_by_server": r.last_error,  # the daemon's last error, or the lost link
             }
         )
     processed = [r.results for r in results]
@@ -67,11 +62,11 @@ def summarize(
         "dropped": sum(drops.values()),
         "dropped_by_reason": dict(drops),
         "drop_pct": round(100 * sum(drops.values()) / sent, 2) if sent else 0.0,
-        "errors": sum(r.errors for r in results),
+        "errors": sum(sum(r.errors.values()) for r in results),
         "unanswered": sent - sum(processed) - sum(drops.values()),
         "processed_fps": round(sum(processed) / duration, 2) if duration else 0.0,
         "rtt_ms": percentiles([x for rtts in steady.values() for x in rtts]),
-        "drift": drift([s for r in results for s in r.samples]),
+        "drift": drift(send_order_rtts([s for r in results for s in r.samples])),
         "fairness": round(min(processed) / max(processed), 3) if max(processed, default=0) else 0.0,
         # The load generator itself fell behind when it had to skip slots or send late.
         "generator_behind": skipped > 0 or late > 0.05 * max(1, sent),
@@ -82,7 +77,7 @@ def summarize(
     return {"aggregate": aggregate, "streams": streams}
 
 
-def write_samples(path: Path, results: list[StreamResult]) -> None:
+def write_samples(path: Path, results: list[Tally]) -> None:
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["stream", "frame_id", "send_time_s", "latency_ms"])
@@ -91,7 +86,7 @@ def write_samples(path: Path, results: list[StreamResult]) -> None:
                 w.writerow([r.name, frame_id, f"{t:.4f}", f"{rtt:.3f}"])
 
 
-def plot(path: Path, results: list[StreamResult], duration: float, title: str) -> None:
+def plot(path: Path, results: list[Tally], duration: float, title: str) -> None:
     """Latency over time per stream, processed fps over time, drops over time."""
     import matplotlib
 
@@ -129,7 +124,7 @@ def plot(path: Path, results: list[StreamResult], duration: float, title: str) -
     plt.close(fig)
 
 
-def write_all(out: Path, summary: dict[str, Any], results: list[StreamResult], title: str) -> None:
+def write_all(out: Path, summary: dict[str, Any], results: list[Tally], title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_samples(out / "samples.csv", results)

@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from clients.lib import DaemonClient
 from vision_daemon.config import load_config
@@ -113,3 +114,8 @@ def shared_model(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: set VISION_DAEMON_MODEL_DIR to the shared models folder")
     return path
+
+
+# Hypothesis keeps no example database: nothing is written into the checkout.
+hypothesis_settings.register_profile("vision-daemon", database=None)
+hypothesis_settings.load_profile("vision-daemon")
