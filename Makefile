@@ -8,7 +8,7 @@ export VISION_DAEMON_MODEL_DIR ?= $(if $(wildcard ../shared/models),../shared/mo
 # Tests never touch the network; the daemon itself always disables ultralytics' auto-install.
 export YOLO_AUTOINSTALL := False
 
-.PHONY: install run test lint format clean
+.PHONY: install run test test-fast lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,13 +25,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Both tiers: the fast unit tests, then the slow ones (real sockets, models, subprocesses).
 test: lint
 	YOLO_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast tier only: policies with an injected clock, no sockets; seconds in all.
+test-fast: $(STAMP)
+	YOLO_OFFLINE=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

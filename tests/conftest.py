@@ -70,7 +70,13 @@ async def running_daemon(
     factory: Callable[[], Any] | None = None, **overrides: Any
 ) -> AsyncIterator[Daemon]:
     """A started daemon on 127.0.0.1 ephemeral ports; always shut down afterwards."""
-    settings: dict[str, Any] = {"model": "none", "tcp_port": 0, "api_port": 0, "log_dir": ""}
+    settings: dict[str, Any] = {
+        "model": "none",
+        "tcp_port": 0,
+        "api_port": 0,
+        "log_dir": "",
+        "stats_refresh_s": 0.05,
+    }
     settings.update(overrides)
     daemon = Daemon(load_config(overrides=settings, environ={}), factory=factory)
     try:
@@ -119,3 +125,49 @@ def shared_model(name: str) -> Path:
 # Hypothesis keeps no example database: nothing is written into the checkout.
 hypothesis_settings.register_profile("vision-daemon", database=None)
 hypothesis_settings.load_profile("vision-daemon")
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    """A fresh /stats snapshot of the daemon (what the API serves, built now)."""
+    return d.snapshot().data
+
+
+def stream_stats(d: Daemon, name: str) -> dict[str, Any]:
+    """One stream's entry in a fresh snapshot (KeyError if the daemon does not know it)."""
+    return stats(d)["streams"][name]
+
+
+def accounted(d: Daemon) -> bool:
+    """received = processed + dropped by reason + queued + in flight, in total and per stream."""
+    snap = stats(d)
+    t = snap["totals"]
+    queued = sum(s["queue_depth"] for s in snap["streams"].values())
+    flight = sum(s["in_flight"] for s in snap["streams"].values())
+    ok = t["received"] == t["processed"] + sum(t["dropped_by_reason"].values()) + queued + flight
+    return ok and all(
+        s["received"]
+        == s["processed"] + sum(s["dropped_by_reason"].values()) + s["queue_depth"] + s["in_flight"]
+        for s in snap["streams"].values()
+    )
+
+
+def connections(d: Daemon) -> int:
+    """Open TCP connections, authenticated or still pending, in a fresh snapshot."""
+    c = stats(d)["connections"]
+    return int(c["open"] + c["pending"])
+
+
+async def poll_stats(
+    h: Any, cond: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> dict[str, Any]:
+    """GET /stats until `cond` holds (the API serves a snapshot rebuilt every stats_refresh_s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await h.get("/stats")
+        assert r.status_code == 200, r.text
+        s: dict[str, Any] = r.json()
+        if cond(s):
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/stats never met the condition; last: {s}")
+        await asyncio.sleep(0.02)

@@ -9,12 +9,25 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
+from tests.conftest import (
+    SlowDetector,
+    collect,
+    connect,
+    jpeg,
+    poll_stats,
+    run,
+    running_daemon,
+    stats,
+    until,
+)
 from vision_daemon.config import load_config
 from vision_daemon.lifecycle import Daemon
+
+pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
 IMG = jpeg(96, 128)
 
@@ -48,7 +61,7 @@ def test_ready_is_503_while_warming_then_200() -> None:
         try:
             await until(lambda: d.api_port is not None, what="api bound")
             async with http(d) as h:
-                await until(lambda: d._api is not None and d._api.started, what="api started")
+                await until(lambda: d.api_port is not None, what="api listening")
                 assert (await h.get("/health")).status_code == 200
                 r = await h.get("/ready")
                 assert r.status_code == 503 and "warming" in r.json()["reason"]
@@ -75,8 +88,8 @@ def test_stats_streams_and_metrics_agree_with_clients() -> None:
                 await asyncio.sleep(0.02)
             await collect(c, 20)
             async with http(d) as h:
-                s = (await h.get("/stats")).json()
-                assert s["total_frames"] == 20 and s["processed_frames"] == 20
+                s = await poll_stats(h, lambda s: s["processed_frames"] == 20)
+                assert s["total_frames"] == 20
                 assert s["dropped_frames"] == 0 and s["queue_size"] == 0
                 assert s["streams"]["a"]["processed"] == 10 and s["streams"]["b"]["received"] == 10
                 assert s["streams"]["a"]["latency_ms"]["total"]["p50"] is not None
@@ -120,7 +133,7 @@ def test_ws_filters_by_stream_and_a_stalled_subscriber_does_not_slow_ingest() ->
                 websockets.connect(f"{url}?stream=a") as only_a,
                 websockets.connect(url, max_size=2**20) as stalled,
             ):
-                await until(lambda: len(d.hub.subscribers) == 2, what="subscribers")
+                await until(lambda: stats(d)["ws"]["subscribers"] == 2, what="subscribers")
                 c = await connect(d)
                 t0 = time.monotonic()
                 for i in range(200):
@@ -142,7 +155,7 @@ def test_ws_filters_by_stream_and_a_stalled_subscriber_does_not_slow_ingest() ->
                     pass
                 assert seen == {"a"}
                 async with http(d) as h:
-                    ws = (await h.get("/stats")).json()["ws"]
+                    ws = (await poll_stats(h, lambda s: s["ws"]["subscribers"] == 2))["ws"]
                 assert ws["subscribers"] == 2
                 del stalled  # never read: its queue overflowed or the socket buffered it
 
@@ -171,7 +184,9 @@ def test_token_guards_http_and_ws_but_not_health() -> None:
             except websockets.exceptions.InvalidStatus:
                 pass  # refused before the upgrade: also a refusal
             async with websockets.connect(f"{url}?token=tok") as ws:
-                await until(lambda: len(d.hub.subscribers) == 1, what="authorised subscriber")
+                await until(
+                    lambda: stats(d)["ws"]["subscribers"] == 1, what="authorised subscriber"
+                )
 
     run(scenario())
 

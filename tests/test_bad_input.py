@@ -13,7 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.lib import pack
-from tests.conftest import collect, connect, jpeg, run, running_daemon, until
+from tests.conftest import (
+    collect,
+    connect,
+    connections,
+    jpeg,
+    run,
+    running_daemon,
+    stats,
+    stream_stats,
+    until,
+)
 from vision_daemon import protocol as p
 
 IMG = jpeg(64, 64)
@@ -46,6 +56,7 @@ ROWS: list[tuple[str, bytes, str, bool]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "data", "code", "stays_open"), ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_row(case: str, data: bytes, code: str, stays_open: bool) -> None:
     """The bad message gets its documented error; a neighbour connection is not disturbed."""
@@ -58,7 +69,7 @@ def test_bad_input_row(case: str, data: bytes, code: str, stays_open: bool) -> N
             msg = await asyncio.wait_for(bad.recv(), 5)
             assert msg is not None and msg["type"] == "error" and msg["code"] == code, msg
             assert isinstance(msg["message"], str) and msg["message"]
-            assert d.errors[code] >= 1
+            assert stats(d)["errors"].get(code, 0) >= 1
             if stays_open:  # the same connection still works
                 await bad.send_frame("bad-ok", 5, IMG)
                 reply = await asyncio.wait_for(bad.recv(), 5)
@@ -72,6 +83,7 @@ def test_bad_input_row(case: str, data: bytes, code: str, stays_open: bool) -> N
     run(scenario())
 
 
+@pytest.mark.slow
 def test_oversized_image_refused_from_header() -> None:
     """An image whose header declares more pixels than max_image_pixels is refused as image_too_large."""
 
@@ -86,11 +98,12 @@ def test_oversized_image_refused_from_header() -> None:
             await c.send_frame("cam", 2, jpeg(64, 64))  # just at the limit passes
             ok = await collect(c, 1)
             assert ok[0]["type"] == "result"
-            assert d.streams["cam"].counts.dropped["invalid"] == 1
+            assert stream_stats(d, "cam")["dropped_by_reason"]["invalid"] == 1
 
     run(scenario())
 
 
+@pytest.mark.slow
 def test_token_required_refuses_legacy_and_wrong_token() -> None:
     """With auth_token set, a legacy frame or a wrong token gets 'unauthorized' and a close."""
 
@@ -112,6 +125,7 @@ def test_token_required_refuses_legacy_and_wrong_token() -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_stream_limits_refuse_with_error() -> None:
     """A stream over max_streams_per_connection is refused with limit_exceeded, counted as refused."""
 
@@ -123,12 +137,13 @@ def test_stream_limits_refuse_with_error() -> None:
             out = await collect(c, 3)
             errors = [m for m in out if m["type"] == "error"]
             assert len(errors) == 1 and errors[0]["code"] == p.E_LIMIT
-            assert d.totals.dropped["refused"] == 1
-            assert set(d.streams) == {"a", "b"}
+            assert stats(d)["totals"]["dropped_by_reason"]["refused"] == 1
+            assert set(stats(d)["streams"]) == {"a", "b"}
 
     run(scenario())
 
 
+@pytest.mark.slow
 def test_hello_timeout_closes_stalled_connection() -> None:
     """A peer that sends half a length prefix and stalls is closed after hello_timeout_s."""
 
@@ -138,7 +153,10 @@ def test_hello_timeout_closes_stalled_connection() -> None:
             c.writer.write(b"\x00\x00")
             msg = await asyncio.wait_for(c.recv(), 5)
             assert msg is not None and msg["code"] == p.E_HELLO_TIMEOUT
-            await until(lambda: not d.connections, what="connection released")
+            await until(
+                lambda: not connections(d),
+                what="connection released",
+            )
 
     run(scenario())
 

@@ -15,8 +15,21 @@ import numpy as np
 import pytest
 
 from clients.client import CSV_COLUMNS
-from tests.conftest import ROOT, VIDEO, connect, jpeg, run, running_daemon, shared_model, until
+from tests.conftest import (
+    ROOT,
+    VIDEO,
+    connect,
+    jpeg,
+    run,
+    running_daemon,
+    shared_model,
+    stats,
+    stream_stats,
+    until,
+)
 from vision_daemon.lifecycle import Daemon
+
+pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
 BIN = Path(sys.executable).parent
 # The programs import this checkout's packages, not whatever checkout the venv was installed from.
@@ -72,7 +85,7 @@ def test_client_accounts_for_every_frame_and_saves_every_result(tmp_path: Path) 
             sent = summary["frames_sent"]
             assert 0 < sent <= 20 * 5  # never more than the schedule's slots
             assert summary["results"] + summary["server_drops"] + summary["errors"] == sent
-            assert d.streams["pace"].counts.received == sent
+            assert stream_stats(d, "pace")["received"] == sent
             lines = (tmp_path / "results" / "pace.jsonl").read_text().splitlines()
             assert len(lines) == summary["results"]
             results = [json.loads(line) for line in lines]
@@ -147,7 +160,7 @@ def test_client_streams_video_to_a_real_model(tmp_path: Path) -> None:
             assert rc == 0, err
             assert "round trip ms" in out
             results = [json.loads(x) for x in (tmp_path / "vtest.jsonl").open()]
-            assert 0 < len(results) == d.streams["vtest"].counts.processed
+            assert 0 < len(results) == stream_stats(d, "vtest")["processed"]
             labels = {det["label"] for r in results for det in r["detections"]}
             assert "person" in labels
 
@@ -213,7 +226,7 @@ def test_viz_records_boxes_on_the_frame_they_belong_to(tmp_path: Path) -> None:
                 str(video),
             )
             assert rc == 0, err
-            processed = d.streams["vtest"].counts.processed
+            processed = stream_stats(d, "vtest")["processed"]
             assert f"recorded {processed} annotated frames" in out
             return result, processed
 
@@ -245,13 +258,17 @@ def test_ws_viewer_prints_a_row_per_stream_and_filters(tmp_path: Path) -> None:
             lines = asyncio.create_task(
                 program("vision-ws", *api, "--json", "--stream", "a", "--count", "5")
             )
-            await until(lambda: len(d.hub.subscribers) == 2, timeout=30, what="2 subscribers")
+            await until(
+                lambda: stats(d)["ws"]["subscribers"] == 2, timeout=30, what="2 subscribers"
+            )
             c = await connect(d)
             for i in range(6):
                 for name in ("a", "b"):
                     await c.send_frame(name, i, jpeg(64, 80))
                 await until(
-                    lambda i=i: "b" in d.streams and d.streams["b"].counts.processed == i + 1,  # type: ignore[misc]
+                    lambda i=i: (
+                        "b" in stats(d)["streams"] and stream_stats(d, "b")["processed"] == i + 1
+                    ),  # type: ignore[misc]
                     what="frame processed",
                 )
             await c.bye()

@@ -58,6 +58,7 @@ def daemon_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vision_daemon", "--log-dir", "", *args]
 
 
+@pytest.mark.slow
 def test_cli_starts_on_port_zero_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     """The real port is logged; SIGTERM shuts down cleanly with exit status 0."""
     proc = subprocess.Popen(
@@ -81,6 +82,7 @@ def test_cli_starts_on_port_zero_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     assert proc.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_cli_port_in_use_is_one_line_error() -> None:
     """A taken port ends start-up with exit 1 and one line saying what to do, no traceback."""
     with socket.socket() as s:
@@ -98,6 +100,7 @@ def test_cli_port_in_use_is_one_line_error() -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_model_names_what_was_tried(tmp_path: Path) -> None:
     """A model that cannot be found stops start-up (exit 1) naming the paths tried; no fallback."""
     env = {**os.environ, "YOLO_OFFLINE": "1", "VISION_DAEMON_MODEL_DIR": str(tmp_path)}
@@ -113,6 +116,7 @@ def test_cli_missing_model_names_what_was_tried(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_flag_value_exits_2() -> None:
     """A bad flag value is reported in one line with exit status 2."""
     out = subprocess.run(daemon_cmd("--workers", "0"), capture_output=True, text=True, timeout=60)

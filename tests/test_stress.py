@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from clients.lib import drift
-from tests.conftest import VIDEO, SlowDetector, run, running_daemon
+from tests.conftest import VIDEO, SlowDetector, run, running_daemon, stats
 from tests.test_clients import program
 from vision_daemon.lifecycle import Daemon
+
+pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
 
 def ports(d: Daemon) -> list[str]:
@@ -34,7 +36,7 @@ def test_stress_run_writes_summary_samples_and_report(tmp_path: Path) -> None:
             )  # fmt: skip
             assert rc == 0, err
             assert "ALL" in stdout and "load generator" in stdout
-            return {name: s.counts.received for name, s in d.streams.items()}
+            return {name: s["received"] for name, s in stats(d)["streams"].items()}
 
     received = run(scenario())
     summary = json.loads((out / "summary.json").read_text())
@@ -78,7 +80,7 @@ def test_stress_video_source_over_two_processes(tmp_path: Path) -> None:
                 "--source", "video", "--video", str(VIDEO), "--procs", "2", "--out-dir", str(out),
             )  # fmt: skip
             assert rc == 0, err
-            assert sorted(d.streams) == [f"stress{i}" for i in range(4)]
+            assert sorted(stats(d)["streams"]) == [f"stress{i}" for i in range(4)]
 
     run(scenario())
     summary = json.loads((out / "summary.json").read_text())

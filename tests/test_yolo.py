@@ -9,10 +9,12 @@ import cv2
 import pytest
 from ultralytics.utils import ASSETS
 
-from tests.conftest import MODEL_DIR, collect, connect, run, running_daemon, shared_model
+from tests.conftest import MODEL_DIR, collect, connect, run, running_daemon, shared_model, stats
 from vision_daemon.config import load_config
 from vision_daemon.detectors import ModelError
 from vision_daemon.detectors.yolo import YoloFactory, resolve_model
+
+pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
 BUS = (ASSETS / "bus.jpg").read_bytes()
 
@@ -140,8 +142,7 @@ def test_cuda_half_and_cross_stream_batching(tmp_path: Path) -> None:
                     await c.send_frame(f"cam{i}", 0, BUS)
                 for c in clients:
                     assert (await collect(c, 1, timeout=60))[0]["type"] == "result"
-            assert d.pool is not None
-            return dict(d.pool.batch_sizes)
+            return {int(k): v for k, v in stats(d)["batch_sizes"].items()}
 
     sizes = run(scenario())
     assert max(sizes) > 1, sizes

@@ -250,12 +250,15 @@ class Pipeline:
 
     async def run(self) -> None:
         """Route verdicts as they come; once a second, expire streams past their grace."""
+        loop = asyncio.get_running_loop()
         next_expiry = self.clock() + 1.0
         while True:
+            # A re-armed timer handle wakes the loop for expiry (no wait_for task per round).
+            timer = loop.call_later(max(0.0, next_expiry - self.clock()), self.reports.wake)
             try:
-                await asyncio.wait_for(self.reports.wait(), max(0.0, next_expiry - self.clock()))
-            except TimeoutError:
-                pass
+                await self.reports.wait()
+            finally:
+                timer.cancel()
             self.drain()
             if self.clock() >= next_expiry:
                 self.expire()

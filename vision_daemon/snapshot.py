@@ -63,6 +63,7 @@ class StreamStats(FrameCounts):
     peer: str | None
     connected: bool
     queue_depth: int
+    queued_bytes: int
     in_flight: int
     last_frame_age_ms: float | None
     options: StreamOptionsModel
@@ -97,6 +98,7 @@ class Stats(BaseModel):
     last_latency_ms: float | None
     fps: float = Field(description="processed frames per second over the sliding window")
     queue_size: int = Field(description="frames waiting in all stream queues")
+    queued_bytes: int = Field(description="bytes of frames waiting, all streams (max_queued_mb)")
     cpu: float = Field(description="system CPU percent")
     ram: float = Field(description="system memory percent")
     # Since v1
@@ -162,6 +164,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
         ),
         "fps": totals["processed_fps"],
         "queue_size": c.pipeline.queued(),
+        "queued_bytes": c.pipeline.budget.used,
         "cpu": psutil.cpu_percent(None),
         "ram": psutil.virtual_memory().percent,
         "version": __version__,
@@ -182,6 +185,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "pending": len(c.ingest.pending),
             "total": c.ingest.total,
             "refused": c.ingest.refused,
+            "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
         },
         "errors": dict(c.pipeline.errors),
         "ws": c.hub.snapshot(),

@@ -94,6 +94,11 @@ class Reports:
 
     async def wait(self) -> None:
         await self._event.wait()
+        self._event.clear()
+
+    def wake(self) -> None:
+        """Wake the waiter with nothing new (a timer's tick)."""
+        self._event.set()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -180,6 +185,7 @@ class Stream:
                 "peer": self.peer,
                 "connected": self.detached_at is None,
                 "queue_depth": len(self.queue),
+                "queued_bytes": self.queued_bytes,
                 "in_flight": self.in_flight,
                 "last_frame_age_ms": (
                     None
