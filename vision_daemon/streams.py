@@ -154,10 +154,10 @@ class Stream:
         if self.options.max_fps > 0:
             interval = 1.0 / self.options.max_fps
             # 10% slack so camera jitter at exactly max_fps is not throttled; max() stops a
-            # stream that was slow from bursting to catch up.
+            # stream that was slow (or is new) from bursting to catch up.
             if now + 0.1 * interval < self._next_due:
                 return "throttled"
-            self._next_due = max(self._next_due + interval, now)
+            self._next_due = max(self._next_due, now) + interval
         return None
 
     def push(self, job: Job) -> Job | None:
