@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -83,13 +84,19 @@ def create_app(
         async def openapi() -> JSONResponse:
             return JSONResponse(app.openapi())
 
+        def schema_url(request: Request) -> str:
+            # A browser opening /docs?token=... fetches the schema without our header, so the
+            # page asks for it with the token the request itself proved (never logged).
+            given = request.query_params.get("token")
+            return f"/openapi.json?{urlencode({'token': given})}" if given else "/openapi.json"
+
         @app.get("/docs", include_in_schema=False, dependencies=[Auth])
-        async def docs() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="vision-daemon")
+        async def docs(request: Request) -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url=schema_url(request), title="vision-daemon")
 
         @app.get("/redoc", include_in_schema=False, dependencies=[Auth])
-        async def redoc() -> HTMLResponse:
-            return get_redoc_html(openapi_url="/openapi.json", title="vision-daemon")
+        async def redoc(request: Request) -> HTMLResponse:
+            return get_redoc_html(openapi_url=schema_url(request), title="vision-daemon")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

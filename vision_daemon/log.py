@@ -100,3 +100,8 @@ class RedactTokens(logging.Filter):
 
 def _mask(m: re.Match[str]) -> str:
     return (m.group(1) or m.group(2)) + "***"
+
+
+def peer_host(peer: str) -> str:
+    """The address part of host:port: the key for per-peer log rate limits."""
+    return peer.rsplit(":", 1)[0]

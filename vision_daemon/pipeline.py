@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
-from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub
 from vision_daemon.scheduler import Scheduler
@@ -92,7 +92,7 @@ class Pipeline:
             log_limited(
                 log,
                 self._log_limit,
-                _host(sink.peer),
+                peer_host(sink.peer),
                 self.clock(),
                 logging.INFO,
                 "stream %s opened by %s (%s)",
@@ -269,8 +269,3 @@ class Pipeline:
 
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self.streams.values())
-
-
-def _host(peer: str) -> str:
-    """The address part of host:port, the key for per-peer log rate limits."""
-    return peer.rsplit(":", 1)[0]

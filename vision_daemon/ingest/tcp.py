@@ -18,7 +18,7 @@ from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
-from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -325,11 +325,11 @@ class TcpIngest:
         log_limited(
             log,
             self._log_limit,
-            "auth:" + _host(conn.peer),
+            "auth:" + peer_host(conn.peer),
             time.monotonic(),
             logging.WARNING,
             "refused a TCP client from %s: wrong or missing token",
-            _host(conn.peer),
+            peer_host(conn.peer),
         )
 
     def _refused(self, peer: str, why: str) -> None:
@@ -337,11 +337,11 @@ class TcpIngest:
         log_limited(
             log,
             self._log_limit,
-            "refused:" + _host(peer),
+            "refused:" + peer_host(peer),
             time.monotonic(),
             logging.WARNING,
             "refused a TCP connection from %s: %s reached",
-            _host(peer),
+            peer_host(peer),
             why,
         )
 
@@ -374,7 +374,3 @@ class TcpIngest:
         finally:
             if task is not None:
                 self._tasks.discard(task)
-
-
-def _host(peer: str) -> str:
-    return peer.rsplit(":", 1)[0]
