@@ -367,3 +367,15 @@ def test_percentiles_nearest_rank() -> None:
     got = percentiles([float(v) for v in range(1, 101)])
     assert got == {"p50": 51.0, "p95": 96.0, "p99": 100.0, "mean": 50.5}
     assert percentiles([])["p50"] is None
+
+
+def test_share_cores_policy() -> None:
+    """'busy' shares cores whenever another worker runs; 'waiting' only if frames also wait."""
+    from vision_daemon.workers import share_cores
+
+    assert [share_cores("busy", b, w) for b, w in ((0, 3), (1, 0), (1, 2))] == [False, True, True]
+    assert [share_cores("waiting", b, w) for b, w in ((0, 3), (1, 0), (1, 2))] == [
+        False,
+        False,
+        True,
+    ]

@@ -68,6 +68,12 @@ class Config:
         "workers",
         "OpenVINO threads per worker while several are busy (0 = cores / workers)",
     )
+    share_cores: str = _f(
+        "busy",
+        "workers",
+        "OpenVINO: use the threads-limited copy when another worker is 'busy', or only when "
+        "frames are also 'waiting'",
+    )
     max_batch: int = _f(1, "workers", "frames from distinct streams one worker may batch")
     batch_wait_ms: float = _f(0.0, "workers", "wait this long for a fuller batch (0 = never)")
     worker_timeout_s: float = _f(30.0, "workers", "a detector call longer than this is stuck")
@@ -156,6 +162,7 @@ class Config:
                 self.max_queued_mb * 2**20 >= self.max_message_bytes,
                 "max_queued_mb must hold at least one message of max_message_bytes",
             ),
+            (self.share_cores in ("busy", "waiting"), "share_cores must be busy or waiting"),
             (
                 self.export in ("auto", "none", "openvino", "onnx", "engine"),
                 "export must be auto, none, openvino, onnx or engine",

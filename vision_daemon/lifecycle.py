@@ -125,6 +125,7 @@ class Daemon:
             max_pixels=cfg.max_image_pixels,
             timeout_s=cfg.worker_timeout_s,
             window_s=cfg.stats_window_s,
+            share_cores=cfg.share_cores,
         )
         self.components.pool = self.pool
         t0 = time.perf_counter()

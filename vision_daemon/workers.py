@@ -149,9 +149,14 @@ def _takes_contended(detector: Detector) -> bool:
         return False
 
 
-def share_cores(others_busy: int) -> bool:
-    """The policy for OpenVINO's two compiled copies: share the cores while others run too."""
-    return others_busy > 0
+def share_cores(policy: str, others_busy: int, waiting: int) -> bool:
+    """Which of OpenVINO's two compiled copies a call uses: the shared-cores one when...
+
+    "busy": another worker is inside a call (throughput under load; at medium load two calls
+    that overlap once keep overlapping). "waiting": another worker is busy and frames are also
+    waiting in queues (all cores otherwise). docs/PERFORMANCE.md has both measured.
+    """
+    return others_busy > 0 and (policy == "busy" or waiting > 0)
 
 
 class Worker:
@@ -201,8 +206,10 @@ class WorkerPool:
         max_pixels: int,
         timeout_s: float,
         window_s: float,
+        share_cores: str = "busy",
     ) -> None:
         self.workers = [Worker(i, factory, window_s) for i in range(count)]
+        self._policy = share_cores
         self._scheduler = scheduler
         self._reports = reports
         self._max_batch = max_batch
@@ -252,7 +259,7 @@ class WorkerPool:
                 return  # scheduler closed
             detector = worker.detector
             assert detector is not None  # (re)loaded above; only this task replaces it
-            contended = share_cores(self.busy())
+            contended = share_cores(self._policy, self.busy(), self._scheduler.waiting)
             worker.stats.start(time.monotonic())
             self.batch_sizes[len(jobs)] = self.batch_sizes.get(len(jobs), 0) + 1
             fut = worker.thread.submit(process, detector, jobs, self._max_pixels, contended)

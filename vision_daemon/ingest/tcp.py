@@ -4,6 +4,9 @@ A connection owns its framing, handshake, timeouts, a bounded outbox and its own
 Until its first valid message (the hello, or a legacy client's first frame when auth is off) it
 sits in a small pending pool under `hello_timeout_s`; only then does it take one of the
 `max_connections` slots, so sockets that never speak cannot keep a camera out.
+
+It runs past 350 lines because a connection's framing, handshake, timers, outbox and teardown
+share its state; split across modules they would reach into each other.
 """
 
 from __future__ import annotations
