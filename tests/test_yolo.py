@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from ultralytics.utils import ASSETS
 
 from tests.conftest import MODEL_DIR, collect, connect, run, running_daemon, shared_model, stats
 from vision_daemon.config import load_config
 from vision_daemon.detectors import ModelError
-from vision_daemon.detectors.yolo import YoloFactory, resolve_model
+from vision_daemon.detectors.yolo import YoloFactory, openvino_backend, resolve_model
 
 pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
@@ -146,3 +148,38 @@ def test_cuda_half_and_cross_stream_batching(tmp_path: Path) -> None:
 
     sizes = run(scenario())
     assert max(sizes) > 1, sizes
+
+
+def test_openvino_adapter_holds_two_compiled_copies_per_worker() -> None:
+    """Two workers' detectors each reach ultralytics' OpenVINO backend and hold both compiled copies.
+
+    This is the one place that reads ultralytics internals (`openvino_backend`): if a new
+    ultralytics changes that shape, this fails instead of the daemon quietly losing core sharing.
+    """
+    path = shared_model("yolov8n_int8_openvino_model")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("core sharing needs at least 2 cores (one thread per worker of 2)")
+    cfg = load_config(
+        overrides={"model": str(path), "workers": 2, "device": "cpu", "log_dir": ""}, environ={}
+    )
+    factory = YoloFactory.from_config(cfg)
+    assert factory.threads >= 1, factory
+    detectors = [factory(), factory()]  # as 2 workers build theirs
+    image = cv2.imdecode(np.frombuffer(BUS, np.uint8), cv2.IMREAD_COLOR)
+    for det in detectors:
+        det.warmup()
+        assert det.info.backend == "openvino"
+        found = openvino_backend(det.model)
+        assert found is not None, "ultralytics' OpenVINO backend is no longer where it was"
+        assert det._ov is not None, "no thread-limited second copy was compiled"
+        backend, full, shared = det._ov
+        assert backend is found[0] and full is not shared
+        labels: dict[bool, list[str]] = {}
+        for contended in (True, False):
+            dets = det.detect([image], contended=contended)[0]
+            assert backend.ov_compiled_model is (shared if contended else full)
+            labels[contended] = sorted(str(d["label"]) for d in dets)
+        assert labels[True] == labels[False], labels
+        assert Counter(labels[False])["person"] >= 4 and "bus" in labels[False], labels
+    first, second = (d._ov for d in detectors)
+    assert first and second and first[2] is not second[2]  # each worker compiled its own copy
