@@ -223,11 +223,6 @@ def failed_start(**overrides: Any) -> tuple[BaseException, Daemon]:
     return exc, daemon
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: WorkerPool threads start in Worker.__init__, but their stop is only "
-    "registered after pool.load() succeeds, so a failing warm-up leaves them alive",
-)
 def test_failed_warmup_releases_the_api_port_and_every_worker_thread() -> None:
     """warm-up raises: start() raises it, the API port binds again and no worker thread lives on."""
     before = set(threading.enumerate())

@@ -112,6 +112,7 @@ class Daemon:
         stack.push_async_callback(
             self._guard, "connections", lambda: self.ingest.aclose(cfg.shutdown_grace_s + 2)
         )
+        self._spawn(stack, "pipeline", self.pipeline.run(), then=self.pipeline.drain)
         factory = self._factory
         if factory is None:  # a daemon thread: a signal during a long export exits at once
             factory = await in_daemon_thread(load_detector_factory, cfg)
@@ -128,6 +129,8 @@ class Daemon:
             share_cores=cfg.share_cores,
         )
         self.components.pool = self.pool
+        # Registered before loading: a failed load or warm-up still ends the workers' threads.
+        stack.push_async_callback(self._guard, "workers", self._stop_workers)
         t0 = time.perf_counter()
         self.model_info = self.components.model_info = await self.pool.load()
         log.info(
@@ -138,9 +141,7 @@ class Daemon:
             cfg.workers,
             time.perf_counter() - t0,
         )
-        self._spawn(stack, "pipeline", self.pipeline.run(), then=self.pipeline.drain)
         self.pool.start()
-        stack.push_async_callback(self._guard, "workers", self._stop_workers)
         await self.ingest.start(self.welcome())
         stack.callback(self._stop_accepting)
         self._spawn(stack, "stats", self.stats.run())
