@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import httpx
@@ -61,7 +62,10 @@ def ceiling(model: str, model_dir: str, jpegs: list[bytes], seconds: float) -> d
     }
 
 
-def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, int]:
+def start_daemon(
+    args: argparse.Namespace, log_path: str | None = None
+) -> tuple[subprocess.Popen[str], int, int]:
+    """A `vision-daemon` subprocess of this checkout on free ports; its stderr to `log_path`."""
     cmd = [
         sys.executable,
         "-m",
@@ -82,10 +86,18 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, 
         str(args.max_batch),
         *args.daemon_args,
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # This checkout's package first, whichever one the interpreter has installed.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - the drain thread closes it
     tcp = api = 0
     for line in proc.stderr:
+        if log:
+            log.write(line)
         if "control plane listening on http://" in line:
             api = int(line.rsplit(":", 1)[1])
         if "data plane listening on tcp://" in line:
@@ -94,17 +106,27 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, 
     if not tcp:
         raise SystemExit(f"daemon did not start: {' '.join(cmd)}")
     # Keep draining the daemon's stderr: a full pipe would block its logging, and the daemon.
-    threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
+    threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
     return proc, tcp, api
 
 
+def _drain(proc: subprocess.Popen[str], log: IO[str] | None) -> None:
+    for line in proc.stderr or ():
+        if log:
+            log.write(line)
+    if log:
+        log.close()
+
+
 def drive_daemon(
-    args: argparse.Namespace, drive: Callable[[int, int], Coroutine[Any, Any, dict[str, Any]]]
+    args: argparse.Namespace,
+    drive: Callable[[int, int, int], Coroutine[Any, Any, dict[str, Any]]],
+    log_path: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Start a daemon, run `drive(tcp_port, pid)` against it, read its /stats, stop it."""
-    proc, tcp, api = start_daemon(args)
+    """Start a daemon, run `drive(tcp_port, pid, api_port)` against it, read its /stats, stop it."""
+    proc, tcp, api = start_daemon(args, log_path)
     try:
-        result = asyncio.run(drive(tcp, proc.pid))
+        result = asyncio.run(drive(tcp, proc.pid, api))
         stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
     finally:
         proc.terminate()
@@ -120,6 +142,11 @@ async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[s
     return {
         "samples": [(t, rtt) for r in results for _, t, rtt in r.samples],  # (send time, rtt ms)
         "sent": sum(r.sent for r in results),
+        "drops": dict(sum((r.drops for r in results), Counter[str]())),  # notices, by reason
+        "errors": dict(sum((r.errors for r in results), Counter[str]())),
+        "closed_by_server": sum(r.closed_by_server for r in results),
+        "late_sends": sum(r.late_sends for r in results),
+        "skipped_slots": sum(r.skipped_slots for r in results),
     }
 
 
@@ -161,7 +188,7 @@ def main() -> None:
         f"ceiling: {ceil['fps']:.1f} fps, median {ceil['median_ms']:.1f} ms/frame "
         f"({ceil['frames']} frames, {ceil['backend']})"
     )
-    result, stats = drive_daemon(args, lambda tcp, _pid: load(args, tcp, jpegs))
+    result, stats = drive_daemon(args, lambda tcp, _pid, _api: load(args, tcp, jpegs))
     samples = sorted(result["samples"])
     rtts = [r for _, r in samples]
     # throughput over the steady part: skip the first 2 s of ramp

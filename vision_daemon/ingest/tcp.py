@@ -175,6 +175,10 @@ class Connection:
                 self._arm_timer()
                 if not self.handle(body):
                     break
+                if len(self.outbox) > cfg.send_buffer_messages // 2:
+                    # A burst of messages read in one go must not fill the outbox before the
+                    # writer had a turn: a peer that reads its replies is never slow_consumer.
+                    await asyncio.sleep(0)
             if self.saying_bye:  # results of frames already accepted are delivered first
                 await self.wait_idle(cfg.shutdown_grace_s)
                 self._send(p.pack({"type": "bye"}))
