@@ -716,3 +716,17 @@ def test_api_docs_need_the_token_when_auth_is_on() -> None:
             await round_trip(good, "good", 0)
 
     run(scenario())
+
+
+def test_a_peer_that_reads_its_replies_is_never_slow_consumer() -> None:
+    """300 bad messages in one write, replies read: 300 errors, no slow_consumer, still open."""
+
+    async def scenario() -> None:
+        async with running_daemon() as d:
+            c = await connect(d)
+            c.writer.write(b"\x00\x00\x00\x01\x01" * 300)  # 300 bodies that are not maps
+            replies = await collect(c, 300, timeout=10)
+            assert {m["code"] for m in replies} == {"not_a_map"}, replies[-3:]
+            await round_trip(c, "still-open", 0)
+
+    run(scenario())
