@@ -379,3 +379,41 @@ def test_share_cores_policy() -> None:
         False,
         True,
     ]
+
+
+def test_png_decoding_writes_nothing_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """A PNG with a broken iCCP chunk decodes without libpng printing to the process's stderr."""
+    import zlib
+
+    import cv2
+
+    png = bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    bad = png[:33] + chunk(b"iCCP", b"bad\x00\x00" + zlib.compress(bytes(10))) + png[33:]
+    assert decode(frame("a", 0, bad), 10**7).shape == (8, 8, 3)
+    assert capfd.readouterr().err == ""
+
+
+def test_third_party_log_lines_are_rate_limited_by_template() -> None:
+    """uvicorn's per-handshake lines: 5 per template per period, then a count of the rest."""
+    from vision_daemon.log import RateLimitFilter
+
+    f = RateLimitFilter(burst=5, period_s=10)
+    recs = [
+        logging.LogRecord(
+            "uvicorn.error", logging.INFO, "f", 1, '%s - "WebSocket %s"', (i, "/ws"), None
+        )
+        for i in range(20)
+    ]
+    for i, r in enumerate(recs):
+        r.created = 100.0 + i * 0.1
+    assert sum(f.filter(r) for r in recs) == 5
+    late = logging.LogRecord(
+        "uvicorn.error", logging.INFO, "f", 1, '%s - "WebSocket %s"', (0, "/"), None
+    )
+    late.created = 200.0
+    assert f.filter(late) and "15 similar suppressed" in late.getMessage()

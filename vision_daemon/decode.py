@@ -35,9 +35,9 @@ class DecodeFailure(Exception):
 def quiet_codecs() -> None:
     """Keep OpenCV's own messages off stderr; frames that fail are reported through logging.
 
-    libpng's warnings (e.g. "iCCP: known incorrect sRGB profile") are printed by libpng itself
-    and would still reach stderr, so PNG headers are parsed here and libpng sees only PNGs whose
-    header we accepted; what it still prints is harmless and rare.
+    libpng prints its warnings (e.g. "iCCP: known incorrect sRGB profile") to stderr itself,
+    with no hook to turn them off, so PNGs are decoded by Pillow (its own decoder over zlib)
+    and libpng never sees a client's bytes.
     """
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     utils_logging = getattr(getattr(cv2, "utils", None), "logging", None)
@@ -86,6 +86,8 @@ def decode(frame: Frame, max_pixels: int) -> Image:
         if w * h > max_pixels:
             raise _too_large(w, h, max_pixels)
         raise DecodeFailure(E_DECODE, f"image header declares {w}x{h} pixels")
+    if frame.image.startswith(PNG_MAGIC):
+        return _decode_png(frame.image)
     try:
         img: Image | None = cv2.imdecode(  # type: ignore[assignment]
             np.frombuffer(frame.image, dtype=np.uint8), cv2.IMREAD_COLOR
@@ -95,3 +97,13 @@ def decode(frame: Frame, max_pixels: int) -> Image:
     if img is None:
         raise DecodeFailure(E_DECODE, "image bytes are not a decodable JPEG or PNG")
     return img
+
+
+def _decode_png(data: bytes) -> Image:
+    try:
+        with PILImage.open(io.BytesIO(data), formats=("PNG",)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception:
+        raise DecodeFailure(E_DECODE, "image bytes are not a decodable PNG") from None
+    bgr: Image = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # type: ignore[assignment]
+    return bgr

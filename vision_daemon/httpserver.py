@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vision_daemon.config import Config
-from vision_daemon.log import RedactTokens
+from vision_daemon.log import RateLimitFilter, RedactTokens
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,13 @@ class HttpServer:
 
     async def start(self, app: Any) -> None:
         sock = self.bind()
-        # uvicorn and websockets log requests and handshakes; query strings may hold a token.
+        # uvicorn and websockets log requests and handshakes (query strings may hold a token),
+        # one line per peer action: tokens are masked and each kind of line is rate-limited.
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "websockets"):
-            logging.getLogger(name).addFilter(RedactTokens())
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, RedactTokens) for f in logger.filters):
+                logger.addFilter(RateLimitFilter())  # keyed by template, before redaction
+                logger.addFilter(RedactTokens())
         ucfg = uvicorn.Config(
             app,
             log_config=None,

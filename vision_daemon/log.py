@@ -105,3 +105,19 @@ def _mask(m: re.Match[str]) -> str:
 def peer_host(peer: str) -> str:
     """The address part of host:port: the key for per-peer log rate limits."""
     return peer.rsplit(":", 1)[0]
+
+
+class RateLimitFilter(logging.Filter):
+    """Rate-limits a third-party logger by message template (uvicorn logs one line per
+    WebSocket handshake and per refused request, each caused by a peer)."""
+
+    def __init__(self, burst: int = 5, period_s: float = 10.0) -> None:
+        super().__init__()
+        self.limiter = RateLimiter(burst, period_s, max_keys=256)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ok, held = self.limiter.allow(str(record.msg)[:80], record.created)
+        if ok and held:
+            record.msg = f"{record.msg} (%d similar suppressed)"
+            record.args = (*record.args, held) if isinstance(record.args, tuple) else record.args
+        return ok
