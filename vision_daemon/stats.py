@@ -72,8 +72,8 @@ class Window:
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50/p95/p99 (nearest rank on the sorted values) and mean; sorted() beats numpy below ~10k
-    values, and /stats builds one of these per stage per stream."""
+    """p50/p95/p99 (nearest rank on the sorted values) and mean, in plain Python: a window holds
+    at most WINDOW_SAMPLES values, and /stats builds one of these per stage per stream."""
     if not values:
         return {"p50": None, "p95": None, "p99": None, "mean": None}
     vals = sorted(values)
