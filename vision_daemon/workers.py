@@ -6,10 +6,12 @@ worker restarts on a fresh thread with capped backoff, and a supervisor restarts
 itself if anything else escapes it. Verdicts go back to the pipeline as `Report`s on one queue.
 
 Why daemon threads and not processes: a process per detector (Frigate's choice) could be killed,
-but every frame would then cross a process boundary (a 640x480 BGR frame is 900 KB of copies,
-plus pickling of results), which costs more than the whole queue wait at light load on a 2-core
-box. A hung call in a daemon thread cannot be interrupted either, but it no longer holds the
-process at exit (daemon threads are not joined), and abandoned threads are capped per worker.
+but every frame would then cross a process boundary (a 640x480 BGR frame is 900 KB to copy or
+share, plus the results back), and each process would load its own runtime. A hung call in a
+daemon thread cannot be interrupted either, but it no longer holds the process at exit (daemon
+threads are not joined), and abandoned threads are capped per worker. Measured against the
+executor threads this replaced: no cost (docs/PERFORMANCE.md, "the one-way core against the code
+before it").
 """
 
 from __future__ import annotations
