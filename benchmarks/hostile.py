@@ -196,6 +196,14 @@ class Hostiles:
             out["http"]["ms_max"] = round(float(arr.max()), 1)
         return out
 
+    async def attempts(self, limit: int) -> AsyncIterator[int]:
+        """Numbered (re)connection attempts: at most `limit`, one per RETRY_S, until the end."""
+        k = 0
+        while deadline_left(self.end) > 0 and k < limit:
+            k += 1
+            yield k
+            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
+
     async def guarded(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
         """Run one behaviour; an unexpected exception is counted, never raised into the others."""
         try:
@@ -207,15 +215,12 @@ class Hostiles:
     async def junk(self) -> None:
         """Junk from peers that never read their error replies, one connection at a time."""
         c = self.count("junk")
-        conn = 0
-        while deadline_left(self.end) > 0 and conn < math.ceil(self.duration / RETRY_S) + 1:
-            conn += 1
+        async for conn in self.attempts(math.ceil(self.duration / RETRY_S) + 1):
             c["connections"] += 1
             try:
                 reader, writer = await small_buffer_connection(self.tcp_port)
             except (OSError, TimeoutError):
                 c["connect_failed"] += 1
-                await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
                 continue
             try:
                 if conn % 2:
@@ -242,7 +247,6 @@ class Hostiles:
                     await asyncio.sleep(deadline_left(self.end))
             finally:
                 writer.transport.abort()
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
     async def churn(self) -> None:
         """A fresh stream name each time: connect, hello, one frame, close."""
@@ -280,13 +284,12 @@ class Hostiles:
     async def slow_reader(self) -> None:
         """Frames on one stream from a peer that never reads its results."""
         c = self.count("slow_reader")
-        while deadline_left(self.end) > 0 and c["connections"] < math.ceil(self.duration) + 1:
+        async for _ in self.attempts(math.ceil(self.duration) + 1):
             c["connections"] += 1
             try:
                 reader, writer = await small_buffer_connection(self.tcp_port)
             except (OSError, TimeoutError):
                 c["connect_failed"] += 1
-                await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
                 continue
             try:
                 hello = {
@@ -312,12 +315,11 @@ class Hostiles:
                         break
             finally:
                 writer.transport.abort()
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
     async def idle_tcp(self, hello: bool) -> None:
         """A socket that sends nothing (or only a hello), re-opened each time the daemon closes it."""
         c = self.count("idle_hello" if hello else "idle_tcp")
-        while deadline_left(self.end) > 0 and c["opens"] < math.ceil(self.duration / RETRY_S):
+        async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
             c["opens"] += 1
             try:
                 reader, writer = await asyncio.wait_for(
@@ -338,7 +340,6 @@ class Hostiles:
                     c["closed_by_daemon"] += 1
                 finally:
                     writer.transport.abort()
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
     # ---- control plane ---------------------------------------------------------------------------
     async def http(self) -> None:
@@ -360,7 +361,7 @@ class Hostiles:
     async def idle_http(self) -> None:
         """A socket on the API port that sends nothing, re-opened when the daemon closes it."""
         c = self.count("idle_http")
-        while deadline_left(self.end) > 0 and c["opens"] < math.ceil(self.duration / RETRY_S):
+        async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
             c["opens"] += 1
             try:
                 reader, writer = await asyncio.wait_for(
@@ -380,13 +381,12 @@ class Hostiles:
                     c["closed_by_daemon"] += 1
                 finally:
                     writer.transport.abort()
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
     async def ws_reader(self) -> None:
         """A /ws subscriber that reads every message; reconnects if the daemon closes it."""
         c = self.count("ws_reader")
         url = f"ws://{HOST}:{self.api_port}/ws"
-        while deadline_left(self.end) > 0 and c["connects"] < math.ceil(self.duration / RETRY_S):
+        async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
             c["connects"] += 1
             try:
                 async with websockets.connect(url, open_timeout=5, close_timeout=2) as ws:
@@ -398,13 +398,12 @@ class Hostiles:
                 c["open_at_end"] += 1
             except (OSError, websockets.WebSocketException) as exc:
                 c[f"failed:{type(exc).__name__}"] += 1
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
     async def ws_stalled(self) -> None:
         """A /ws subscriber that never reads (4 KiB receive buffer, client queue of 1)."""
         c = self.count("ws_stalled")
         url = f"ws://{HOST}:{self.api_port}/ws"
-        while deadline_left(self.end) > 0 and c["connects"] < math.ceil(self.duration / RETRY_S):
+        async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
             c["connects"] += 1
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
@@ -427,7 +426,6 @@ class Hostiles:
                 c[f"failed:{type(exc).__name__}"] += 1
             finally:
                 sock.close()
-            await asyncio.sleep(min(RETRY_S, deadline_left(self.end)))
 
 
 def main() -> None:
