@@ -26,7 +26,16 @@ from PIL import Image as PILImage
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.lib import ClientError, DaemonClient
-from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon
+from tests.conftest import (
+    SlowDetector,
+    accounted,
+    collect,
+    connect,
+    jpeg,
+    run,
+    running_daemon,
+    until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -728,5 +737,65 @@ def test_a_peer_that_reads_its_replies_is_never_slow_consumer() -> None:
             replies = await collect(c, 300, timeout=10)
             assert {m["code"] for m in replies} == {"not_a_map"}, replies[-3:]
             await round_trip(c, "still-open", 0)
+
+    run(scenario())
+
+
+def test_refused_messages_do_not_extend_a_pending_connection() -> None:
+    """Junk every 0.3 s before any valid message: closed at hello_timeout_s; with auth, at once."""
+
+    async def scenario() -> None:
+        async with running_daemon(hello_timeout_s=1.5) as d:
+            r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
+            t0 = time.monotonic()
+            closed = False
+            while time.monotonic() - t0 < 5 and not closed:
+                w.write(b"\x00\x00\x00\x01\x01")  # not a map: refused, not fatal
+                try:
+                    closed = not await asyncio.wait_for(r.read(65536), 0.3)
+                except TimeoutError:
+                    pass
+                except ConnectionError:
+                    closed = True
+            assert closed and time.monotonic() - t0 < 3, "junk kept a pending slot alive"
+            w.close()
+        async with running_daemon(auth_token="s3cret") as d:
+            r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
+            w.write(b"\x00\x00\x00\x01\x01")
+            async with asyncio.timeout(5):
+                while await r.read(65536):
+                    pass  # the not_a_map error, then EOF
+            w.close()
+            good = await connect(d, token="s3cret")
+            await round_trip(good, "good", 0)
+
+    run(scenario())
+
+
+class RaisesBaseException(SlowDetector):
+    """Raises a BaseException (not an Exception) on its first call only."""
+
+    def detect(self, images: Sequence[Any], **kw: Any) -> Any:
+        if self.calls == 0:
+            self.calls += 1
+            raise KeyboardInterrupt("injected")
+        return super().detect(images)
+
+
+def test_a_worker_loop_failure_drops_its_frames_as_internal_error_and_recovers() -> None:
+    """Anything escaping a worker's call ends its frames as counted drops; the worker restarts."""
+
+    async def scenario() -> None:
+        async with running_daemon(
+            lambda: RaisesBaseException(0.0), workers=1, max_frame_age_ms=10_000
+        ) as d:
+            c = await connect(d, dropped_notices=True)
+            await c.send_frame("cam", 0, IMG)
+            (msg,) = await collect(c, 1)
+            assert msg["type"] == "dropped" and msg["reason"] == "internal_error", msg
+            await c.send_frame("cam", 1, IMG)
+            (msg,) = await collect(c, 1, timeout=10)  # after the supervisor's 1 s backoff
+            assert msg["type"] == "result" and msg["frame_id"] == 1, msg
+            await until(lambda: accounted(d), what="accounted")
 
     run(scenario())

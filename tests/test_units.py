@@ -312,10 +312,10 @@ def test_process_turns_every_failure_into_a_per_frame_error() -> None:
     sink = FakeSink()
     good = Job(frame("a", 0, jpeg(32, 32)), s, sink, 0.0)
     bad = Job(frame("a", 1, b"BM" + b"\0" * 10), s, sink, 0.0)
-    out = process(Raises(), [good, bad], 10**7, False)  # type: ignore[arg-type]
+    out = process(Raises(), [good, bad], 10**7, False, False)  # type: ignore[arg-type]
     assert [o.error for o in out] == [p.E_DETECTOR, p.E_DECODE]
     nan = [{"label": "x", "conf": float("nan"), "bbox": [0, 0, 1, 1], "class_id": 0}]
-    assert process(Raises(nan), [good], 10**7, False)[0].error == p.E_DETECTOR  # type: ignore[arg-type]
+    assert process(Raises(nan), [good], 10**7, False, False)[0].error == p.E_DETECTOR  # type: ignore[arg-type]
     numpy_out = [
         {
             "label": "x",
@@ -324,7 +324,7 @@ def test_process_turns_every_failure_into_a_per_frame_error() -> None:
             "class_id": np.int64(3),
         }
     ]
-    (ok,) = process(Raises(numpy_out), [good], 10**7, False)  # type: ignore[arg-type]
+    (ok,) = process(Raises(numpy_out), [good], 10**7, False, False)  # type: ignore[arg-type]
     assert ok.error is None and ok.detections is not None
     msgpack.packb(ok.detections)  # plain Python types only
     assert type(normalise(numpy_out)[0]["conf"]) is float
@@ -356,10 +356,17 @@ def test_redaction_masks_tokens_and_authorization_headers() -> None:
     f = RedactTokens()
     rec = logging.LogRecord("x", logging.INFO, "f", 1, '"GET /ws?token=%s&a=1"', ("s3cret",), None)
     f.filter(rec)
-    assert "s3cret" not in rec.getMessage() and "token=***" in rec.getMessage()
+    assert "s3cret" not in rec.getMessage() and "/ws?***" in rec.getMessage()
+    rec = logging.LogRecord("x", logging.INFO, "f", 1, "body token=%s end", ("s3cret",), None)
+    f.filter(rec)
+    assert rec.getMessage() == "body token=*** end"
     rec = logging.LogRecord("x", logging.DEBUG, "f", 1, "> Authorization: Bearer s3cret", (), None)
     f.filter(rec)
     assert "s3cret" not in rec.getMessage()
+    line = '%s - "WebSocket /ws?%%74oken=s3cret&stream=a" [accepted]'  # a percent-encoded key
+    rec = logging.LogRecord("uvicorn.error", logging.INFO, "f", 1, line, ("1.2.3.4:5",), None)
+    f.filter(rec)
+    assert "s3cret" not in rec.getMessage() and "/ws?***" in rec.getMessage()
 
 
 def test_percentiles_nearest_rank() -> None:
@@ -417,3 +424,13 @@ def test_third_party_log_lines_are_rate_limited_by_template() -> None:
     )
     late.created = 200.0
     assert f.filter(late) and "15 similar suppressed" in late.getMessage()
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    """More than MAX_JPEG_SCANS start-of-scan markers: decode_error, no decoder pass at all."""
+    from vision_daemon.decode import JPEG_SOS, MAX_JPEG_SCANS
+
+    data = jpeg(32, 32) + JPEG_SOS * (MAX_JPEG_SCANS + 1)
+    with pytest.raises(DecodeFailure) as err:
+        decode(frame("a", 0, data), 10**7)
+    assert err.value.code == p.E_DECODE and "scans" in err.value.message

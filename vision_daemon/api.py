@@ -119,9 +119,14 @@ def create_app(
             raise HTTPException(404, "no stream of that name")
         return Response(s.model_dump_json(), media_type="application/json")
 
+    rendered: list[Any] = [0.0, b""]  # (when, body): one rendering per stats_refresh_s
+
     @app.get("/metrics", dependencies=[Auth])
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        now = time.monotonic()
+        if now - rendered[0] >= config.stats_refresh_s:
+            rendered[:] = [now, metrics.render()]
+        return Response(rendered[1], media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.websocket("/ws")
     async def ws(
@@ -149,10 +154,8 @@ def create_app(
             peer=f"{host}:{client.port}" if client else "",
         )
         if not hub.add(sub):
-            await websocket.close(
-                code=WS_TRY_AGAIN_LATER,
-                reason=f"ws_max_subscribers={hub.max_subscribers} reached",
-            )
+            why = "daemon shutting down" if hub.closed else "ws_max_subscribers reached"
+            await websocket.close(code=WS_TRY_AGAIN_LATER, reason=why)
             return
         try:
             while (batch := await sub.next_batch()) is not None:

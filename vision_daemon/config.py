@@ -177,6 +177,7 @@ class Config:
                 and self.shutdown_grace_s >= 0,
                 "stats_window_s and worker_timeout_s must be > 0, shutdown_grace_s >= 0",
             ),
+            (self.stream_grace_s >= 0, "stream_grace_s must be >= 0"),
             (
                 self.hello_timeout_s > 0 and self.idle_timeout_s > 0,
                 "hello_timeout_s and idle_timeout_s must be > 0",

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_SOS = b"\xff\xda"  # start of scan; never inside entropy-coded data (0xFF is stuffed there)
+MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan costs a pass over the image
 
 
 class DecodeFailure(Exception):
@@ -88,6 +90,9 @@ def decode(frame: Frame, max_pixels: int) -> Image:
         raise DecodeFailure(E_DECODE, f"image header declares {w}x{h} pixels")
     if frame.image.startswith(PNG_MAGIC):
         return _decode_png(frame.image)
+    scans = frame.image.count(JPEG_SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise DecodeFailure(E_DECODE, f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS}")
     try:
         img: Image | None = cv2.imdecode(  # type: ignore[assignment]
             np.frombuffer(frame.image, dtype=np.uint8), cv2.IMREAD_COLOR

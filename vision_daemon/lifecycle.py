@@ -59,6 +59,7 @@ class Daemon:
         self.stats = SnapshotCache(self.components, config.stats_refresh_s)
         self.metrics.watch(self.stats.data)
         self.stopping = False
+        self._failed: str | None = None  # a background task that ended with an exception
         self._stop = asyncio.Event()
         self._stack = AsyncExitStack()
 
@@ -79,13 +80,16 @@ class Daemon:
         """Ready = every worker's model loaded and warm, and the TCP listener up; else the reason."""
         if self.stopping:
             return False, "shutting down"
+        if self._failed is not None:
+            return False, f"the {self._failed} task failed (see the log); restart the daemon"
         pool = self.pool
-        if pool is None or not all(w.detector is not None for w in pool.workers):
+        if pool is None or self.model_info is None:
             states = [w.stats.state for w in pool.workers] if pool else []
             return False, f"model loading/warming up (workers: {states or 'not started'})"
-        down = [w.id for w in pool.workers if w.stats.state in ("stuck", "restarting", "failed")]
+        down = pool.down()
         if down:
-            return False, f"worker(s) {down} stuck, restarting or failed"
+            why = {w.id: w.stats.state for w in pool.workers if w.id in down}
+            return False, f"worker(s) down: {why}"
         if not self.ingest.listening:
             return False, "TCP listener not up"
         return True, "ready"
@@ -155,6 +159,7 @@ class Daemon:
     ) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
+        task.add_done_callback(lambda t: self._task_ended(name, t))
 
         async def stop() -> None:
             task.cancel()
@@ -163,6 +168,14 @@ class Daemon:
                 then()
 
         stack.push_async_callback(self._guard, name, stop)
+
+    def _task_ended(self, name: str, task: asyncio.Future[None]) -> None:
+        """A background task must run until shutdown: if it dies, say so and stop the daemon."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._failed = name
+        log.error("the %s task failed; stopping", name, exc_info=task.exception())
+        self._stop.set()
 
     async def _stop_workers(self) -> None:
         assert self.pool is not None

@@ -85,21 +85,24 @@ def log_limited(
 
 
 class RedactTokens(logging.Filter):
-    """Masks `token=...` and Authorization values in a record's message (websockets logs every
-    request header at DEBUG): a secret must never reach a log."""
+    """Masks query strings, `token=...` and Authorization values in a record's message (uvicorn
+    logs each WebSocket's path with its query, websockets every request header at DEBUG): a
+    secret must never reach a log, however it is spelled (`?%74oken=` is a token too)."""
 
-    PATTERN = re.compile(r"(token=)[^&\s'\"]+|(authorization:\s*)[^\r\n]+", re.IGNORECASE)
+    PATTERN = re.compile(
+        r"(\?)[^\s\"']+|(token=)[^&\s]+|(authorization:\s*)[^\r\n]+", re.IGNORECASE
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         lower = text.lower()
-        if "token=" in lower or "authorization" in lower:
+        if "?" in text or "token=" in lower or "authorization" in lower:
             record.msg, record.args = self.PATTERN.sub(_mask, text), None
         return True
 
 
 def _mask(m: re.Match[str]) -> str:
-    return (m.group(1) or m.group(2)) + "***"
+    return (m.group(1) or m.group(2) or m.group(3)) + "***"
 
 
 def peer_host(peer: str) -> str:

@@ -66,10 +66,11 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         self.dropped_total = 0  # from subscribers that have left
         self.refused = 0  # subscribers turned away at the cap
+        self.closed = False
 
     def add(self, sub: Subscriber) -> bool:
-        """Admit a subscriber unless the cap is reached (then the caller closes it)."""
-        if len(self.subscribers) >= self.max_subscribers:
+        """Admit a subscriber unless the cap is reached or the daemon stops (caller closes it)."""
+        if self.closed or len(self.subscribers) >= self.max_subscribers:
             self.refused += 1
             return False
         self.subscribers.add(sub)
@@ -81,6 +82,7 @@ class Hub:
 
     def close(self) -> None:
         """Shutdown: wake every subscriber so its handler closes the socket itself."""
+        self.closed = True
         for sub in self.subscribers:
             sub.closed = True
             sub.event.set()

@@ -175,6 +175,7 @@ class Pipeline:
         try:
             job.sink.dropped(job.stream.name, job.frame.frame_id, reason)
         finally:
+            job.ended = True
             job.sink.frame_done()
 
     def complete(self, job: Job, outcome: Outcome) -> None:
@@ -209,6 +210,7 @@ class Pipeline:
             if self.hub.subscribers:  # encoded once for every subscriber
                 self.hub.publish(frame.stream_name, json.dumps(msg, allow_nan=False), now)
         finally:
+            job.ended = True
             job.sink.frame_done()
 
     def _route(self, report: Report) -> None:
@@ -219,6 +221,13 @@ class Pipeline:
             else:
                 self.drop(job, report.dropped or "internal_error")
         except Exception:  # a sink or an output failing must not stop routing for the others
+            if not job.ended:  # it failed before the frame was counted: count it now
+                job.ended = True
+                self._count_drop(job.stream, "internal_error")
+                try:
+                    job.sink.frame_done()
+                except Exception:
+                    pass
             log_limited(
                 log,
                 self._log_limit,
@@ -262,7 +271,7 @@ class Pipeline:
             self.drain()
             if self.clock() >= next_expiry:
                 self.expire()
-                next_expiry = self.clock() + min(1.0, self.config.stream_grace_s)
+                next_expiry = self.clock() + max(0.05, min(1.0, self.config.stream_grace_s))
 
     def queued(self) -> int:
         return sum(len(s.queue) for s in self.streams.values())

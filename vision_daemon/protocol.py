@@ -60,9 +60,6 @@ class ProtocolError(Exception):
         self.frame_id = frame_id
         self.fatal = fatal
 
-    def to_message(self) -> dict[str, Any]:
-        return error_message(self.code, self.message, self.frame_id)
-
 
 @dataclass(frozen=True, slots=True)
 class StreamOptions:
@@ -81,7 +78,7 @@ class Frame:
     frame_id: int
     timestamp: float
     image: bytes
-    encoding: str  # "jpeg" | "png" | "raw" ("jpeg" also covers PNG bytes: both go to imdecode)
+    encoding: str  # "jpeg" | "png" | "raw"; JPEG and PNG are told apart by their magic bytes
     shape: tuple[int, int, int] | None = None
 
 

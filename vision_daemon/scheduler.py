@@ -97,9 +97,10 @@ class Scheduler:
             stream.in_flight += 1
             exclude.add(stream)
             jobs.append(job)
-            if self._eligible(stream):
+            if self._eligible(stream):  # more frames and room in flight: another worker may go
                 self._queued.add(stream)
                 self._ready.append(stream)
+                self._wake()
         for stream in reversed(skipped):  # keep their place at the front of the line
             self._queued.add(stream)
             self._ready.appendleft(stream)

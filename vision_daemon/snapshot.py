@@ -1,8 +1,9 @@
 """One typed stats snapshot, built from the components at most once a second, off the request path.
 
-`/stats`, `/streams/{name}`, `/ready` and `/metrics` all read the latest snapshot; a flood of
-scrapes costs one build a second. The pipeline's pending verdicts are routed first, so the
-snapshot's accounting is exact at the instant it is taken:
+`/stats`, `/streams/{name}` and the gauges of `/metrics` read the latest snapshot; a flood of
+scrapes costs one build a second (`/ready` is cheap and computed per request). The pipeline's
+pending verdicts are routed first, so the snapshot's accounting is exact at the instant it is
+taken:
 received = processed + dropped by reason + queued + in flight.
 """
 

@@ -49,6 +49,7 @@ class Job:
     sink: Sink
     received_at: float  # monotonic, server clock
     taken_at: float = 0.0
+    ended: bool = False  # its result or drop was counted and its sink told (exactly once)
 
 
 @dataclass(slots=True)
@@ -99,9 +100,6 @@ class Reports:
     def wake(self) -> None:
         """Wake the waiter with nothing new (a timer's tick)."""
         self._event.set()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class QueueBudget:

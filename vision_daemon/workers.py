@@ -54,8 +54,10 @@ class WorkerThread:
             fn, args, fut, loop = item
             try:
                 result, error = fn(*args), None
-            except BaseException as exc:  # handed to the awaiting task, never lost in the thread
+            except Exception as exc:  # handed to the awaiting task, never lost in the thread
                 result, error = None, exc
+            except BaseException as exc:  # SystemExit & co. must not surface as such in the loop
+                result, error = None, RuntimeError(f"worker call raised {exc!r}")
             try:
                 loop.call_soon_threadsafe(_settle, fut, result, error)
             except RuntimeError:  # the loop closed while this call ran (abandoned at shutdown)
@@ -105,7 +107,11 @@ def normalise(dets: Any) -> list[Detection]:
 
 
 def process(
-    detector: Detector, jobs: Sequence[Job], max_pixels: int, contended: bool
+    detector: Detector,
+    jobs: Sequence[Job],
+    max_pixels: int,
+    contended: bool,
+    pass_hint: bool = True,
 ) -> list[Outcome]:
     """Runs in the worker's thread: decode every frame, then one detector call for the batch."""
     outcomes = [Outcome() for _ in jobs]
@@ -125,10 +131,11 @@ def process(
     if images:
         t0 = time.perf_counter()
         try:
-            if _takes_contended(detector):
-                results = detector.detect(images, contended=contended)
-            else:  # a detector written against the one-argument interface
-                results = detector.detect(images)
+            results = (  # a detector written against the one-argument interface gets no hint
+                detector.detect(images, contended=contended)
+                if pass_hint
+                else detector.detect(images)
+            )
             if len(results) != len(images):
                 raise ValueError(f"{len(results)} results for {len(images)} images")
             clean = [normalise(r) for r in results]
@@ -144,7 +151,8 @@ def process(
     return outcomes
 
 
-def _takes_contended(detector: Detector) -> bool:
+def takes_contended(detector: Detector) -> bool:
+    """Whether `detect` accepts the pool's `contended` hint (checked once per loaded detector)."""
     try:
         return "contended" in inspect.signature(detector.detect).parameters
     except (TypeError, ValueError):
@@ -168,6 +176,7 @@ class Worker:
         self.stats = WorkerStats(worker_id, window_s)
         self.thread = WorkerThread(f"vision-worker-{worker_id}")
         self.detector: Detector | None = None
+        self.takes_contended = True
         self.abandoned = 0
 
     def _load(self) -> Detector:
@@ -178,6 +187,7 @@ class Worker:
     async def load(self) -> ModelInfo:
         self.stats.state = "starting"
         self.detector = await self.thread.submit(self._load)
+        self.takes_contended = takes_contended(self.detector)
         self.stats.state = "ready"
         log.info(
             "worker %d ready: %s warm-up %.0f ms",
@@ -231,9 +241,13 @@ class WorkerPool:
             asyncio.create_task(self._supervise(w), name=f"worker-{w.id}") for w in self.workers
         ]
 
-    @property
-    def ready(self) -> bool:
-        return all(w.detector is not None and w.stats.state != "failed" for w in self.workers)
+    def down(self) -> list[int]:
+        """Workers that cannot take frames now (stuck, restarting, failed, or not loaded)."""
+        return [
+            w.id
+            for w in self.workers
+            if w.detector is None or w.stats.state in ("stuck", "restarting", "failed")
+        ]
 
     def busy(self) -> int:
         """Workers inside a detector call now: the one count the core-sharing policy reads."""
@@ -264,9 +278,13 @@ class WorkerPool:
             contended = share_cores(self._policy, self.busy(), self._scheduler.waiting)
             worker.stats.start(time.monotonic())
             self.batch_sizes[len(jobs)] = self.batch_sizes.get(len(jobs), 0) + 1
-            fut = worker.thread.submit(process, detector, jobs, self._max_pixels, contended)
+            fut = worker.thread.submit(
+                process, detector, jobs, self._max_pixels, contended, worker.takes_contended
+            )
             try:
                 outcomes = await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)
+                if len(outcomes) != len(jobs):
+                    raise RuntimeError(f"{len(outcomes)} outcomes for {len(jobs)} frames")
             except asyncio.CancelledError:
                 # Shutdown ran past its grace: these frames end without a result, counted.
                 worker.stats.busy_since = None
@@ -288,6 +306,11 @@ class WorkerPool:
                 if not await self._restart(worker):
                     return
                 continue
+            except Exception:  # the frames it holds end as counted drops; the supervisor restarts
+                worker.stats.busy_since = None
+                for job in jobs:
+                    self._reports.put(Report(job, dropped="internal_error"))
+                raise
             worker.stats.finish(time.monotonic(), len(jobs))
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if outcome.error == E_DETECTOR:
@@ -295,7 +318,7 @@ class WorkerPool:
                 self._reports.put(Report(job, outcome))
 
     async def _restart(self, worker: Worker) -> bool:
-        if worker.abandoned > MAX_ABANDONED_THREADS:
+        if worker.abandoned >= MAX_ABANDONED_THREADS:
             worker.stats.state = "failed"
             log.error(
                 "worker %d left %d hung calls behind; it stays down (restart the daemon)",

@@ -39,12 +39,10 @@ class Connection:
         ingest: TcpIngest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        cid: int,
     ) -> None:
         self.ingest = ingest
         self.config = ingest.config
         self.pipeline = ingest.pipeline
-        self.id = cid
         self.reader = reader
         self.writer = writer
         addr = writer.get_extra_info("peername")
@@ -59,6 +57,7 @@ class Connection:
         self._idle.set()
         self.open = True  # False once nothing more may be queued for sending
         self.saying_bye = False
+        self.reading = True
         self.messages = 0
         self._writer_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -136,6 +135,7 @@ class Connection:
     # ---- lifecycle ----------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop reading: nothing new is accepted; `run` then delivers what is owed and closes."""
+        self.reading = False
         if self._timer is not None:
             self._timer.cancel()
         transport = self.writer.transport
@@ -146,20 +146,22 @@ class Connection:
     def _arm_timer(self) -> None:
         """One re-armed timer per connection (not a task per read): close peers that stall.
 
-        The first message must arrive within hello_timeout_s (a half-sent length prefix does not
-        count), later ones within idle_timeout_s of the previous complete message.
+        Until its first valid message (a hello, or a legacy frame with auth off) a connection has
+        hello_timeout_s from accept, however many refused messages it sends; after that each
+        complete message must come within idle_timeout_s of the previous one.
         """
         if self._timer is not None:
             self._timer.cancel()
-        first = self.messages == 0
+        first = not self.authenticated
         limit = self.config.hello_timeout_s if first else self.config.idle_timeout_s
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(limit, self._on_timeout, first, limit)
 
     def _on_timeout(self, first: bool, limit: float) -> None:
         code = p.E_HELLO_TIMEOUT if first else p.E_IDLE_TIMEOUT
+        what = "no valid first message" if first else "no complete message"
         self.pipeline.count_error(code)
-        self.error(code, f"no complete message for {limit:g} s; closing")
+        self.error(code, f"{what} for {limit:g} s; closing")
         self.shutdown()
 
     async def run(self) -> None:
@@ -167,14 +169,17 @@ class Connection:
         cfg = self.config
         self._arm_timer()
         try:
-            while self.open:
+            while self.open and self.reading:
                 header = await self.reader.readexactly(p.HEADER_SIZE)
                 n = p.read_length(header, cfg.max_message_bytes)
                 body = await self.reader.readexactly(n)
+                if not self.reading:  # shut down while this message was buffered: not taken
+                    break
                 self.messages += 1
-                self._arm_timer()
                 if not self.handle(body):
                     break
+                if self.authenticated:
+                    self._arm_timer()
                 if len(self.outbox) > cfg.send_buffer_messages // 2:
                     # A burst of messages read in one go must not fill the outbox before the
                     # writer had a turn: a peer that reads its replies is never slow_consumer.
@@ -195,10 +200,15 @@ class Connection:
     async def _close(self) -> None:
         """The one teardown path: detach streams, deliver what is owed, close, leave the pool."""
         self.pipeline.detach(self)
-        if self.ingest.stopping:  # results of frames already in a detector are delivered first
-            await self.wait_idle(self.config.shutdown_grace_s)
-        await self._flush(2.0)
-        self.ingest.forget(self)
+        try:
+            if self.ingest.stopping:  # results of frames already in a detector go out first
+                await self.wait_idle(self.config.shutdown_grace_s)
+            await self._flush(2.0)
+        finally:  # also when shutdown cancels a connection that ran out of time
+            if self._writer_task is not None:
+                self._writer_task.cancel()
+            self.writer.close()
+            self.ingest.forget(self)
 
     async def wait_idle(self, timeout: float) -> None:
         try:
@@ -217,6 +227,8 @@ class Connection:
         except p.ProtocolError as exc:
             self.pipeline.refuse_message(exc)
             self.error(exc.code, exc.message, exc.frame_id)
+            if self.config.auth_token and not self.authenticated:
+                return False  # with auth on, an unauthenticated peer gets no second try
             return not exc.fatal
         token = self.config.auth_token
         if isinstance(msg, p.Hello):
@@ -276,7 +288,6 @@ class TcpIngest:
         self.stopping = False
         self.total = 0
         self.refused = 0
-        self._next_cid = 0
         self._log_limit = RateLimiter()
 
     async def start(self, welcome: dict[str, Any]) -> None:
@@ -367,8 +378,7 @@ class TcpIngest:
             writer.write(p.pack(p.error_message(p.E_LIMIT, msg)))
             writer.close()  # flushes what it can; never waits on a peer that does not read
             return
-        self._next_cid += 1
-        conn = Connection(self, reader, writer, self._next_cid)
+        conn = Connection(self, reader, writer)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
