@@ -316,30 +316,41 @@ class Hostiles:
             finally:
                 writer.transport.abort()
 
-    async def idle_tcp(self, hello: bool) -> None:
-        """A socket that sends nothing (or only a hello), re-opened each time the daemon closes it."""
-        c = self.count("idle_hello" if hello else "idle_tcp")
+    async def reopening(
+        self,
+        c: Counter[str],
+        port: int,
+        watch: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
+        """A socket to `port`, watched until it closes, re-opened each time (idle behaviours)."""
         async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
             c["opens"] += 1
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(HOST, self.tcp_port), 5
-                )
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5)
             except (OSError, TimeoutError):
                 c["connect_failed"] += 1
-            else:
-                try:
-                    if hello:
-                        writer.write(pack({"type": "hello", "version": 1, "client": "hostile"}))
-                    seen = await codes_until_closed(reader, writer, self.end)
-                    c["open_at_end" if seen[-1:] == ["open"] else "closed_by_daemon"] += 1
-                    for code in seen:
-                        if code != "open":
-                            c[code] += 1
-                except (ConnectionError, OSError):
-                    c["closed_by_daemon"] += 1
-                finally:
-                    writer.transport.abort()
+                continue
+            try:
+                await watch(reader, writer)
+            except (ConnectionError, OSError):
+                c["closed_by_daemon"] += 1
+            finally:
+                writer.transport.abort()
+
+    async def idle_tcp(self, hello: bool) -> None:
+        """A socket that sends nothing (or only a hello), re-opened each time the daemon closes it."""
+        c = self.count("idle_hello" if hello else "idle_tcp")
+
+        async def watch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if hello:
+                writer.write(pack({"type": "hello", "version": 1, "client": "hostile"}))
+            seen = await codes_until_closed(reader, writer, self.end)
+            c["open_at_end" if seen[-1:] == ["open"] else "closed_by_daemon"] += 1
+            for code in seen:
+                if code != "open":
+                    c[code] += 1
+
+        await self.reopening(c, self.tcp_port, watch)
 
     # ---- control plane ---------------------------------------------------------------------------
     async def http(self) -> None:
@@ -361,26 +372,17 @@ class Hostiles:
     async def idle_http(self) -> None:
         """A socket on the API port that sends nothing, re-opened when the daemon closes it."""
         c = self.count("idle_http")
-        async for _ in self.attempts(math.ceil(self.duration / RETRY_S)):
-            c["opens"] += 1
+
+        async def watch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(HOST, self.api_port), 5
-                )
-            except (OSError, TimeoutError):
-                c["connect_failed"] += 1
-            else:
-                try:
-                    async with asyncio.timeout(deadline_left(self.end)):
-                        while await reader.read(4096):
-                            pass
-                    c["closed_by_daemon"] += 1
-                except TimeoutError:
-                    c["open_at_end"] += 1
-                except (ConnectionError, OSError):
-                    c["closed_by_daemon"] += 1
-                finally:
-                    writer.transport.abort()
+                async with asyncio.timeout(deadline_left(self.end)):
+                    while await reader.read(4096):
+                        pass
+                c["closed_by_daemon"] += 1
+            except TimeoutError:
+                c["open_at_end"] += 1
+
+        await self.reopening(c, self.api_port, watch)
 
     async def ws_reader(self) -> None:
         """A /ws subscriber that reads every message; reconnects if the daemon closes it."""

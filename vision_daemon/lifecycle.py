@@ -52,7 +52,6 @@ class Daemon:
         self.ingest = TcpIngest(config, self.pipeline)
         self.http = HttpServer(config)
         self.pool: WorkerPool | None = None
-        self.model_info: ModelInfo | None = None
         self.components = Components(
             self.pipeline, self.hub, self.ingest, self.started_at, self.ready
         )
@@ -64,6 +63,10 @@ class Daemon:
         self._stack = AsyncExitStack()
 
     # ---- what tests and the API read ----------------------------------------------------------
+    @property
+    def model_info(self) -> ModelInfo | None:
+        return self.components.model_info
+
     @property
     def tcp_port(self) -> int | None:
         return self.ingest.port
@@ -136,12 +139,13 @@ class Daemon:
         # Registered before loading: a failed load or warm-up still ends the workers' threads.
         stack.push_async_callback(self._guard, "workers", self._stop_workers)
         t0 = time.perf_counter()
-        self.model_info = self.components.model_info = await self.pool.load()
+        self.components.model_info = await self.pool.load()
+        info = self.components.model_info
         log.info(
             "model %s (%s on %s) loaded and warmed in %d worker(s) in %.1f s",
-            self.model_info.name,
-            self.model_info.backend,
-            self.model_info.device,
+            info.name,
+            info.backend,
+            info.device,
             cfg.workers,
             time.perf_counter() - t0,
         )
