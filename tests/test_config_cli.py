@@ -14,16 +14,34 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from vision_daemon.config import Config, ConfigError, load_config, read_toml
+from vision_daemon.config import (
+    CAMERA_FIELDS,
+    FIELDS,
+    Config,
+    ConfigError,
+    load_config,
+    read_toml,
+)
 
 
-def test_default_toml_lists_every_setting_with_its_default() -> None:
-    """configs/default.toml holds every Config field, with the code's default value."""
+def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> None:
+    """configs/default.toml holds every Config field with the code's default, and its commented
+    [[cameras]] example lists every camera setting with its default and loads when uncommented."""
+    text = (ROOT / "configs" / "default.toml").read_text()
     values = read_toml(ROOT / "configs" / "default.toml")
     defaults = Config()
-    assert set(values) == set(Config.__dataclass_fields__)
+    assert set(values) == set(FIELDS)
     for name, value in values.items():
         assert value == getattr(defaults, name), name
+    example = text[text.index("# [[cameras]]") :]
+    uncommented = tmp_path / "cameras.toml"
+    uncommented.write_text("\n".join(line.removeprefix("# ") for line in example.splitlines()))
+    (camera,) = load_config(uncommented, environ={}).cameras
+    lines = example.splitlines()[1:]
+    listed = {line.removeprefix("# ").split("=")[0].strip() for line in lines if "=" in line}
+    assert listed == set(CAMERA_FIELDS)
+    for name in CAMERA_FIELDS.keys() - {"name", "url"}:
+        assert getattr(camera, name) == CAMERA_FIELDS[name].default, name
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:

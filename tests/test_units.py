@@ -48,7 +48,7 @@ class FakeSink:
         self.done = 0
         self.full = False
 
-    def result(self, payload: bytes) -> bool:
+    def result(self, payload: bytes, frame: p.Frame) -> bool:
         if self.full:
             return False
         self.results.append(msgpack.unpackb(payload[4:]))

@@ -7,6 +7,7 @@ never walk the pipeline's internals themselves.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,17 +19,32 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from vision_daemon import __version__
-from vision_daemon.config import Config
+from vision_daemon.config import Config, ConfigError, camera_from_dict
+from vision_daemon.ingest.cameras import CameraManager, CameraRefused
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub, Subscriber
-from vision_daemon.snapshot import SnapshotCache, Stats, StreamStats
+from vision_daemon.snapshot import CameraStats, SnapshotCache, Stats, StreamStats
 
 log = logging.getLogger(__name__)
 
 WS_POLICY_VIOLATION = 1008  # refused token
 WS_TRY_AGAIN_LATER = 1013  # ws_max_subscribers reached
 WS_GOING_AWAY = 1001  # daemon shutting down
+MAX_BODY_BYTES = 64 * 1024  # a request body (POST /cameras) is read up to this, then 413
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, read up to MAX_BODY_BYTES (uvicorn itself sets no limit)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise HTTPException(400, "request body is not JSON") from None
 
 
 def create_app(
@@ -38,6 +54,7 @@ def create_app(
     metrics: Metrics,
     started_at: float,
     ready: Callable[[], tuple[bool, str]],
+    cameras: CameraManager | None = None,
 ) -> FastAPI:
     token = config.auth_token
     # With a token, the generated docs are served by routes below that require it.
@@ -118,6 +135,53 @@ def create_app(
         if s is None:
             raise HTTPException(404, "no stream of that name")
         return Response(s.model_dump_json(), media_type="application/json")
+
+    def camera_or_404(name: str) -> Any:
+        camera = cameras.get(name) if cameras else None
+        if camera is None:
+            raise HTTPException(404, f"no camera named {name[:64]!r}")
+        return camera
+
+    @app.get("/cameras", response_model=dict[str, CameraStats], dependencies=[Auth])
+    async def list_cameras() -> dict[str, Any]:
+        """Every pulled camera's health, now."""
+        return cameras.health(time.monotonic()) if cameras else {}
+
+    @app.get("/cameras/{name}", response_model=CameraStats, dependencies=[Auth])
+    async def get_camera(name: str) -> dict[str, Any]:
+        health: dict[str, Any] = camera_or_404(name).health(time.monotonic())
+        return health
+
+    @app.post("/cameras", status_code=201, response_model=CameraStats, dependencies=[Auth])
+    async def add_camera(request: Request) -> dict[str, Any]:
+        """Start pulling a camera: a JSON object with the fields of a [[cameras]] table."""
+        if cameras is None:
+            raise HTTPException(503, "cameras are not available in this daemon")
+        try:
+            spec = camera_from_dict(await read_json(request))
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
+        try:
+            camera = cameras.add(spec)
+        except CameraRefused as exc:
+            raise HTTPException(409, str(exc)) from None
+        health: dict[str, Any] = camera.health(time.monotonic())
+        return health
+
+    @app.delete("/cameras/{name}", status_code=204, dependencies=[Auth])
+    async def delete_camera(name: str) -> Response:
+        """Stop pulling a camera; its stream stays in /stats for stream_grace_s."""
+        if cameras is None or not cameras.remove(name):
+            raise HTTPException(404, f"no camera named {name[:64]!r}")
+        return Response(status_code=204)
+
+    @app.get("/cameras/{name}/snapshot.jpg", dependencies=[Auth])
+    async def camera_snapshot(name: str) -> Response:
+        """The latest analysed frame of the camera, as a JPEG."""
+        body = await camera_or_404(name).snapshot_jpeg()
+        if body is None:
+            raise HTTPException(503, "no frame of this camera has been analysed yet")
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     rendered: list[Any] = [0.0, b""]  # (when, body): one rendering per stats_refresh_s
 

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from vision_daemon import __version__
-from vision_daemon.config import FIELDS, ConfigError, load_config
+from vision_daemon.config import FIELDS, ConfigError, camera_from_flag, load_config
 from vision_daemon.detectors import ModelError
 from vision_daemon.httpserver import HttpStartupError
 from vision_daemon.ingest.tcp import StartupError
@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="TOML config file (see configs/default.toml)"
     )
     parser.add_argument("--version", action="version", version=f"vision-daemon {__version__}")
+    parser.add_argument(
+        "--camera",
+        metavar="NAME=URL",
+        action="append",
+        default=[],
+        help="pull this camera (rtsp://, http:// MJPEG or snapshot, a file, usb:N); repeatable; "
+        "added to the config file's [[cameras]]",
+    )
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         helptext = f"{f.metadata['help']} [{f.metadata['section']}]"
@@ -45,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in FIELDS}
     try:
+        overrides["cameras"] = [camera_from_flag(text) for text in args.camera]
         config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"vision-daemon: {exc}", file=sys.stderr)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -19,6 +21,105 @@ def _f(default: Any, section: str, help: str, env: str | None = None) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+CAMERA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")  # = a stream name
+CAMERA_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
+MAX_URL_CHARS = 2048
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """One camera the daemon pulls itself: `[[cameras]]` in the file, --camera, POST /cameras."""
+
+    name: str  # also its stream name in /stats, /ws and results
+    url: str  # rtsp(s)://, http(s):// (MJPEG or JPEG snapshot), file path or file://, usb:N
+    substream_url: str = ""  # a lower-resolution stream to analyse instead of `url` ("" = url)
+    skip_frames: int = 1  # analyse every Nth frame the camera sends
+    max_fps: float = 5.0  # analyse at most this many frames a second (0 = no limit)
+    fps: float = 0.0  # the rate the camera is set to (0 = as the stream declares it)
+    rtsp_transport: str = "tcp"  # tcp or udp
+    keyframes_only: str = "auto"  # decode only keyframes: on, off, auto (on when max_fps <= 1)
+    loop: bool = False  # files: start again at the end
+    open_timeout_s: float = 10.0  # connecting and the first frame
+    stall_timeout_s: float = 10.0  # no frame for this long: reconnect
+    retry_initial_s: float = 1.0  # first wait before reconnecting; doubles each failure
+    retry_max_s: float = 30.0  # cap of that wait (a +-20% jitter is added)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (
+                isinstance(self.name, str) and bool(CAMERA_NAME_RE.fullmatch(self.name)),
+                "name must be 1-64 letters, digits and _ . : - starting with a letter or digit",
+            ),
+            (_camera_url_ok(self.url), _URL_HELP),
+            (not self.substream_url or _camera_url_ok(self.substream_url), _URL_HELP),
+            (self.skip_frames >= 1, "skip_frames must be >= 1"),
+            (self.max_fps >= 0 and self.fps >= 0, "max_fps and fps must be >= 0"),
+            (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
+            (
+                self.keyframes_only in ("auto", "on", "off"),
+                "keyframes_only must be auto, on or off",
+            ),
+            (
+                self.open_timeout_s > 0 and self.stall_timeout_s > 0,
+                "open_timeout_s and stall_timeout_s must be > 0",
+            ),
+            (
+                0 < self.retry_initial_s <= self.retry_max_s,
+                "retry_initial_s must be > 0 and <= retry_max_s",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"bad camera {self.name!r}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_URL_HELP = (
+    "url must be rtsp://, rtsps://, http://, https://, file://, usb:N or a file path "
+    f"(at most {MAX_URL_CHARS} characters)"
+)
+CAMERA_FIELDS = {f.name: f for f in dataclasses.fields(CameraConfig)}
+
+
+def _camera_url_ok(url: Any) -> bool:
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS or "\n" in url:
+        return False
+    if url.startswith(("/", "./", "../")):
+        return True
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return False
+    return scheme in CAMERA_SCHEMES
+
+
+def camera_from_dict(raw: Any) -> CameraConfig:
+    """A CameraConfig from a TOML table or a JSON body; unknown keys and bad types are refused."""
+    if not isinstance(raw, dict):
+        raise ConfigError("bad camera: each camera must be a table/object with name and url")
+    name = raw.get("name", "?")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = CAMERA_FIELDS.get(key)
+        if f is None:
+            raise ConfigError(f"bad camera {name!r}: unknown setting {key!r}")
+        values[key] = _coerce_value(f"camera {name!r}: {key}", f.default, value)
+    for key in ("name", "url"):
+        if key not in values:
+            raise ConfigError(f"bad camera {name!r}: {key} is required")
+    return CameraConfig(**values)
+
+
+def camera_from_flag(text: str) -> CameraConfig:
+    """--camera NAME=URL."""
+    name, sep, url = text.partition("=")
+    if not sep:
+        raise ConfigError(f"bad --camera {text[:40]!r}: use NAME=URL")
+    return CameraConfig(name=name, url=url)
 
 
 @dataclass(frozen=True)
@@ -113,6 +214,7 @@ class Config:
         5.0, "limits", "close an HTTP connection that sends nothing for this long"
     )
     ws_max_subscribers: int = _f(64, "limits", "/ws subscribers at once; more are closed (1013)")
+    max_cameras: int = _f(64, "limits", "pulled cameras at once (config, --camera and the API)")
     # [stats]
     stats_window_s: float = _f(10.0, "stats", "sliding window for fps and latency percentiles")
     stream_grace_s: float = _f(
@@ -125,6 +227,8 @@ class Config:
     stats_refresh_s: float = _f(
         1.0, "stats", "/stats, /streams and /metrics serve a snapshot rebuilt this often"
     )
+    # [[cameras]]: a list of tables, not a flat setting (see CameraConfig); --camera NAME=URL
+    cameras: tuple[CameraConfig, ...] = field(default=(), metadata={"section": "cameras"})
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -183,6 +287,14 @@ class Config:
                 "hello_timeout_s and idle_timeout_s must be > 0",
             ),
             (
+                len({c.name for c in self.cameras}) == len(self.cameras),
+                "two cameras have the same name",
+            ),
+            (
+                self.max_cameras >= 0 and len(self.cameras) <= self.max_cameras,
+                "max_cameras must be >= 0 and at least the number of [[cameras]]",
+            ),
+            (
                 self.ws_queue >= 1 and self.metrics_max_streams >= 0,
                 "ws_queue must be >= 1 and metrics_max_streams >= 0",
             ),
@@ -192,18 +304,22 @@ class Config:
                 raise ConfigError(f"bad config value: {message}")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "cameras"}
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a TOML/env/flag value against the field's type; ints are accepted for floats."""
-    default = FIELDS[name].default
     if FIELDS[name].default_factory is not dataclasses.MISSING:  # list fields
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"bad config value: {name} must be a list")
         return [str(v) for v in value]
+    return _coerce_value(name, FIELDS[name].default, value)
+
+
+def _coerce_value(name: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
             return value.lower() in ("1", "true", "yes")
@@ -237,6 +353,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for section, table in data.items():
+        if section == "cameras":
+            if not isinstance(table, list):
+                raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
+            values["cameras"] = tuple(camera_from_dict(c) for c in table)
+            continue
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: '{section}' must be a [section] table")
         for key, value in table.items():
@@ -262,6 +383,9 @@ def load_config(
         if var and env.get(var):
             values[name] = _coerce(name, env[var])
     for name, value in (overrides or {}).items():
+        if name == "cameras":  # --camera adds to the file's cameras
+            values["cameras"] = (*values.get("cameras", ()), *value)
+            continue
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name}")
         if value is not None:

@@ -76,6 +76,12 @@ def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
 
 def decode(frame: Frame, max_pixels: int) -> Image:
     """Decode to BGR uint8; the pixel limit is checked from the header before the full decode."""
+    if frame.pixels is not None:  # decoded by a camera's reader already
+        h, w = frame.pixels.shape[:2]
+        if h * w > max_pixels:
+            raise _too_large(w, h, max_pixels)
+        pixels: Image = frame.pixels
+        return pixels
     if frame.encoding == "raw":
         if frame.shape is None:  # validated by protocol.parse_message; kept as a guard
             raise DecodeFailure(E_DECODE, "raw frame without a shape")

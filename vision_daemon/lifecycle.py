@@ -23,6 +23,7 @@ from vision_daemon.config import Config
 from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
 from vision_daemon.httpserver import HttpServer
+from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub
@@ -50,10 +51,11 @@ class Daemon:
         )
         self.pipeline = Pipeline(config, self.reports, self.scheduler, self.hub, self.metrics)
         self.ingest = TcpIngest(config, self.pipeline)
+        self.cameras = CameraManager(config, self.pipeline)
         self.http = HttpServer(config)
         self.pool: WorkerPool | None = None
         self.components = Components(
-            self.pipeline, self.hub, self.ingest, self.started_at, self.ready
+            self.pipeline, self.hub, self.ingest, self.started_at, self.ready, self.cameras
         )
         self.stats = SnapshotCache(self.components, config.stats_refresh_s)
         self.metrics.watch(self.stats.data)
@@ -111,7 +113,9 @@ class Daemon:
         quiet_codecs()
         # The API comes up first so /health answers while the model loads and warms up.
         if cfg.api_port >= 0:
-            app = create_app(cfg, self.stats, self.hub, self.metrics, self.started_at, self.ready)
+            app = create_app(
+                cfg, self.stats, self.hub, self.metrics, self.started_at, self.ready, self.cameras
+            )
             await self.http.start(app)
             stack.push_async_callback(self._guard, "control plane", self.http.stop)
             stack.callback(self.hub.close)  # /ws subscribers close with 1001 before the server
@@ -151,6 +155,9 @@ class Daemon:
         )
         self.pool.start()
         await self.ingest.start(self.welcome())
+        # Cameras open in their own threads: one that cannot be reached never holds up the rest.
+        await self.cameras.start()
+        stack.push_async_callback(self._guard, "cameras", self.cameras.aclose)
         stack.callback(self._stop_accepting)
         self._spawn(stack, "stats", self.stats.run())
 
@@ -190,6 +197,7 @@ class Daemon:
         """Shutdown, first step: no new connections or frames; queued frames drop as shutdown."""
         self.stopping = True
         self.ingest.stop_accepting()
+        self.cameras.stop_reading()
         self.pipeline.drop_queued("shutdown")
 
     @staticmethod

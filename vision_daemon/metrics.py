@@ -191,3 +191,49 @@ class _SnapshotGauges(Collector):
         yield GaugeMetricFamily(
             "vision_daemon_ws_subscribers", "Open /ws subscribers", value=snap["ws"]["subscribers"]
         )
+        yield from _camera_metrics(snap.get("cameras", {}))
+
+
+CAMERA_STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")
+CAMERA_QUALITY = {"unusable": 0, "poor": 1, "fair": 2, "excellent": 3}
+
+
+def _camera_metrics(cameras: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """Pulled cameras' health, one series per camera (bounded by max_cameras)."""
+    state = GaugeMetricFamily(
+        "vision_daemon_camera_state", "1 for the camera's current state", labels=["camera", "state"]
+    )
+    gauges = {
+        key: GaugeMetricFamily(f"vision_daemon_camera_{name}", text, labels=["camera"])
+        for key, name, text in (
+            ("source_fps", "source_fps", "Frames read from the camera per second"),
+            ("analysed_fps", "analysed_fps", "Frames of the camera processed per second"),
+            ("last_frame_age_s", "last_frame_age_seconds", "Seconds since the last frame read"),
+            ("decode_ms", "decode_seconds", "Mean reader-side decode time per frame"),
+            ("quality", "quality", "Connection quality: 0 unusable, 1 poor, 2 fair, 3 excellent"),
+        )
+    }
+    counters = {
+        key: CounterMetricFamily(f"vision_daemon_camera_{key}", text, labels=["camera"])
+        for key, text in (
+            ("reconnects", "Times the camera came back after it was lost"),
+            ("stalls", "Times no frame came within stall_timeout_s"),
+            ("failed_attempts", "Opens that failed before a frame"),
+            ("frames_read", "Frames read from the camera"),
+        )
+    }
+    for name, c in cameras.items():
+        for s in CAMERA_STATES:
+            state.add_metric([name, s], int(c["state"] == s))
+        values = dict(c)
+        values["quality"] = CAMERA_QUALITY.get(c["quality"], 0)
+        if values["decode_ms"] is not None:
+            values["decode_ms"] = values["decode_ms"] / 1000
+        for key, family in gauges.items():
+            if values[key] is not None:
+                family.add_metric([name], values[key])
+        for key, counter in counters.items():
+            counter.add_metric([name], c[key])
+    yield state
+    yield from gauges.values()
+    yield from counters.values()

@@ -83,7 +83,8 @@ class Pipeline:
         if existing is None and len(self.streams) >= cfg.max_streams and not self._evict_one():
             return f"max_streams={cfg.max_streams} reached"
         if existing is not None:  # a camera reconnecting: counters carry on
-            existing.sink, existing.detached_at, existing.options = sink, None, options
+            existing.sink, existing.detached_at = sink, None
+            existing.set_options(options)
             stream = existing
         else:
             stream = Stream(name, options, cfg.queue_depth, cfg.stats_window_s, self.budget, sink)
@@ -121,8 +122,19 @@ class Pipeline:
         del self.streams[stream.name]
         self.metrics.release(stream.metric_label)
 
-    def submit(self, sink: Sink, frame: p.Frame, options: p.StreamOptions) -> None:
-        """Take one frame from an ingest; it ends later in exactly one result or drop."""
+    def submit(
+        self,
+        sink: Sink,
+        frame: p.Frame,
+        options: p.StreamOptions,
+        captured_at: float | None = None,
+        gated: bool = False,
+    ) -> None:
+        """Take one frame from an ingest; it ends later in exactly one result or drop.
+
+        A camera passes the monotonic time it captured the frame (latency and staleness then
+        count from capture) and `gated=True`: its reader applied the options already.
+        """
         now = self.clock()
         stream = self._stream_for(sink, frame.stream_name, options)
         if isinstance(stream, str):
@@ -135,8 +147,8 @@ class Pipeline:
             return
         self.totals.on_received(now)
         self.metrics.on_received(stream.metric_label)
-        job = Job(frame, stream, sink, now)
-        reason = stream.admit(now)
+        job = Job(frame, stream, sink, now if captured_at is None else min(captured_at, now))
+        reason = stream.admit(now, gated)
         if reason is not None:
             self.drop(job, reason)
             return
@@ -149,6 +161,23 @@ class Pipeline:
             hog = max(self.streams.values(), key=lambda s: s.queued_bytes)
             self.drop(hog.pop(), "memory_limit")
         self.scheduler.notify(stream)
+
+    def count_gated(
+        self, sink: Sink, name: str, options: p.StreamOptions, reasons: dict[str, int]
+    ) -> None:
+        """Frames an ingest read and did not hand on (a camera's skip_frames, max_fps, or a newer
+        frame replacing one): received and dropped with their reason, as if submitted."""
+        now = self.clock()
+        stream = self._stream_for(sink, name, options)
+        for reason, n in reasons.items():
+            for _ in range(n):
+                self.totals.on_received(now)
+                if isinstance(stream, str):
+                    self._count_drop(None, "refused")
+                    continue
+                stream.admit(now, gated=True)
+                self.metrics.on_received(stream.metric_label)
+                self._count_drop(stream, reason)
 
     def detach(self, sink: Sink) -> None:
         """The sink closed: its queued frames drop as disconnected; streams stay for a grace."""
@@ -203,7 +232,7 @@ class Pipeline:
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         try:
-            if not job.sink.result(p.pack(msg)):
+            if not job.sink.result(p.pack(msg), frame):
                 job.stream.counts.results_dropped += 1
                 self.totals.results_dropped += 1
                 self.metrics.results_dropped.inc()

@@ -80,6 +80,14 @@ class Frame:
     image: bytes
     encoding: str  # "jpeg" | "png" | "raw"; JPEG and PNG are told apart by their magic bytes
     shape: tuple[int, int, int] | None = None
+    # An image already decoded to a BGR uint8 array (pulled RTSP/file cameras); `image` is then
+    # empty and the worker uses these pixels as they are. Never set from a client's message.
+    pixels: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        """What the frame holds in memory (for max_queued_mb)."""
+        return len(self.image) if self.pixels is None else int(self.pixels.nbytes)
 
 
 @dataclass(frozen=True, slots=True)

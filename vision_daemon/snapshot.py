@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from vision_daemon import __version__
 from vision_daemon.detectors import ModelInfo
+from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
@@ -91,6 +92,49 @@ class ModelInfoModel(BaseModel):
     warmup_ms: float
 
 
+class CameraOptionsModel(BaseModel):
+    skip_frames: int
+    max_fps: float
+    rtsp_transport: str
+    keyframes_only: str
+    loop: bool
+    stall_timeout_s: float
+
+
+class CameraStats(BaseModel):
+    """A pulled camera's health; its frame counts and latency are its stream's (same name)."""
+
+    name: str
+    url: str = Field(description="without credentials or secret query values")
+    substream_url: str | None
+    source: str = Field(description="rtsp, mjpeg, snapshot, file or usb")
+    codec: str | None
+    width: int | None
+    height: int | None
+    keyframes_only: bool = Field(description="only keyframes are decoded now")
+    state: str = Field(description="connecting, streaming, reconnecting, failed or stopped")
+    state_for_s: float
+    expected_fps: float | None = Field(
+        description="the camera's rate: its fps setting or the stream's"
+    )
+    source_fps: float = Field(description="frames read from the camera per second")
+    analysed_fps: float = Field(description="frames of this camera processed per second")
+    frames_read: int
+    frames_analysed: int
+    frame_errors: int
+    reconnects: int = Field(description="times the camera came back after it was lost")
+    reconnects_last_hour: int
+    stalls: int = Field(description="times no frame came for stall_timeout_s")
+    stalls_last_hour: int
+    failed_attempts: int = Field(description="opens that failed before a frame")
+    last_frame_age_s: float | None
+    last_error: str | None = Field(description="one line, no secrets")
+    last_error_age_s: float | None
+    decode_ms: float | None = Field(description="mean reader-side decode + conversion per frame")
+    quality: str = Field(description="excellent, fair, poor or unusable")
+    options: CameraOptionsModel
+
+
 class Stats(BaseModel):
     # The seed's flat fields, kept at the top level for existing dashboards.
     total_frames: int = Field(description="frames received, all streams")
@@ -121,6 +165,7 @@ class Stats(BaseModel):
         description="disconnected streams removed before their grace to make room (max_streams)"
     )
     streams: dict[str, StreamStats]
+    cameras: dict[str, CameraStats]
 
 
 @dataclass
@@ -132,6 +177,7 @@ class Components:
     ingest: TcpIngest
     started_at: float
     ready: Callable[[], tuple[bool, str]]
+    cameras: CameraManager | None = None
     pool: WorkerPool | None = None
     model_info: ModelInfo | None = None
 
@@ -195,6 +241,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             name: {**s.snapshot(now), "metric_label": s.metric_label}
             for name, s in sorted(streams.items())
         },
+        "cameras": c.cameras.health(now) if c.cameras else {},
     }
 
 

@@ -13,6 +13,7 @@ DROP_REASONS = (
     "stale",  # older than max_frame_age_ms when a worker would have taken it
     "throttled",  # above the stream's max_fps
     "skipped",  # not the Nth frame under skip_frames
+    "superseded",  # a camera's newer frame replaced it before the pipeline took it
     "decode_error",  # image bytes did not decode
     "invalid",  # message failed validation (image too large, bad fields)
     "refused",  # stream not admitted (limits, name in use, auth)

@@ -23,8 +23,8 @@ class Sink(Protocol):
 
     peer: str  # for /stats and log lines; never holds a secret
 
-    def result(self, payload: bytes) -> bool:
-        """Queue a packed result; False when the sink's outbox is full (the result is lost)."""
+    def result(self, payload: bytes, frame: Frame) -> bool:
+        """Queue a packed result of `frame`; False when the sink's outbox is full (it is lost)."""
         ...
 
     def dropped(self, stream: str, frame_id: int, reason: str) -> None:
@@ -115,6 +115,36 @@ class QueueBudget:
         return self.used > self.limit
 
 
+class Gate:
+    """A stream's skip_frames and max_fps, as a pure policy: which frames go on to be analysed.
+
+    The pipeline applies it to pushed frames; a camera's reader applies it itself, before it
+    decodes or converts a frame that would only be dropped.
+    """
+
+    __slots__ = ("_next_due", "_seen", "options")
+
+    def __init__(self, options: StreamOptions) -> None:
+        self.options = options
+        self._seen = 0
+        self._next_due = 0.0
+
+    def admit(self, now: float) -> str | None:
+        """The drop reason for a frame arriving `now`, or None to analyse it."""
+        seen = self._seen
+        self._seen += 1
+        if self.options.skip_frames > 1 and seen % self.options.skip_frames:
+            return "skipped"
+        if self.options.max_fps > 0:
+            interval = 1.0 / self.options.max_fps
+            # 10% slack so camera jitter at exactly max_fps is not throttled; max() stops a
+            # stream that was slow (or is new) from bursting to catch up.
+            if now + 0.1 * interval < self._next_due:
+                return "throttled"
+            self._next_due = max(self._next_due, now) + interval
+        return None
+
+
 @dataclass(eq=False)
 class Stream:
     name: str
@@ -131,38 +161,32 @@ class Stream:
     last_frame_at: float | None = None
     detached_at: float | None = None  # set when its sink closed; removed after a grace
     metric_label: str = ""  # the label this stream's Prometheus series carry
-    _seen: int = 0
-    _next_due: float = 0.0
+    gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)
+        self.gate = Gate(self.options)
+
+    def set_options(self, options: StreamOptions) -> None:
+        self.options = options
+        self.gate = Gate(options)
 
     @property
     def peer(self) -> str | None:
         return self.sink.peer if self.sink is not None else None
 
-    def admit(self, now: float) -> str | None:
-        """Per-stream options, applied before a frame is queued: the drop reason, or None to queue."""
+    def admit(self, now: float, gated: bool = False) -> str | None:
+        """Count a frame in and apply the options (unless its ingest `gated` it already): the
+        drop reason, or None to queue."""
         self.counts.on_received(now)
         self.last_frame_at = now
-        seen = self._seen
-        self._seen += 1
-        if self.options.skip_frames > 1 and seen % self.options.skip_frames:
-            return "skipped"
-        if self.options.max_fps > 0:
-            interval = 1.0 / self.options.max_fps
-            # 10% slack so camera jitter at exactly max_fps is not throttled; max() stops a
-            # stream that was slow (or is new) from bursting to catch up.
-            if now + 0.1 * interval < self._next_due:
-                return "throttled"
-            self._next_due = max(self._next_due, now) + interval
-        return None
+        return None if gated else self.gate.admit(now)
 
     def push(self, job: Job) -> Job | None:
         """Queue a frame; when full the oldest queued frame is returned to be dropped (latest wins)."""
         evicted = self.pop() if len(self.queue) >= self.depth else None
         self.queue.append(job)
-        size = len(job.frame.image)
+        size = job.frame.nbytes
         self.queued_bytes += size
         self.budget.used += size
         return evicted
@@ -170,7 +194,7 @@ class Stream:
     def pop(self) -> Job:
         """Take the oldest queued frame (every removal goes through here, for the byte budget)."""
         job = self.queue.popleft()
-        size = len(job.frame.image)
+        size = job.frame.nbytes
         self.queued_bytes -= size
         self.budget.used -= size
         return job

@@ -63,7 +63,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
 
     # ---- the Sink side ------------------------------------------------------------------------
-    def result(self, payload: bytes) -> bool:
+    def result(self, payload: bytes, frame: p.Frame) -> bool:
         return self._send(payload, droppable=True)
 
     def dropped(self, stream: str, frame_id: int, reason: str) -> None:

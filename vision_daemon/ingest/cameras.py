@@ -1,0 +1,447 @@
+"""Cameras the daemon pulls itself: one reader thread per camera, feeding the same pipeline.
+
+A reader reads at the camera's own speed and never waits on inference. It applies the camera's
+skip_frames and max_fps itself (the same `Gate` the pipeline applies to pushed streams), by
+capture time, before converting a frame it would drop, and hands the frames it keeps to the event
+loop through a one-frame slot: a newer frame replaces one the loop has not taken yet
+("superseded"). Every frame read is counted on the camera's stream as received, and ends
+processed or dropped with its reason, exactly like a pushed frame.
+
+A lost camera is reopened with exponential backoff (capped, with jitter); nothing a camera does
+ends its thread, touches another camera, or holds up start-up. The camera is the stream's `Sink`:
+results land here (the latest analysed frame is kept for snapshot.jpg).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+import cv2
+
+from vision_daemon.config import CameraConfig, Config
+from vision_daemon.ingest.sources import (
+    Grab,
+    SourceError,
+    SourceInfo,
+    kind_of,
+    open_source,
+    redact_url,
+    scrub,
+)
+from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.pipeline import Pipeline
+from vision_daemon.protocol import Frame, StreamOptions
+from vision_daemon.stats import Window
+from vision_daemon.streams import Gate
+
+log = logging.getLogger(__name__)
+
+STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")
+QUALITY = ("unusable", "poor", "fair", "excellent")
+HOUR_S = 3600.0
+FLUSH_INTERVAL_S = 0.5  # frames a reader gated are counted on its stream at least this often
+
+
+class CameraRefused(Exception):
+    """A camera that cannot be added (name in use, limit, shutting down); one line."""
+
+
+def grade(state: str, events_last_hour: int, fps_share: float | None) -> str:
+    """Connection quality from reconnects and stalls in the last hour and the share of the
+    expected fps delivered (after Frigate's excellent / fair / poor / unusable)."""
+    share = 1.0 if fps_share is None else fps_share
+    if state != "streaming" or share < 0.5:
+        return "unusable"
+    if events_last_hour >= 5 or share < 0.8:
+        return "poor"
+    if events_last_hour >= 1 or share < 0.95:
+        return "fair"
+    return "excellent"
+
+
+class Camera:
+    """One pulled camera: its reader thread, its health, and the Sink of its stream."""
+
+    def __init__(
+        self,
+        spec: CameraConfig,
+        pipeline: Pipeline,
+        loop: asyncio.AbstractEventLoop,
+        max_bytes: int,
+        window_s: float,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.url = spec.substream_url or spec.url  # the stream that is analysed
+        self.peer = "camera " + redact_url(self.url)  # a Sink's peer: shown in /stats
+        self.options = StreamOptions(spec.skip_frames, spec.max_fps)
+        self.keyframes_only = spec.keyframes_only == "on" or (
+            spec.keyframes_only == "auto" and 0 < spec.max_fps <= 1.0
+        )
+        self._pipeline = pipeline
+        self._loop = loop
+        self._max_bytes = max_bytes
+        self._gate = Gate(self.options)  # reader thread only
+        self._stop = threading.Event()
+        self.closed = False  # set on the event loop: no more submits
+        self._lock = threading.Lock()  # guards everything below, shared with the reader
+        self._slot: tuple[Frame, float] | None = None
+        self._gated: Counter[str] = Counter()
+        self._scheduled = False
+        self.state = "connecting"
+        self.state_since = time.monotonic()
+        self.info: SourceInfo | None = None
+        self.frames_read = 0
+        self.frames_analysed = 0
+        self.frame_errors = 0
+        self.reconnects = 0
+        self.stalls = 0
+        self.failed_attempts = 0
+        self._events: deque[tuple[float, str]] = deque(maxlen=4096)  # (when, reconnect|stall)
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_frame_at: float | None = None
+        self._read = Window(window_s)
+        self._analysed = Window(window_s)
+        self._decode = Window(window_s)
+        self.last_analysed: Frame | None = None
+        self._snapshot_jpeg: tuple[int, bytes] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
+        self._log_limit = RateLimiter(burst=3, period_s=60.0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- the Sink of the camera's stream (event loop) ---------------------------------------
+    def result(self, payload: bytes, frame: Frame) -> bool:
+        with self._lock:
+            self.frames_analysed += 1
+            self._analysed.add(1.0, time.monotonic())
+            self.last_analysed = frame
+        return True
+
+    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
+        """Counted by the pipeline on the camera's stream; nothing more to do."""
+
+    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
+        with self._lock:
+            self.frame_errors += 1
+            self.last_error = f"frame {frame_id}: {message}"[:300]
+            self.last_error_at = time.monotonic()
+
+    def frame_done(self) -> None:
+        """Nothing is held per frame outside the pipeline."""
+
+    # ---- reader thread -----------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        with self._lock:
+            if self.state != state:
+                self.state, self.state_since = state, time.monotonic()
+
+    def _run(self) -> None:
+        delay = self.spec.retry_initial_s
+        lost = False  # the camera streamed and then went away: the next frame is a reconnect
+        self._ever_streamed = False
+        while not self._stop.is_set():
+            streamed = False
+            try:
+                source = open_source(self.url, self.spec, self._max_bytes, self.keyframes_only)
+                try:
+                    with self._lock:
+                        self.info = source.info
+                    for grab in source.frames(self._stop):
+                        if not streamed:
+                            streamed = True
+                            self._on_streaming(lost)
+                            lost, delay = False, self.spec.retry_initial_s
+                        self._on_grab(grab)
+                        if self._stop.is_set():
+                            break
+                finally:
+                    source.close()
+                if self._stop.is_set():
+                    break
+                if kind_of(self.url) == "file":
+                    if self.spec.loop and streamed:
+                        continue  # a looping file starts again at once: not a reconnect
+                    self._on_error(
+                        SourceError("end of file (loop = false)", permanent=True), streamed
+                    )
+                    break
+                raise SourceError("the camera closed the stream")
+            except SourceError as exc:
+                self._on_error(exc, streamed)
+            except Exception as exc:  # a library's surprise must not end the thread
+                self._on_error(
+                    SourceError(f"{type(exc).__name__}: {scrub(str(exc), self.url)}"), streamed
+                )
+            lost = lost or streamed
+            self._ever_streamed = self._ever_streamed or streamed
+            wait = delay * random.uniform(0.8, 1.2)
+            delay = min(delay * 2, self.spec.retry_max_s)
+            if self._stop.wait(wait):
+                break
+        self._set_state("stopped")
+
+    def _on_streaming(self, reconnected: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if reconnected:
+                self.reconnects += 1
+                self._events.append((now, "reconnect"))
+            self.state, self.state_since = "streaming", now
+        log.info(
+            "camera %s: streaming from %s%s",
+            self.name,
+            redact_url(self.url),
+            " (reconnected)" if reconnected else "",
+        )
+
+    def _on_error(self, exc: SourceError, streamed: bool) -> None:
+        now = time.monotonic()
+        message = scrub(str(exc), self.url)
+        with self._lock:
+            self.last_error, self.last_error_at = message, now
+            if not streamed:
+                self.failed_attempts += 1
+            if exc.stall:
+                self.stalls += 1
+                self._events.append((now, "stall"))
+            ever = self._ever_streamed or streamed
+            state = "failed" if exc.permanent else "reconnecting" if ever else "connecting"
+            if self.state != state:
+                self.state, self.state_since = state, now
+        log_limited(
+            log,
+            self._log_limit,
+            self.name,
+            now,
+            logging.WARNING,
+            "camera %s: %s (%s)",
+            self.name,
+            message,
+            "will retry" if not self._stop.is_set() else "stopping",
+        )
+
+    def _on_grab(self, grab: Grab) -> None:
+        now = grab.captured_at
+        with self._lock:
+            frame_id = self.frames_read
+            self.frames_read += 1
+            self.last_frame_at = now
+            self._read.add(1.0, now)
+        reason = self._gate.admit(now)
+        if reason is not None:
+            with self._lock:
+                self._gated[reason] += 1
+                self._decode.add(grab.decode_ms, now)
+            return
+        frame, convert_ms = grab.to_frame(self.name, frame_id)
+        with self._lock:
+            self._decode.add(grab.decode_ms + convert_ms, now)
+            if self._slot is not None:
+                self._gated["superseded"] += 1
+            self._slot = (frame, now)
+            schedule = not self._scheduled
+            self._scheduled = True
+        if schedule:
+            try:
+                self._loop.call_soon_threadsafe(self.flush)
+            except RuntimeError:  # the loop is closed: the daemon is gone
+                self._stop.set()
+
+    # ---- event loop --------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Hand what the reader left to the pipeline: gated counts, then the waiting frame."""
+        with self._lock:
+            slot, gated = self._slot, self._gated
+            self._slot, self._gated, self._scheduled = None, Counter(), False
+        if self.closed:
+            return
+        if gated:
+            self._pipeline.count_gated(self, self.name, self.options, dict(gated))
+        if slot is not None:
+            frame, captured_at = slot
+            self._pipeline.submit(self, frame, self.options, captured_at=captured_at, gated=True)
+
+    def stop(self) -> None:
+        """Stop reading (the thread ends within a frame or a timeout) and leave the pipeline."""
+        self._stop.set()
+        if not self.closed:
+            self.flush()
+            self.closed = True
+            self._pipeline.detach(self)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    async def snapshot_jpeg(self) -> bytes | None:
+        """The latest analysed frame as a JPEG (encoded once per frame, off the event loop)."""
+        with self._lock:
+            frame, cached = self.last_analysed, self._snapshot_jpeg
+        if frame is None:
+            return None
+        if cached is not None and cached[0] == frame.frame_id:
+            return cached[1]
+        if frame.pixels is None:
+            body = frame.image  # MJPEG and snapshot cameras: the camera's own JPEG
+        else:
+            body = await asyncio.to_thread(_encode_jpeg, frame.pixels)
+        with self._lock:
+            self._snapshot_jpeg = (frame.frame_id, body)
+        return body
+
+    def health(self, now: float) -> dict[str, Any]:
+        """What /cameras shows: state, rates, reconnects, stalls, errors, quality."""
+        with self._lock:
+            while self._events and now - self._events[0][0] > HOUR_S:
+                self._events.popleft()
+            reconnects_h = sum(1 for _, kind in self._events if kind == "reconnect")
+            stalls_h = len(self._events) - reconnects_h
+            source_fps = self._read.rate(now)
+            info = self.info
+            expected = self.spec.fps or (info.nominal_fps if info else 0.0)
+            if info is not None and info.keyframes_only:
+                expected = 0.0  # keyframes arrive at the GOP rate, not the camera's fps
+            share = (
+                min(1.0, source_fps / expected)
+                if expected > 0 and now - self.state_since >= self._read.span
+                else None
+            )
+            decode = self._decode.percentiles(now)
+            return {
+                "name": self.name,
+                "url": redact_url(self.spec.url),
+                "substream_url": redact_url(self.spec.substream_url)
+                if self.spec.substream_url
+                else None,
+                "source": info.kind if info else kind_of(self.url),
+                "codec": info.codec if info else None,
+                "width": info.width if info else None,
+                "height": info.height if info else None,
+                "keyframes_only": bool(info and info.keyframes_only),
+                "state": self.state,
+                "state_for_s": round(now - self.state_since, 1),
+                "expected_fps": round(expected, 2) if expected else None,
+                "source_fps": source_fps,
+                "analysed_fps": self._analysed.rate(now),
+                "frames_read": self.frames_read,
+                "frames_analysed": self.frames_analysed,
+                "frame_errors": self.frame_errors,
+                "reconnects": self.reconnects,
+                "reconnects_last_hour": reconnects_h,
+                "stalls": self.stalls,
+                "stalls_last_hour": stalls_h,
+                "failed_attempts": self.failed_attempts,
+                "last_frame_age_s": (
+                    None if self.last_frame_at is None else round(now - self.last_frame_at, 3)
+                ),
+                "last_error": self.last_error,
+                "last_error_age_s": (
+                    None if self.last_error_at is None else round(now - self.last_error_at, 1)
+                ),
+                "decode_ms": decode["mean"],
+                "quality": grade(self.state, reconnects_h + stalls_h, share),
+                "options": {
+                    "skip_frames": self.spec.skip_frames,
+                    "max_fps": self.spec.max_fps,
+                    "rtsp_transport": self.spec.rtsp_transport,
+                    "keyframes_only": self.spec.keyframes_only,
+                    "loop": self.spec.loop,
+                    "stall_timeout_s": self.spec.stall_timeout_s,
+                },
+            }
+
+
+class CameraManager:
+    """The cameras of one daemon: added from the config at start, and at run time by the API."""
+
+    def __init__(self, config: Config, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.cameras: dict[str, Camera] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for spec in self.config.cameras:
+            self.add(spec)  # never blocks: opening happens in the camera's thread
+        self._tick()
+
+    def _tick(self) -> None:
+        """Count the frames readers gated even while none is forwarded (a re-armed handle)."""
+        for camera in list(self.cameras.values()):
+            camera.flush()
+        assert self._loop is not None
+        self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._tick)
+
+    def add(self, spec: CameraConfig) -> Camera:
+        if self.closing or self._loop is None:
+            raise CameraRefused("the daemon is not running cameras (starting or shutting down)")
+        if spec.name in self.cameras:
+            raise CameraRefused(f"camera {spec.name!r} exists; DELETE it first")
+        if len(self.cameras) >= self.config.max_cameras:
+            raise CameraRefused(f"max_cameras={self.config.max_cameras} reached")
+        stream = self.pipeline.streams.get(spec.name)
+        if stream is not None and stream.detached_at is None:
+            raise CameraRefused(f"stream {spec.name!r} is in use by {stream.peer}")
+        camera = Camera(
+            spec,
+            self.pipeline,
+            self._loop,
+            self.config.max_message_bytes,
+            self.config.stats_window_s,
+        )
+        self.cameras[spec.name] = camera
+        camera.start()
+        log.info("camera %s added: %s", spec.name, redact_url(camera.url))
+        return camera
+
+    def remove(self, name: str) -> bool:
+        camera = self.cameras.pop(name, None)
+        if camera is None:
+            return False
+        camera.stop()
+        log.info("camera %s removed", name)
+        return True
+
+    def stop_reading(self) -> None:
+        """Shutdown, first step: readers stop and no frame enters the pipeline any more."""
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for camera in self.cameras.values():
+            camera.stop()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Stop every camera; wait (off the loop) a little for their threads (they are daemons)."""
+        self.stop_reading()
+        cameras = list(self.cameras.values())
+        deadline = time.monotonic() + timeout
+
+        def join_all() -> None:
+            for camera in cameras:
+                camera.join(max(0.0, deadline - time.monotonic()))
+
+        await asyncio.to_thread(join_all)
+
+    def health(self, now: float) -> dict[str, dict[str, Any]]:
+        return {name: c.health(now) for name, c in sorted(self.cameras.items())}
+
+    def get(self, name: str) -> Camera | None:
+        return self.cameras.get(name)
+
+
+def _encode_jpeg(pixels: Any) -> bytes:
+    ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise RuntimeError("JPEG encoding of a camera frame failed")
+    return bytes(buf.tobytes())
