@@ -170,9 +170,9 @@ class Camera:
                 if kind_of(self.url) == "file":
                     if self.spec.loop and streamed:
                         continue  # a looping file starts again at once: not a reconnect
-                    self._on_error(
-                        SourceError("end of file (loop = false)", permanent=True), streamed
-                    )
+                    with self._lock:  # a file that ends is done: stopped, not failed
+                        self.last_error, self.last_error_at = "end of file", time.monotonic()
+                    log.info("camera %s: end of file (loop = false): stopped", self.name)
                     break
                 raise SourceError("the camera closed the stream")
             except SourceError as exc:

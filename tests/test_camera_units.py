@@ -1,0 +1,158 @@
+"""Pulled cameras' pure parts: MJPEG parsing, secrets kept out of text, grading, config, gating."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import jpeg
+from tests.test_units import FakeSink, accounted, make_pipeline
+from vision_daemon import protocol as p
+from vision_daemon.config import ConfigError, camera_from_dict, camera_from_flag, load_config
+from vision_daemon.ingest.cameras import grade
+from vision_daemon.ingest.sources import MjpegError, MjpegParser, redact_url, scrub
+
+BOUNDARY = b"123456789000000000000987654321"
+
+
+def esp32_part(body: bytes, length: bool = True) -> bytes:
+    """One part as the ESP32-CAM CameraWebServer sends it."""
+    head = b"--" + BOUNDARY + b"\r\nContent-Type: image/jpeg\r\n"
+    if length:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"X-Timestamp: 1.2\r\n\r\n" + body + b"\r\n"
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_mjpeg_parser_cuts_parts_with_and_without_content_length(length: bool) -> None:
+    """Three parts, with or without Content-Length, come out as the three JPEGs."""
+    frames = [jpeg(value=v) for v in (10, 20, 30)]
+    stream = b"".join(esp32_part(f, length) for f in frames) + b"--" + BOUNDARY
+    parser = MjpegParser(BOUNDARY, 1 << 20)
+    assert parser.feed(stream) == frames
+    assert parser.bad_parts == 0
+
+
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40))
+def test_mjpeg_parser_does_not_care_how_bytes_are_chunked(cuts: list[int]) -> None:
+    """However the network splits the stream, the same frames come out, in order."""
+    frames = [jpeg(60, 80, value=v) for v in (1, 2, 3, 4)]
+    stream = b"".join(esp32_part(f, length=bool(i % 2)) for i, f in enumerate(frames))
+    stream += b"--" + BOUNDARY
+    parser = MjpegParser(BOUNDARY, 1 << 20)
+    out: list[bytes] = []
+    pos = 0
+    for cut in cuts * 100:
+        if pos >= len(stream):
+            break
+        out += parser.feed(stream[pos : pos + cut])
+        pos += cut
+    out += parser.feed(stream[pos:])
+    assert out == frames
+
+
+def test_mjpeg_parser_refuses_garbage_and_oversized_parts_within_its_bound() -> None:
+    """Bytes with no boundary, a part over the limit, and endless headers each raise."""
+    parser = MjpegParser(BOUNDARY, 10_000)
+    with pytest.raises(MjpegError, match="no multipart boundary"):
+        for _ in range(100):
+            parser.feed(b"\x00garbage" * 500)
+    assert len(parser.buf) < 10_000 + 8192 + 4000  # it held no more than its bound
+    with pytest.raises(MjpegError, match="exceeds"):
+        MjpegParser(BOUNDARY, 1000).feed(esp32_part(b"\xff\xd8" + b"x" * 2000))
+    with pytest.raises(MjpegError, match="headers longer"):
+        MjpegParser(BOUNDARY, 1000).feed(b"--" + BOUNDARY + b"\r\nX: " + b"y" * 9000)
+
+
+def test_mjpeg_parser_skips_parts_that_are_not_jpeg() -> None:
+    """A text part in the stream is counted and skipped; the JPEG after it comes out."""
+    good = jpeg()
+    parser = MjpegParser(BOUNDARY, 1 << 20)
+    assert parser.feed(esp32_part(b"hello") + esp32_part(good)) == [good]
+    assert parser.bad_parts == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets", "host"),
+    [
+        (
+            "rtsp://admin:s3cr%40t@10.0.0.5:554/Streaming/Channels/101",
+            ["admin", "s3cr%40t", "s3cr@t"],
+            "10.0.0.5:554",
+        ),
+        (
+            "http://viewer:hunter22@cam.local/video.cgi?res=640x480",
+            ["viewer", "hunter22"],
+            "cam.local",
+        ),
+        (
+            "http://cam.local/snapshot.cgi?user=admin&pwd=hunter22&chn=1",
+            ["admin", "hunter22"],
+            "cam.local",
+        ),
+        ("https://cam.local/mjpg?token=abc123def", ["abc123def"], "cam.local"),
+    ],
+)
+def test_redacted_urls_and_scrubbed_errors_hold_no_secret(
+    url: str, secrets: list[str], host: str
+) -> None:
+    """User, password and secret-looking query values never survive redaction or scrubbing."""
+    shown = redact_url(url)
+    error = f"Connection refused: '{url}' (user {secrets[0]}, password {secrets[-1]})\nline two"
+    line = scrub(error, url)
+    for text in (shown, line):
+        assert not [s for s in secrets if s in text], text
+    assert "\n" not in line and host in shown and host in line
+
+
+def test_grade_follows_reconnects_stalls_and_fps_share() -> None:
+    """Excellent when steady; fair, poor, unusable as events grow or fps falls short."""
+    assert grade("streaming", 0, 1.0) == "excellent"
+    assert grade("streaming", 0, None) == "excellent"
+    assert grade("streaming", 1, 1.0) == "fair"
+    assert grade("streaming", 0, 0.9) == "fair"
+    assert grade("streaming", 5, 1.0) == "poor"
+    assert grade("streaming", 0, 0.6) == "poor"
+    assert grade("streaming", 0, 0.3) == "unusable"
+    assert grade("reconnecting", 0, 1.0) == "unusable"
+
+
+def test_camera_config_from_toml_flags_and_json(tmp_path: object) -> None:
+    """[[cameras]] tables, --camera NAME=URL and JSON bodies build the same checked settings."""
+    c = camera_from_dict({"name": "door", "url": "rtsp://h/s", "max_fps": 2, "loop": "true"})
+    assert (c.max_fps, c.loop, c.rtsp_transport) == (2.0, True, "tcp")
+    assert camera_from_flag("yard=http://cam/stream").url == "http://cam/stream"
+    cfg = load_config(overrides={"cameras": [c, camera_from_flag("y=/tmp/v.mp4")]}, environ={})
+    assert [x.name for x in cfg.cameras] == ["door", "y"]
+    for bad, message in [
+        ({"name": "a b", "url": "rtsp://h"}, "name must be"),
+        ({"name": "a", "url": "ftp://h/x"}, "url must be"),
+        ({"name": "a", "url": "rtsp://h", "rtsp_transport": "sctp"}, "tcp or udp"),
+        ({"name": "a", "url": "rtsp://h", "colour": "red"}, "unknown setting 'colour'"),
+        ({"name": "a", "url": "rtsp://h", "max_fps": "fast"}, "not a number"),
+        ({"name": "a"}, "url is required"),
+        ("rtsp://h", "must be a table"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            camera_from_dict(bad)
+    with pytest.raises(ConfigError, match="NAME=URL"):
+        camera_from_flag("no-equals-sign")
+    with pytest.raises(ConfigError, match="same name"):
+        load_config(overrides={"cameras": [c, c]}, environ={})
+
+
+def test_gated_frames_are_received_and_dropped_with_their_reason() -> None:
+    """What a camera's reader does not hand on is counted on its stream: the accounting holds."""
+    pipe, _, _, _ = make_pipeline()
+    sink = FakeSink("camera rtsp://***@h/s")
+    options = p.StreamOptions(skip_frames=1, max_fps=5.0)
+    pipe.count_gated(sink, "door", options, {"throttled": 5, "superseded": 2})
+    frame = p.Frame("door", 7, 0.0, jpeg(), "jpeg")
+    pipe.submit(sink, frame, options, captured_at=-1.0, gated=True)
+    stream = pipe.streams["door"]
+    assert pipe.totals.received == 8 and stream.counts.received == 8
+    assert stream.counts.dropped["throttled"] == 5 and stream.counts.dropped["superseded"] == 2
+    assert len(stream.queue) == 1  # gated=True: the pipeline does not throttle it a second time
+    assert stream.queue[0].received_at == -1.0  # latency counts from capture
+    assert accounted(pipe)
