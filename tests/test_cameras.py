@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -147,5 +148,39 @@ def test_camera_api_needs_the_token_and_honours_max_cameras(tmp_path: Path) -> N
                 assert r.status_code == 201, r.text
                 r = await h.post("/cameras", json={"name": "b", "url": str(clip)})
                 assert r.status_code == 409 and "max_cameras=1" in r.json()["detail"]
+
+    run(main())
+
+
+def h264_clip(path: Path, seconds: int = 2) -> Path:
+    """An H.264 file (640x480, 30 fps, a keyframe each second) made by the pip ffmpeg."""
+    ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg is not installed")
+    subprocess.run(
+        [
+            *(ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(VIDEO), "-t", str(seconds)),
+            *("-vf", "scale=640:480,fps=30", "-c:v", "libx264", "-preset", "ultrafast"),
+            *("-g", "30", "-bf", "0", "-an", str(path)),
+        ],
+        check=True,
+        timeout=60,
+    )
+    return path
+
+
+@pytest.mark.parametrize("keyframes", ["on", "off"])
+def test_h264_file_decodes_every_frame_or_only_keyframes(tmp_path: Path, keyframes: str) -> None:
+    """keyframes_only = on decodes the one keyframe a second and nothing else; off decodes all."""
+    clip = h264_clip(tmp_path / "clip.mp4")
+    spec = CameraConfig(name="h264", url=str(clip), keyframes_only=keyframes, max_fps=0)
+
+    async def main() -> None:
+        async with running_daemon(cameras=(spec,)) as d:
+            await wait_for(lambda: camera(d, "h264")["state"] == "stopped", what="the end")
+            cam = camera(d, "h264")
+            assert (cam["codec"], cam["width"], cam["height"]) == ("h264", 640, 480)
+            assert cam["keyframes_only"] is (keyframes == "on")
+            assert cam["frames_read"] == (2 if keyframes == "on" else 60)
+            await wait_for(lambda: stats(d)["streams"]["h264"]["in_flight"] == 0)
+            assert accounted(d)
 
     run(main())

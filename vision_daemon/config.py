@@ -40,6 +40,7 @@ class CameraConfig:
     fps: float = 0.0  # the rate the camera is set to (0 = as the stream declares it)
     rtsp_transport: str = "tcp"  # tcp or udp
     keyframes_only: str = "auto"  # decode only keyframes: on, off, auto (on when max_fps <= 1)
+    decode_threads: int = 1  # FFmpeg decoder threads (1 is cheapest per camera; 0 = FFmpeg picks)
     loop: bool = False  # files: start again at the end
     open_timeout_s: float = 10.0  # connecting and the first frame
     stall_timeout_s: float = 10.0  # no frame for this long: reconnect
@@ -55,6 +56,7 @@ class CameraConfig:
             (_camera_url_ok(self.url), _URL_HELP),
             (not self.substream_url or _camera_url_ok(self.substream_url), _URL_HELP),
             (self.skip_frames >= 1, "skip_frames must be >= 1"),
+            (0 <= self.decode_threads <= 16, "decode_threads must be 0..16"),
             (self.max_fps >= 0 and self.fps >= 0, "max_fps and fps must be >= 0"),
             (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
             (

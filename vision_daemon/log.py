@@ -29,6 +29,8 @@ def setup_logging(level: str, log_dir: str) -> Path | None:
         root.addHandler(rotating)
     # ultralytics logs every model load at INFO through its own logger; keep ours readable.
     logging.getLogger("ultralytics").setLevel(logging.WARNING)
+    # httpx logs every request of a snapshot camera (a line per poll), URL included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return path
 
 

@@ -97,6 +97,7 @@ class CameraOptionsModel(BaseModel):
     max_fps: float
     rtsp_transport: str
     keyframes_only: str
+    decode_threads: int
     loop: bool
     stall_timeout_s: float
 

@@ -353,6 +353,7 @@ class Camera:
                     "max_fps": self.spec.max_fps,
                     "rtsp_transport": self.spec.rtsp_transport,
                     "keyframes_only": self.spec.keyframes_only,
+                    "decode_threads": self.spec.decode_threads,
                     "loop": self.spec.loop,
                     "stall_timeout_s": self.spec.stall_timeout_s,
                 },

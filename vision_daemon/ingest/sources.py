@@ -116,13 +116,18 @@ class Grab:
     decode_ms: float  # time spent decoding it in the reader (0 for JPEG: workers decode)
     jpeg: bytes = b""
     video_frame: Any = None  # av.VideoFrame
+    reformatter: Any = None  # the source's one av VideoReformatter
 
     def to_frame(self, stream: str, frame_id: int) -> tuple[Frame, float]:
         """The protocol Frame for the pipeline, and the milliseconds the conversion took."""
         if self.video_frame is None:
             return Frame(stream, frame_id, self.wall, self.jpeg, "jpeg"), 0.0
         t0 = time.perf_counter()
-        pixels = self.video_frame.to_ndarray(format="bgr24")
+        # One reformatter per source, on this thread: `VideoFrame.to_ndarray(format=...)` builds
+        # a scaler per frame with a thread per core (benchmarks/decode_cost.py: 0.35 ms against
+        # about 0.1 ms a frame at 640x480).
+        bgr = self.reformatter.reformat(self.video_frame, format="bgr24", threads=1)
+        pixels = bgr.to_ndarray()
         ms = (time.perf_counter() - t0) * 1000
         return Frame(stream, frame_id, self.wall, b"", "raw", pixels.shape, pixels=pixels), ms
 
@@ -190,6 +195,7 @@ class PyAvSource:
 
     def __init__(self, url: str, kind: str, camera: CameraConfig, keyframes_only: bool) -> None:
         import av
+        import av.video.reformatter
 
         options: dict[str, str] = {}
         fmt: str | None = None
@@ -213,8 +219,14 @@ class PyAvSource:
             self.container.close()
             raise SourceError("the source has no video stream", permanent=True)
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"  # frame and slice threads: decoding is the CPU cost here
         ctx = self.stream.codec_context
+        # One decoder thread is the cheapest per frame (frame threads cost about 40% more CPU
+        # and add 2 frames of delay: benchmarks/decode_cost.py); 0 lets FFmpeg choose.
+        if camera.decode_threads == 0:
+            self.stream.thread_type = "AUTO"
+        else:
+            ctx.thread_count = camera.decode_threads
+        self.reformatter = av.video.reformatter.VideoReformatter()
         if keyframes_only:
             ctx.skip_frame = "NONKEY"
         rate = self.stream.average_rate or self.stream.guessed_rate
@@ -248,7 +260,13 @@ class PyAvSource:
                         due = start[1] + media - start[0]
                         if stop.wait(max(0.0, due - time.monotonic())):
                             return
-                    yield Grab(time.monotonic(), time.time(), ms / len(decoded), video_frame=vf)
+                    yield Grab(
+                        time.monotonic(),
+                        time.time(),
+                        ms / len(decoded),
+                        video_frame=vf,
+                        reformatter=self.reformatter,
+                    )
         except av.error.EOFError:
             return
 
