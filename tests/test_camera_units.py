@@ -11,7 +11,14 @@ from tests.test_units import FakeSink, accounted, make_pipeline
 from vision_daemon import protocol as p
 from vision_daemon.config import ConfigError, camera_from_dict, camera_from_flag, load_config
 from vision_daemon.ingest.cameras import grade
-from vision_daemon.ingest.sources import MjpegError, MjpegParser, redact_url, scrub
+from vision_daemon.ingest.sources import (
+    MAX_PART_HEADER,
+    MAX_PREAMBLE,
+    MjpegError,
+    MjpegParser,
+    redact_url,
+    scrub,
+)
 
 BOUNDARY = b"123456789000000000000987654321"
 
@@ -53,12 +60,19 @@ def test_mjpeg_parser_does_not_care_how_bytes_are_chunked(cuts: list[int]) -> No
 
 
 def test_mjpeg_parser_refuses_garbage_and_oversized_parts_within_its_bound() -> None:
-    """Bytes with no boundary, a part over the limit, and endless headers each raise."""
-    parser = MjpegParser(BOUNDARY, 10_000)
+    """Bytes with no boundary (before the first part, or after one), a part over the limit, and
+    endless headers each raise, having held no more than their bound."""
+    parser = MjpegParser(BOUNDARY, 1 << 20)
     with pytest.raises(MjpegError, match="no multipart boundary"):
         for _ in range(100):
             parser.feed(b"\x00garbage" * 500)
-    assert len(parser.buf) < 10_000 + 8192 + 4000  # it held no more than its bound
+    assert len(parser.buf) <= MAX_PREAMBLE + 4500  # refused long before max_part
+    parser = MjpegParser(BOUNDARY, 10_000)
+    assert parser.feed(esp32_part(jpeg(60, 80))) != []
+    with pytest.raises(MjpegError, match="no multipart boundary"):
+        for _ in range(100):
+            parser.feed(b"\x00garbage" * 500)
+    assert len(parser.buf) <= 10_000 + MAX_PART_HEADER + 4500
     with pytest.raises(MjpegError, match="exceeds"):
         MjpegParser(BOUNDARY, 1000).feed(esp32_part(b"\xff\xd8" + b"x" * 2000))
     with pytest.raises(MjpegError, match="headers longer"):

@@ -184,3 +184,203 @@ def test_h264_file_decodes_every_frame_or_only_keyframes(tmp_path: Path, keyfram
             assert accounted(d)
 
     run(main())
+
+
+# ---- real cameras: an ESP32-CAM-like MJPEG server and an H.264 RTSP server ----------------------
+FAST_RETRY = {"open_timeout_s": 2.0, "stall_timeout_s": 2.0, "retry_initial_s": 0.2}
+SECRET = "Sup3r-S3cret"
+
+
+def no_secret_anywhere(d: Daemon, caplog: pytest.LogCaptureFixture, *more: str) -> None:
+    """The password is in no /stats, /cameras or /metrics output, log line or given text."""
+    texts = [d.snapshot().body.decode(), d.metrics.render().decode(), caplog.text, *more]
+    assert not [t for t in texts if SECRET in t]
+
+
+async def ws_results(d: Daemon, stream: str, n: int) -> list[dict[str, Any]]:
+    """The next n results of `stream` from /ws."""
+    import json
+
+    import websockets
+
+    out: list[dict[str, Any]] = []
+    url = f"ws://127.0.0.1:{d.api_port}/ws?stream={stream}"
+    async with websockets.connect(url) as ws, asyncio.timeout(20):
+        while len(out) < n:
+            out.append(json.loads(await ws.recv()))
+    return out
+
+
+def test_esp32_mjpeg_camera_is_analysed_at_max_fps_with_results_on_ws() -> None:
+    """A 30 fps MJPEG camera analysed at 10 fps: results on /ws carry the capture time, the
+    frames not analysed are throttled before any decoding, snapshot.jpg is the camera's JPEG."""
+    from tests.sources import MjpegServer
+
+    with MjpegServer(fps=30, frames=60) as cam:
+        spec = CameraConfig(name="esp32", url=cam.url, max_fps=10, **FAST_RETRY)
+
+        async def main() -> None:
+            async with running_daemon(cameras=(spec,)) as d, http(d) as h:
+                results = await ws_results(d, "esp32", 5)
+                now = time.time()
+                assert all(0 <= now - r["timestamp"] < 10 for r in results)
+                assert [r["frame_id"] for r in results] == sorted(r["frame_id"] for r in results)
+                await wait_for(lambda: camera(d, "esp32")["frames_read"] >= 60)
+                cam_stats = camera(d, "esp32")
+                assert (cam_stats["source"], cam_stats["state"]) == ("mjpeg", "streaming")
+                s = stats(d)["streams"]["esp32"]
+                assert s["dropped_by_reason"]["throttled"] > s["processed"] > 0
+                assert s["peer"].startswith("camera http://127.0.0.1:")
+                snap = await h.get("/cameras/esp32/snapshot.jpg")
+                assert snap.content in cam.jpegs  # the camera's own bytes: never re-encoded
+                assert accounted(d)
+
+        run(main())
+
+
+def test_mjpeg_camera_killed_and_revived_resumes_and_counts_the_reconnect() -> None:
+    """A camera that loses power comes back: results resume within the stall timeout plus the
+    backoff, the reconnect is counted, and the accounting still holds."""
+    from tests.sources import MjpegServer
+
+    with MjpegServer(fps=30, frames=30) as cam:
+        spec = CameraConfig(name="door", url=cam.url, max_fps=10, retry_max_s=0.5, **FAST_RETRY)
+
+        async def main() -> None:
+            async with running_daemon(cameras=(spec,)) as d:
+                await wait_for(lambda: stats(d)["streams"].get("door", {}).get("processed", 0) > 3)
+                cam.kill()
+                await wait_for(lambda: camera(d, "door")["state"] == "reconnecting", what="lost")
+                assert camera(d, "door")["last_error"] == "the camera closed the connection"
+                before = stats(d)["streams"]["door"]["processed"]
+                cam.revive()
+                # stall_timeout_s (2) + the capped backoff (0.5 +- 20%) + slack for this box
+                await wait_for(lambda: camera(d, "door")["state"] == "streaming", timeout=6)
+                await wait_for(lambda: stats(d)["streams"]["door"]["processed"] > before + 3)
+                c = camera(d, "door")
+                assert c["reconnects"] == 1 and c["reconnects_last_hour"] == 1
+                assert c["quality"] in ("fair", "poor")  # a reconnect in the last hour
+                assert accounted(d)
+
+        run(main())
+
+
+def test_broken_cameras_say_why_leak_no_secret_and_leave_a_good_one_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A URL that never answers, a 404, garbage, wrong credentials and a refused port each get
+    their state and one-line error, no password shows anywhere, and the good camera streams on."""
+    import logging
+
+    from tests.sources import MjpegServer
+
+    caplog.set_level(logging.INFO)
+    servers = {
+        mode: MjpegServer(fps=30, frames=30, mode=mode).start()
+        for mode in ("ok", "hang", "404", "garbage")
+    }
+    locked = MjpegServer(fps=30, frames=30, require_auth=("admin", "right-one")).start()
+    try:
+        urls = {f"m-{mode}": s.stream_url("admin", SECRET) for mode, s in servers.items()}
+        urls["m-auth"] = locked.stream_url("admin", SECRET)
+        urls["m-refused"] = f"http://admin:{SECRET}@127.0.0.1:1/stream"
+        specs = tuple(CameraConfig(name=n, url=u, max_fps=5, **FAST_RETRY) for n, u in urls.items())
+        expected = {
+            "m-hang": ("connecting", "sent no answer"),
+            "m-404": ("failed", "not found (HTTP 404)"),
+            "m-garbage": ("failed", "not an MJPEG stream"),
+            "m-auth": ("failed", "wrong or missing credentials (HTTP 401)"),
+            "m-refused": ("connecting", "cannot connect"),
+        }
+
+        async def main() -> None:
+            async with running_daemon(cameras=specs) as d, http(d) as h:
+
+                def settled() -> bool:
+                    cams = stats(d)["cameras"]
+                    return all(
+                        cams[n]["state"] == state and want in (cams[n]["last_error"] or "")
+                        for n, (state, want) in expected.items()
+                    )
+
+                await wait_for(settled, timeout=20, what=f"the errors {expected}")
+                good = camera(d, "m-ok")
+                await wait_for(lambda: camera(d, "m-ok")["frames_read"] > good["frames_read"] + 30)
+                good = camera(d, "m-ok")
+                assert good["state"] == "streaming" and good["reconnects"] == good["stalls"] == 0
+                assert good["source_fps"] > 15  # the camera sends 30; broken neighbours cost none
+                for name in expected:
+                    c = camera(d, name)
+                    assert c["url"].startswith("http://***@127.0.0.1:")
+                    assert c["quality"] == "unusable" and c["failed_attempts"] >= 1
+                    assert "\n" not in c["last_error"]
+                listing = (await h.get("/cameras")).text
+                metrics = (await h.get("/metrics")).text
+                assert 'vision_daemon_camera_state{camera="m-404",state="failed"} 1.0' in metrics
+                no_secret_anywhere(d, caplog, listing, metrics)
+
+        run(main())
+    finally:
+        for s in (*servers.values(), locked):
+            s.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_rtsp_camera_streams_h264_over_tcp_and_udp(transport: str) -> None:
+    """An H.264 RTSP camera from a real ffmpeg, over interleaved TCP or UDP, is analysed."""
+    from tests.sources import RtspServer
+
+    with RtspServer() as cam:
+        spec = CameraConfig(name="ipcam", url=cam.url, rtsp_transport=transport, **FAST_RETRY)
+
+        async def main() -> None:
+            async with running_daemon(cameras=(spec,)) as d:
+                await wait_for(
+                    lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) >= 5
+                )
+                c = camera(d, "ipcam")
+                assert (c["source"], c["codec"], c["width"], c["height"]) == (
+                    "rtsp",
+                    "h264",
+                    640,
+                    480,
+                )
+                assert c["state"] == "streaming" and c["decode_ms"] is not None
+                assert accounted(d)
+
+        run(main())
+
+
+def test_rtsp_camera_killed_and_revived_and_wrong_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An RTSP camera that goes away is reopened and counted; one with the wrong password is
+    'failed' with a one-line error and its password appears nowhere."""
+    import logging
+
+    from tests.sources import RtspServer
+
+    caplog.set_level(logging.INFO)
+    with RtspServer() as cam, RtspServer(require_auth=("admin", "right-one")) as locked:
+        specs = (
+            CameraConfig(name="ipcam", url=cam.url, retry_max_s=0.5, **FAST_RETRY),
+            CameraConfig(name="locked", url=locked.url_with("admin", SECRET), **FAST_RETRY),
+        )
+
+        async def main() -> None:
+            async with running_daemon(cameras=specs) as d:
+                await wait_for(lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) > 2)
+                cam.kill()
+                await wait_for(lambda: camera(d, "ipcam")["state"] == "reconnecting", what="lost")
+                before = stats(d)["streams"]["ipcam"]["processed"]
+                cam.revive()
+                await wait_for(lambda: camera(d, "ipcam")["state"] == "streaming", timeout=10)
+                await wait_for(lambda: stats(d)["streams"]["ipcam"]["processed"] > before + 2)
+                assert camera(d, "ipcam")["reconnects"] == 1
+                locked_cam = camera(d, "locked")
+                assert locked_cam["state"] == "failed"
+                assert "wrong or missing credentials" in locked_cam["last_error"]
+                no_secret_anywhere(d, caplog)
+                assert accounted(d)
+
+        run(main())

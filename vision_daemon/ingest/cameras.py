@@ -33,6 +33,7 @@ from vision_daemon.ingest.sources import (
     open_source,
     redact_url,
     scrub,
+    source_error,
 )
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.pipeline import Pipeline
@@ -177,10 +178,8 @@ class Camera:
                 raise SourceError("the camera closed the stream")
             except SourceError as exc:
                 self._on_error(exc, streamed)
-            except Exception as exc:  # a library's surprise must not end the thread
-                self._on_error(
-                    SourceError(f"{type(exc).__name__}: {scrub(str(exc), self.url)}"), streamed
-                )
+            except Exception as exc:  # a library's error, or its surprise: never ends the thread
+                self._on_error(source_error(exc, self.url), streamed)
             lost = lost or streamed
             self._ever_streamed = self._ever_streamed or streamed
             wait = delay * random.uniform(0.8, 1.2)

@@ -27,6 +27,7 @@ from vision_daemon.protocol import Frame
 log = logging.getLogger(__name__)
 
 MAX_PART_HEADER = 8192  # bytes of one multipart part's headers
+MAX_PREAMBLE = 65536  # bytes before the first boundary (a real camera sends a CRLF or nothing)
 SECRET_PARAMS = re.compile(r"user|pass|pwd|token|key|auth|secret|sig|cred", re.IGNORECASE)
 
 
@@ -162,10 +163,10 @@ def open_source(url: str, camera: CameraConfig, max_bytes: int, keyframes_only: 
     except SourceError:
         raise
     except Exception as exc:
-        raise _error_from(exc, url) from None
+        raise source_error(exc, url) from None
 
 
-def _error_from(exc: BaseException, url: str) -> SourceError:
+def source_error(exc: BaseException, url: str) -> SourceError:
     """A library's exception as one scrubbed line, classified permanent or transient."""
     import av.error
 
@@ -186,6 +187,8 @@ def _error_from(exc: BaseException, url: str) -> SourceError:
         return SourceError("no answer within open_timeout_s")
     if isinstance(exc, httpx.TimeoutException):
         return SourceError("timed out", stall=True)
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return SourceError("the camera closed the connection")
     return SourceError(f"{name}: {scrub(str(exc), url)}")
 
 
@@ -293,7 +296,12 @@ def _open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
         headers={"User-Agent": "vision-daemon"},
     )
     try:
-        response = _get(client, bare, credentials)
+        try:
+            response = _get(client, bare, credentials)
+        except httpx.ReadTimeout:
+            raise SourceError(
+                "the camera accepted the connection but sent no answer within stall_timeout_s"
+            ) from None
         ctype = response.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/"):
             match = re.search(r'boundary="?([^";,]+)"?', response.headers["content-type"])
@@ -373,6 +381,7 @@ class MjpegParser:
         self.buf = bytearray()
         self.bad_parts = 0
         self._scan = 0  # where to resume looking for the next boundary (no rescans)
+        self._synced = False  # a boundary was seen: the stream is multipart as promised
 
     def feed(self, data: bytes) -> list[bytes]:
         self.buf += data
@@ -390,7 +399,8 @@ class MjpegParser:
         buf = self.buf
         i = buf.find(self.boundary)
         if i < 0:
-            if len(buf) > self.max_part + MAX_PART_HEADER:
+            limit = self.max_part + MAX_PART_HEADER if self._synced else MAX_PREAMBLE
+            if len(buf) > limit:
                 raise MjpegError(f"no multipart boundary in {len(buf)} bytes: not an MJPEG stream")
             return None
         head_end = buf.find(b"\r\n\r\n", i)
@@ -401,6 +411,7 @@ class MjpegParser:
             if len(buf) - i > MAX_PART_HEADER:
                 raise MjpegError("multipart part headers longer than 8 KiB")
             return None
+        self._synced = True
         headers = bytes(buf[i:head_end]).lower()
         start = head_end + sep
         match = re.search(rb"content-length:\s*(\d+)", headers)
