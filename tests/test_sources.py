@@ -216,13 +216,12 @@ def test_mjpeg_kill_ends_open_stream_and_revive_serves_same_port() -> None:
 
 
 def test_rtsp_tcp_decodes_640x480() -> None:
-    """PyAV over RTSP/TCP-interleaved decodes 30 frames of 640x480, and TEARDOWN arrives on close."""
+    """PyAV over RTSP/TCP-interleaved decodes 30 frames of 640x480."""
     with RtspServer() as cam:
         assert "sprop-parameter-sets=" in cam.sdp and "a=control:trackID=0" in cam.sdp
         with av.open(cam.url, options={"rtsp_transport": "tcp"}, timeout=AV_TIMEOUT) as c:
             assert decode_frames(c, 30) == [(640, 480)] * 30
             assert cam.clients == 1
-        wait_until(lambda: "TEARDOWN" in cam.requests, 5, "TEARDOWN")
         assert cam.requests[:4] == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY"]
 
 
