@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.sources import MjpegServer, RtspServer, wait_until
+from tests.sources import MjpegServer, RtspServer
 
 pytestmark = pytest.mark.slow  # real sockets, threads and an ffmpeg subprocess
 
