@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +25,7 @@ from vision_daemon.outputs import Hub, Subscriber
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import percentiles
-from vision_daemon.streams import Job, Outcome, QueueBudget, Report, Reports, Stream
+from vision_daemon.streams import Gate, Job, Outcome, QueueBudget, Report, Reports, Stream
 from vision_daemon.workers import normalise, process
 
 
@@ -127,6 +129,17 @@ def test_stream_skip_and_throttle_with_an_injected_clock() -> None:
     t = Stream("b", p.StreamOptions(max_fps=10), 2, 10.0, budget)
     verdicts = [t.admit(100.0 + i * 0.05) for i in range(10)]  # 20 fps for 0.5 s
     assert verdicts.count(None) == 5 and verdicts[0] is None
+
+
+def test_throttle_keeps_its_rate_on_a_jittery_camera_and_never_bursts() -> None:
+    """A 30 fps camera with +-15 ms jitter throttled to 10 fps gets 10 fps (not 9.3: a late
+    frame does not push the schedule back), and admitted frames are never under 40 ms apart."""
+    rng = random.Random(7)
+    gate = Gate(p.StreamOptions(max_fps=10))
+    times = [i / 30 + rng.uniform(-0.015, 0.015) for i in range(30 * 60)]
+    admitted = [t for t in times if gate.admit(t) is None]
+    assert 595 <= len(admitted) <= 601  # 60 s at 10 fps
+    assert min(b - a for a, b in itertools.pairwise(admitted)) >= 0.04 - 1e-9
 
 
 def test_stream_queue_evicts_oldest_and_keeps_the_byte_budget() -> None:

@@ -137,11 +137,16 @@ class Gate:
             return "skipped"
         if self.options.max_fps > 0:
             interval = 1.0 / self.options.max_fps
-            # 10% slack so camera jitter at exactly max_fps is not throttled; max() stops a
-            # stream that was slow (or is new) from bursting to catch up.
+            # 10% slack so camera jitter at exactly max_fps is not throttled. The schedule stays
+            # anchored (a frame admitted late does not push the next one back, so a 30 fps
+            # camera analysed at 10 gets 10, not 9.3), but frames admitted are never closer
+            # than half an interval: a stream that was slow (or is new) does not burst.
             if now + 0.1 * interval < self._next_due:
                 return "throttled"
-            self._next_due = max(self._next_due, now) + interval
+            if now - self._next_due > interval:  # new, or idle for a while: re-anchor here
+                self._next_due = now + interval
+            else:
+                self._next_due = max(self._next_due + interval, now + 0.5 * interval)
         return None
 
 
