@@ -384,3 +384,31 @@ def test_rtsp_camera_killed_and_revived_and_wrong_credentials(
                 assert accounted(d)
 
         run(main())
+
+
+def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
+    """A URL answering one JPEG per GET is polled at the camera's fps; with substream_url set,
+    the substream is read and analysed while /cameras shows both URLs without secrets."""
+    from tests.sources import MjpegServer
+
+    with MjpegServer(fps=30, frames=30) as cam:
+        polled = CameraConfig(name="snap", url=cam.capture_url(), fps=4, max_fps=0, **FAST_RETRY)
+        main_url = f"rtsp://admin:{SECRET}@127.0.0.1:1/main"
+        sub = CameraConfig(name="sub", url=main_url, substream_url=cam.url, **FAST_RETRY)
+
+        async def main() -> None:
+            async with running_daemon(cameras=(polled, sub)) as d:
+                await wait_for(lambda: camera(d, "snap")["frames_read"] >= 8, what="8 polls")
+                c = camera(d, "snap")
+                assert (c["source"], c["state"], c["expected_fps"]) == (
+                    "snapshot",
+                    "streaming",
+                    4.0,
+                )
+                await wait_for(lambda: stats(d)["streams"].get("sub", {}).get("processed", 0) > 2)
+                s = camera(d, "sub")
+                assert (s["source"], s["state"]) == ("mjpeg", "streaming")
+                assert s["url"] == "rtsp://***@127.0.0.1:1/main" and s["substream_url"] == cam.url
+                assert accounted(d)
+
+        run(main())

@@ -179,12 +179,13 @@ class Pipeline:
                 self.metrics.on_received(stream.metric_label)
                 self._count_drop(stream, reason)
 
-    def detach(self, sink: Sink) -> None:
-        """The sink closed: its queued frames drop as disconnected; streams stay for a grace."""
+    def detach(self, sink: Sink, reason: str = "disconnected") -> None:
+        """The sink closed: its queued frames drop (as disconnected, or the reason given);
+        its streams stay for a grace."""
         now = self.clock()
         for stream in self._owned.pop(sink, {}).values():
             while stream.queue:
-                self.drop(stream.pop(), "disconnected")
+                self.drop(stream.pop(), reason)
             stream.detached_at = now
 
     def drop_queued(self, reason: str) -> None:

@@ -269,13 +269,14 @@ class Camera:
             frame, captured_at = slot
             self._pipeline.submit(self, frame, self.options, captured_at=captured_at, gated=True)
 
-    def stop(self) -> None:
-        """Stop reading (the thread ends within a frame or a timeout) and leave the pipeline."""
+    def stop(self, reason: str = "disconnected") -> None:
+        """Stop reading (the thread ends within a frame or a timeout) and leave the pipeline;
+        frames still queued drop with `reason`."""
         self._stop.set()
         if not self.closed:
             self.flush()
             self.closed = True
-            self._pipeline.detach(self)
+            self._pipeline.detach(self, reason)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -419,7 +420,7 @@ class CameraManager:
         if self._timer is not None:
             self._timer.cancel()
         for camera in self.cameras.values():
-            camera.stop()
+            camera.stop("shutdown")
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop every camera; wait (off the loop) a little for their threads (they are daemons)."""
