@@ -168,6 +168,7 @@ async def capacity_run(
         cpu1 = proc.cpu_times()
         elapsed = time.monotonic() - t0
         cams = (await h.get("/cameras")).json()
+        streams = (await h.get("/stats")).json()["streams"]
         stop.set()
         await reader
     window = [ms for t, _, ms in samples if t >= t0]
@@ -191,6 +192,11 @@ async def capacity_run(
         "latency_ms": p,
         "daemon_cores": round(cpu_cores, 3),
         "decode_ms_mean": round(sum(decode) / len(decode), 3) if decode else None,
+        # the daemon's own stages (capture to result, queue wait, inference), worst camera
+        "stage_p50_ms": {
+            stage: max(s["latency_ms"][stage]["p50"] or 0 for s in streams.values())
+            for stage in ("total", "queue", "infer")
+        },
         "ok": ok,
     }
 
