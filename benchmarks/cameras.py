@@ -85,6 +85,7 @@ def per_minute(samples: list[tuple[float, str, float]], t0: float) -> list[dict[
 
 # ---- the ESP32-CAM scenario ------------------------------------------------------------------------
 async def latency_run(args: argparse.Namespace, api: int, pid: int, url: str) -> dict[str, Any]:
+    stages: list[dict[str, Any]]
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as h:
         await wait_ready(h)
         samples: list[tuple[float, str, float]] = []
@@ -96,7 +97,14 @@ async def latency_run(args: argparse.Namespace, api: int, pid: int, url: str) ->
         t0 = time.monotonic()
         proc = psutil.Process(pid)
         proc.cpu_percent(None)
-        await asyncio.sleep(args.duration)
+        # The daemon's own stages at the end of each minute (over its last stats_window_s), to
+        # tell a slower detector (the box) from waiting in the daemon.
+        stages: list[dict[str, Any]] = []
+        for minute in range(1, int(args.duration // 60) + 1):
+            await asyncio.sleep(t0 + minute * 60 - time.monotonic())
+            lat = (await h.get("/stats")).json()["streams"]["esp32"]["latency_ms"]
+            stages.append({"minute": minute, **{k: lat[k]["p50"] for k in ("queue", "infer")}})
+        await asyncio.sleep(max(0.0, t0 + args.duration - time.monotonic()))
         cpu = proc.cpu_percent(None)
         stop.set()
         await reader
@@ -104,6 +112,8 @@ async def latency_run(args: argparse.Namespace, api: int, pid: int, url: str) ->
         cam = (await h.get("/cameras/esp32")).json()
     samples = [x for x in samples if t0 <= x[0] < t0 + args.duration]  # whole minutes only
     rows = per_minute(samples, t0)
+    for row in rows:
+        row["daemon_p50_ms"] = next((x for x in stages if x["minute"] == row["minute"]), None)
     steady = [r for r in rows if r["minute"] >= 2 and r["p50"] is not None]
     after_first = [ms for t, _, ms in samples if t >= t0 + 60]
     return {

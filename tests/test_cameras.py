@@ -412,3 +412,26 @@ def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
                 assert accounted(d)
 
         run(main())
+
+
+def test_a_camera_that_stops_sending_is_a_counted_stall_then_reconnects() -> None:
+    """An open MJPEG stream that goes silent (connection left open) is given up after
+    stall_timeout_s, counted as a stall, and reopened once the camera answers again."""
+    from tests.sources import MjpegServer
+
+    with MjpegServer(fps=30, frames=30) as cam:
+        spec = CameraConfig(name="hall", url=cam.url, max_fps=5, retry_max_s=0.5, **FAST_RETRY)
+
+        async def main() -> None:
+            async with running_daemon(cameras=(spec,)) as d:
+                await wait_for(lambda: camera(d, "hall")["state"] == "streaming")
+                cam.mode = "hang"
+                await wait_for(lambda: camera(d, "hall")["stalls"] == 1, what="a stall")
+                c = camera(d, "hall")
+                assert c["stalls_last_hour"] == 1 and c["state"] != "streaming"
+                assert "stall" in c["last_error"] or "no answer" in c["last_error"]
+                cam.mode = "ok"
+                await wait_for(lambda: camera(d, "hall")["reconnects"] == 1, what="reconnect")
+                assert camera(d, "hall")["state"] == "streaming" and accounted(d)
+
+        run(main())

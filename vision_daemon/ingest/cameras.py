@@ -176,10 +176,11 @@ class Camera:
                     log.info("camera %s: end of file (loop = false): stopped", self.name)
                     break
                 raise SourceError("the camera closed the stream")
-            except SourceError as exc:
-                self._on_error(exc, streamed)
             except Exception as exc:  # a library's error, or its surprise: never ends the thread
-                self._on_error(source_error(exc, self.url), streamed)
+                error = exc if isinstance(exc, SourceError) else source_error(exc, self.url)
+                self._on_error(error, streamed)
+                if error.permanent:  # wrong credentials, 404, not a video: no point hurrying
+                    delay = self.spec.retry_max_s
             lost = lost or streamed
             self._ever_streamed = self._ever_streamed or streamed
             wait = delay * random.uniform(0.8, 1.2)
