@@ -104,6 +104,7 @@ class Camera:
         self.reconnects = 0
         self.stalls = 0
         self.failed_attempts = 0
+        self._ever_streamed = False  # reader thread: a frame came at least once
         self._events: deque[tuple[float, str]] = deque(maxlen=4096)  # (when, reconnect|stall)
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -148,7 +149,6 @@ class Camera:
     def _run(self) -> None:
         delay = self.spec.retry_initial_s
         lost = False  # the camera streamed and then went away: the next frame is a reconnect
-        self._ever_streamed = False
         while not self._stop.is_set():
             streamed = False
             try:
