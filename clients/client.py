@@ -27,9 +27,11 @@ from clients.lib import (
     EXIT_SOURCE,
     ClientError,
     add_daemon_args,
+    check_transport,
     exit_code,
     percentiles,
     stop_on_signals,
+    unix_socket_of,
 )
 from clients.sources import Pacer, Source, SourceError, VideoSource, open_source
 
@@ -117,6 +119,7 @@ def add_send_args(ap: argparse.ArgumentParser) -> None:
 
 def check_send_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse (exit 2) what add_send_args' flags cannot mean."""
+    check_transport(ap, args)
     if args.fps is not None and args.fps <= 0:
         ap.error("--fps must be > 0")
     if args.duration < 0:
@@ -152,7 +155,7 @@ async def run_source(
     feed = SourceFeed(source, args.encoding, args.quality, args.width, args.height)
     start = time.monotonic()
     pacer = Pacer(fps, start, start + args.duration if args.duration else None)
-    endpoint = Endpoint(args.host, args.port, args.token, client_name)
+    endpoint = Endpoint(args.host, args.port, args.token, client_name, unix_socket_of(args))
     tally = tally or Tally(stream_name(args, source))
     return await stream(endpoint, tally, feed, pacer, stop=stop, hooks=hooks)
 

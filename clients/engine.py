@@ -96,6 +96,7 @@ class Endpoint:
     port: int = 9000
     token: str | None = None
     client_name: str = "vision-client"
+    unix_socket: str | None = None  # connect here instead of host:port
 
 
 @dataclass
@@ -153,6 +154,7 @@ async def stream(
         token=endpoint.token,
         client_name=endpoint.client_name,
         dropped_notices=True,
+        unix_socket=endpoint.unix_socket,
     )
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection

@@ -80,9 +80,29 @@ def add_daemon_args(
     ap.add_argument("--host", default="127.0.0.1", help="the daemon's address")
     if tcp:
         ap.add_argument("--port", type=int, default=9000, help="data-plane TCP port")
+        ap.add_argument(
+            "--transport",
+            choices=("tcp", "unix"),
+            default="tcp",
+            help="tcp (--host/--port) or unix (the daemon's --unix-socket, same protocol)",
+        )
+        ap.add_argument("--unix-socket", metavar="PATH", help="with --transport unix")
     if api is not None:
         ap.add_argument("--api-port", type=int, default=8000, help=api)
     ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
+
+
+def unix_socket_of(args: argparse.Namespace) -> str | None:
+    """The socket path under --transport unix, else None (None too without those flags)."""
+    if getattr(args, "transport", "tcp") != "unix":
+        return None
+    return str(args.unix_socket)
+
+
+def check_transport(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) --transport unix without --unix-socket."""
+    if getattr(args, "transport", "tcp") == "unix" and not args.unix_socket:
+        ap.error("--transport unix needs --unix-socket PATH")
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -140,15 +160,21 @@ class DaemonClient:
         streams: dict[str, dict[str, Any]] | None = None,
         dropped_notices: bool = False,
         timeout: float = 10.0,
+        unix_socket: str | None = None,
     ) -> DaemonClient:
-        """Connect; with hello=True do the v1 handshake (hello=False speaks the legacy protocol)."""
+        """Connect (over TCP, or the daemon's Unix socket when `unix_socket` is a path); with
+        hello=True do the v1 handshake (hello=False speaks the legacy protocol)."""
+        where = f"unix:{unix_socket}" if unix_socket else f"{host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=2**24), timeout
+            opening = (
+                asyncio.open_unix_connection(unix_socket, limit=2**24)
+                if unix_socket
+                else asyncio.open_connection(host, port, limit=2**24)
             )
+            reader, writer = await asyncio.wait_for(opening, timeout)
         except (OSError, TimeoutError) as exc:
             raise ClientError(
-                f"daemon not reachable at {host}:{port} ({exc.__class__.__name__}); "
+                f"daemon not reachable at {where} ({exc.__class__.__name__}); "
                 "is vision-daemon running there?",
                 "unreachable",
             ) from None

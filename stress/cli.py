@@ -31,8 +31,10 @@ from clients.lib import (
     ClientError,
     add_daemon_args,
     auth_headers,
+    check_transport,
     exit_code,
     percentiles,
+    unix_socket_of,
 )
 from clients.sources import SourceError
 from stress.load import LoadSpec, run_load, source_label
@@ -281,6 +283,7 @@ def spec_from(args: argparse.Namespace) -> LoadSpec:
         args.source,
         path,
         prefix=args.prefix,
+        unix_socket=unix_socket_of(args),
     )
 
 
@@ -292,6 +295,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    check_transport(ap, args)
     if args.streams < 1 or args.fps <= 0 or args.duration <= 0 or args.procs < 1:
         ap.error("--streams and --procs must be >= 1, --fps and --duration > 0")
     if args.find_capacity and args.slo_p95_ms is None:

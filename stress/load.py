@@ -38,6 +38,7 @@ class LoadSpec:
     path: str | None
     quality: int = 85
     prefix: str = "stress"
+    unix_socket: str | None = None  # connect to the daemon's Unix socket instead of host:port
 
 
 def encode_frames(src: Source, quality: int) -> list[bytes]:
@@ -66,7 +67,7 @@ async def run_stream(
     starting at a different frame from the others."""
     pacer = Pacer(spec.fps, start + index / (spec.fps * max(1, count)), start + spec.duration)
     feed = LoopFeed(frames, offset=index * len(frames) // max(1, count))
-    endpoint = Endpoint(spec.host, spec.port, spec.token, "vision-stress")
+    endpoint = Endpoint(spec.host, spec.port, spec.token, "vision-stress", spec.unix_socket)
     await stream(endpoint, tally, feed, pacer, start=start)
 
 

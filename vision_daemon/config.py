@@ -87,6 +87,13 @@ _URL_HELP = (
 CAMERA_FIELDS = {f.name: f for f in dataclasses.fields(CameraConfig)}
 
 
+def _octal_mode(text: str) -> bool:
+    try:
+        return 0 <= int(text, 8) <= 0o777
+    except ValueError:
+        return False
+
+
 def _camera_url_ok(url: Any) -> bool:
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS or "\n" in url:
         return False
@@ -129,6 +136,10 @@ class Config:
     # [server]
     tcp_host: str = _f("127.0.0.1", "server", "data-plane bind address (0.0.0.0 exposes it)")
     tcp_port: int = _f(9000, "server", "data-plane TCP port (0 = pick a free one)")
+    unix_socket: str = _f(
+        "", "server", "also serve the TCP protocol on this Unix domain socket path ('' = off)"
+    )
+    unix_socket_mode: str = _f("0600", "server", "file mode of the Unix socket (octal)")
     api_host: str = _f("127.0.0.1", "server", "control-plane (HTTP) bind address")
     api_port: int = _f(8000, "server", "control-plane HTTP port (0 = pick one, -1 = off)")
     auth_token: str = _f(
@@ -269,6 +280,7 @@ class Config:
                 "max_queued_mb must hold at least one message of max_message_bytes",
             ),
             (self.share_cores in ("busy", "waiting"), "share_cores must be busy or waiting"),
+            (_octal_mode(self.unix_socket_mode), "unix_socket_mode must be octal, e.g. 0600"),
             (
                 self.export in ("auto", "none", "openvino", "onnx", "engine"),
                 "export must be auto, none, openvino, onnx or engine",

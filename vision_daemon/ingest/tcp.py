@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import socket
+import stat
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from vision_daemon import protocol as p
@@ -25,6 +28,24 @@ from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file a dead daemon left; refuse a live one, or a file that is no socket."""
+    target = Path(path)
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not stat.S_ISSOCK(target.lstat().st_mode):
+        raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        target.unlink()  # nobody answers on it
+    else:
+        raise StartupError(f"cannot listen on {path}: another process is serving it")
+    finally:
+        probe.close()
 
 
 class StartupError(Exception):
@@ -46,7 +67,10 @@ class Connection:
         self.reader = reader
         self.writer = writer
         addr = writer.get_extra_info("peername")
-        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if isinstance(addr, tuple):
+            self.peer = f"{addr[0]}:{addr[1]}"
+        else:  # a Unix socket peer has no address: "unix:<n>", n counting connections
+            self.peer = f"unix:{ingest.total}"
         self.outbox: deque[bytes] = deque()
         self._has_output = asyncio.Event()
         self.hello: p.Hello | None = None
@@ -283,6 +307,8 @@ class TcpIngest:
         self.connections: set[Connection] = set()  # authenticated (or legacy, auth off)
         self._tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.unix_server: asyncio.Server | None = None
+        self.unix_path: str | None = None
         self.port: int | None = None
         self.welcome = b""
         self.stopping = False
@@ -304,6 +330,24 @@ class TcpIngest:
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("data plane listening on tcp://%s:%d", cfg.tcp_host, self.port)
+        if cfg.unix_socket:
+            await self._start_unix(cfg.unix_socket, int(cfg.unix_socket_mode, 8))
+
+    async def _start_unix(self, path: str, mode: int) -> None:
+        """The same protocol on a Unix domain socket (same connection caps as TCP)."""
+        _clear_stale_socket(path)  # start-up only: a blocking check is fine here
+        old_umask = os.umask(0o777 & ~mode)  # the file is created with `mode`, never wider
+        try:
+            self.unix_server = await asyncio.start_unix_server(
+                self._on_connect, path=path, limit=2**16
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path} ({exc.strerror})") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        self.unix_path = path
+        log.info("data plane listening on unix:%s (mode %o)", path, mode)
 
     @property
     def listening(self) -> bool:
@@ -312,8 +356,15 @@ class TcpIngest:
     def stop_accepting(self) -> None:
         """Close the listener and stop reading every connection (shutdown, first phase)."""
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        for server in (self.server, self.unix_server):
+            if server is not None:
+                server.close()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self.unix_path = None
         for conn in self.pending | self.connections:
             conn.shutdown()
 
@@ -380,7 +431,7 @@ class TcpIngest:
             return
         conn = Connection(self, reader, writer)
         sock = writer.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending.add(conn)
         task = asyncio.current_task()
