@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,16 +15,26 @@ from hypothesis import strategies as st
 from tests.conftest import jpeg
 from tests.test_units import FakeSink, accounted, make_pipeline
 from vision_daemon import protocol as p
-from vision_daemon.config import ConfigError, camera_from_dict, camera_from_flag, load_config
-from vision_daemon.ingest.cameras import grade
+from vision_daemon.config import (
+    CameraConfig,
+    ConfigError,
+    camera_from_dict,
+    camera_from_flag,
+    load_config,
+)
+from vision_daemon.ingest import cameras
+from vision_daemon.ingest.cameras import Camera, grade
 from vision_daemon.ingest.sources import (
     MAX_PART_HEADER,
     MAX_PREAMBLE,
+    Grab,
     MjpegError,
     MjpegParser,
+    SourceInfo,
     redact_url,
     scrub,
 )
+from vision_daemon.pipeline import Pipeline
 
 BOUNDARY = b"123456789000000000000987654321"
 
@@ -170,3 +186,131 @@ def test_gated_frames_are_received_and_dropped_with_their_reason() -> None:
     assert len(stream.queue) == 1  # gated=True: the pipeline does not throttle it a second time
     assert stream.queue[0].received_at == -1.0  # latency counts from capture
     assert accounted(pipe)
+
+
+# ---- a Camera driven by a fake source the test controls -----------------------------------------
+class FakeSource:
+    """Yields `frames` JPEG grabs `every` seconds apart (forever when frames is None), then ends."""
+
+    opens = 0
+
+    def __init__(self, frames: int | None, every: float) -> None:
+        FakeSource.opens += 1
+        self.frames, self.every = frames, every
+        self.info = SourceInfo("mjpeg", "mjpeg")
+
+    def frames_iter(self, stop: threading.Event) -> Iterator[Grab]:
+        n = 0
+        while self.frames is None or n < self.frames:
+            if stop.wait(self.every):
+                return
+            n += 1
+            yield Grab(time.monotonic(), time.time(), 0.0, jpeg=b"\xff\xd8fake")
+
+    def close(self) -> None:
+        pass
+
+
+def run_camera(
+    monkeypatch: pytest.MonkeyPatch,
+    spec: CameraConfig,
+    frames: int | None,
+    every: float,
+    seconds: float,
+) -> tuple[Camera, Pipeline]:
+    """Start a Camera on a fake source for `seconds`, stop it, let the loop settle."""
+    FakeSource.opens = 0
+
+    def fake_open(url: str, camera: CameraConfig, max_bytes: int, keyframes: bool) -> Any:
+        source = FakeSource(frames, every)
+        source.frames = frames  # type: ignore[assignment]
+        return type(
+            "S", (), {"info": source.info, "frames": source.frames_iter, "close": source.close}
+        )()
+
+    monkeypatch.setattr(cameras, "open_source", fake_open)
+    pipe, _, _, _ = make_pipeline()
+    pipe.clock = time.monotonic  # the camera stamps frames with the real clock
+
+    async def main() -> Camera:
+        cam = Camera(spec, pipe, asyncio.get_running_loop(), 1 << 20, 10.0)
+        assert pipe.attach(cam, spec.name, cam.options) is None
+        cam.start()
+        await asyncio.sleep(seconds)
+        cam.stop()
+        cam.join(2.0)
+        await asyncio.sleep(0)  # callbacks the reader scheduled run now (and find it closed)
+        return cam
+
+    return asyncio.run(main()), pipe
+
+
+def test_every_frame_a_camera_counts_as_read_is_received_on_its_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped mid-stream, the camera's frames read equal its stream's received, exactly."""
+    spec = CameraConfig(name="fake", url="http://cam/stream", max_fps=50)
+    cam, pipe = run_camera(monkeypatch, spec, None, 0.001, 0.5)
+    received = pipe.streams["fake"].counts.received
+    assert cam.frames_read > 50 and cam.frames_read == received
+    assert accounted(pipe) and not cam._thread.is_alive() and cam.state == "stopped"
+
+
+def test_a_camera_that_drops_after_one_frame_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera that sends one frame and closes is not reopened every retry_initial_s: the
+    backoff only starts again after a stream that lasted."""
+    spec = CameraConfig(name="flap", url="http://cam/stream", retry_initial_s=0.05, retry_max_s=5)
+    cam, _ = run_camera(monkeypatch, spec, 1, 0.001, 1.5)
+    assert 3 <= FakeSource.opens <= 7  # 0, .05, .1, .2, .4, .8 (+-20%); 30 if it reset each time
+    assert cam.reconnects >= 2 and cam.state == "stopped"
+
+
+def test_a_looping_one_frame_file_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A looping file whose pass takes no time (one image) starts again once a second, not in
+    a tight loop."""
+    spec = CameraConfig(name="still", url="/tmp/still.jpg", loop=True, max_fps=0)
+    cam, _ = run_camera(monkeypatch, spec, 1, 0.0, 1.5)
+    assert FakeSource.opens <= 3 and cam.frames_read <= 3 and cam.reconnects == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"retry_initial_s": float("inf")},
+        {"retry_max_s": 1e12},
+        {"stall_timeout_s": float("nan")},
+        {"fps": 1e-300},
+        {"max_fps": 1e9},
+    ],
+)
+def test_camera_timeouts_and_rates_must_be_finite_and_bounded(bad: dict[str, float]) -> None:
+    """Infinite, huge or vanishing times and rates are refused (they would end the reader)."""
+    with pytest.raises(ConfigError):
+        camera_from_dict({"name": "a", "url": "rtsp://h/s", **bad})
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        ("rtsp://admin:p/ss@10.0.0.5/s", ["p/ss", "admin:p"]),
+        ("rtsp://admin:pa#ss@10.0.0.5/s", ["pa#ss", "admin:pa"]),
+        ("rtsp://admin:p?ss@10.0.0.5/s", ["p?ss", "admin:p"]),
+        ("http://cam/videostream.cgi?loginuse=admin&loginpas=hunter22", ["hunter22", "admin"]),
+        ("http://cam/snap.jpg?pw=hunter22", ["hunter22"]),
+    ],
+)
+def test_odd_passwords_and_camera_query_keys_are_masked(url: str, secrets: list[str]) -> None:
+    """Passwords with unencoded / ? # and the query keys cheap cameras use never show."""
+    for text in (redact_url(url), scrub(f"failed: {url}", url)):
+        assert not [s for s in secrets if s in text], text
+
+
+def test_camera_flag_errors_never_echo_the_argument() -> None:
+    """--camera with a URL where NAME=URL belongs says how to write it, without repeating it."""
+    for text in ("rtsp://admin:hunter22@h/s", "rtsp://admin:hunter22@h/s?x=1"):
+        with pytest.raises(ConfigError) as err:
+            camera_from_flag(text)
+        assert "hunter22" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        camera_from_dict({"name": "rtsp://admin:hunter22@h", "url": "rtsp://h/s"})
+    assert "hunter22" not in str(err.value)

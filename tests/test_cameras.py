@@ -405,6 +405,7 @@ def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
                     "streaming",
                     4.0,
                 )
+                assert 2.5 <= c["source_fps"] <= 5.5  # polled 4 times a second, not flat out
                 await wait_for(lambda: stats(d)["streams"].get("sub", {}).get("processed", 0) > 2)
                 s = camera(d, "sub")
                 assert (s["source"], s["state"]) == ("mjpeg", "streaming")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -57,24 +58,34 @@ class CameraConfig:
             (not self.substream_url or _camera_url_ok(self.substream_url), _URL_HELP),
             (self.skip_frames >= 1, "skip_frames must be >= 1"),
             (0 <= self.decode_threads <= 16, "decode_threads must be 0..16"),
-            (self.max_fps >= 0 and self.fps >= 0, "max_fps and fps must be >= 0"),
+            (
+                all(r == 0 or _between(r, 0.001, 1000) for r in (self.max_fps, self.fps)),
+                "max_fps and fps must be 0 (off) or 0.001..1000",
+            ),
+            (self.skip_frames <= 100_000, "skip_frames must be <= 100000"),
             (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
             (
                 self.keyframes_only in ("auto", "on", "off"),
                 "keyframes_only must be auto, on or off",
             ),
             (
-                self.open_timeout_s > 0 and self.stall_timeout_s > 0,
-                "open_timeout_s and stall_timeout_s must be > 0",
+                _between(self.open_timeout_s, 0.01, 3600)
+                and _between(self.stall_timeout_s, 0.01, 3600),
+                "open_timeout_s and stall_timeout_s must be 0.01..3600",
             ),
             (
-                0 < self.retry_initial_s <= self.retry_max_s,
-                "retry_initial_s must be > 0 and <= retry_max_s",
+                _between(self.retry_initial_s, 0.01, 3600)
+                and _between(self.retry_max_s, self.retry_initial_s, 3600),
+                "retry_initial_s must be 0.01..3600 and <= retry_max_s <= 3600",
             ),
         ]
+        # The name is shown only once it is a valid name: a URL typed where the name goes
+        # (--camera rtsp://user:pass@...) must not be echoed back.
+        valid_name = isinstance(self.name, str) and CAMERA_NAME_RE.fullmatch(self.name)
+        label = f"camera {self.name!r}" if valid_name else "camera"
         for ok, message in checks:
             if not ok:
-                raise ConfigError(f"bad camera {self.name!r}: {message}")
+                raise ConfigError(f"bad {label}: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +98,11 @@ _URL_HELP = (
 CAMERA_FIELDS = {f.name: f for f in dataclasses.fields(CameraConfig)}
 
 
+def _between(value: float, low: float, high: float) -> bool:
+    """low <= value <= high, and a finite number (NaN and infinity are refused)."""
+    return math.isfinite(value) and low <= value <= high
+
+
 def _octal_mode(text: str) -> bool:
     try:
         return 0 <= int(text, 8) <= 0o777
@@ -97,13 +113,11 @@ def _octal_mode(text: str) -> bool:
 def _camera_url_ok(url: Any) -> bool:
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS or "\n" in url:
         return False
-    if url.startswith(("/", "./", "../")):
-        return True
     try:
         scheme = urlsplit(url).scheme.lower()
     except ValueError:
         return False
-    return scheme in CAMERA_SCHEMES
+    return scheme in CAMERA_SCHEMES or scheme == ""  # no scheme: a file path
 
 
 def camera_from_dict(raw: Any) -> CameraConfig:
@@ -111,6 +125,8 @@ def camera_from_dict(raw: Any) -> CameraConfig:
     if not isinstance(raw, dict):
         raise ConfigError("bad camera: each camera must be a table/object with name and url")
     name = raw.get("name", "?")
+    if not (isinstance(name, str) and CAMERA_NAME_RE.fullmatch(name)):
+        name = "?"  # shown in messages only once it is a valid name
     values: dict[str, Any] = {}
     for key, value in raw.items():
         f = CAMERA_FIELDS.get(key)
@@ -126,8 +142,8 @@ def camera_from_dict(raw: Any) -> CameraConfig:
 def camera_from_flag(text: str) -> CameraConfig:
     """--camera NAME=URL."""
     name, sep, url = text.partition("=")
-    if not sep:
-        raise ConfigError(f"bad --camera {text[:40]!r}: use NAME=URL")
+    if not sep or "://" in name:  # never echoed: it may hold a password
+        raise ConfigError("bad --camera: use NAME=URL (for example door=rtsp://host/stream)")
     return CameraConfig(name=name, url=url)
 
 

@@ -162,6 +162,12 @@ class Pipeline:
             self.drop(hog.pop(), "memory_limit")
         self.scheduler.notify(stream)
 
+    def attach(self, sink: Sink, name: str, options: p.StreamOptions) -> str | None:
+        """Reserve stream `name` for `sink` before its first frame (a pulled camera); the reason
+        it is refused, or None."""
+        stream = self._stream_for(sink, name, options)
+        return stream if isinstance(stream, str) else None
+
     def count_gated(
         self, sink: Sink, name: str, options: p.StreamOptions, reasons: dict[str, int]
     ) -> None:

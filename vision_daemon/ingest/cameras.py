@@ -76,8 +76,11 @@ class Camera:
         loop: asyncio.AbstractEventLoop,
         max_bytes: int,
         window_s: float,
+        max_pixels: int = 7680 * 4320,
     ) -> None:
         self.spec = spec
+        self._max_pixels = max_pixels
+        self._seq = 0  # reader thread: the next frame id
         self.name = spec.name
         self.url = spec.substream_url or spec.url  # the stream that is analysed
         self.peer = "camera " + redact_url(self.url)  # a Sink's peer: shown in /stats
@@ -147,20 +150,31 @@ class Camera:
                 self.state, self.state_since = state, time.monotonic()
 
     def _run(self) -> None:
-        delay = self.spec.retry_initial_s
+        try:
+            self._read_forever()
+        except Exception:  # a bug here must still leave the camera's state honest
+            log.exception("camera %s: the reader thread failed; the camera is stopped", self.name)
+        finally:
+            self._set_state("stopped")
+
+    def _read_forever(self) -> None:
+        spec = self.spec
+        delay = spec.retry_initial_s
         lost = False  # the camera streamed and then went away: the next frame is a reconnect
         while not self._stop.is_set():
             streamed = False
+            opened_at = time.monotonic()
+            first_frame_at: float | None = None
             try:
-                source = open_source(self.url, self.spec, self._max_bytes, self.keyframes_only)
+                source = open_source(self.url, spec, self._max_bytes, self.keyframes_only)
                 try:
                     with self._lock:
                         self.info = source.info
                     for grab in source.frames(self._stop):
                         if not streamed:
-                            streamed = True
+                            streamed, first_frame_at = True, time.monotonic()
                             self._on_streaming(lost)
-                            lost, delay = False, self.spec.retry_initial_s
+                            lost = False
                         self._on_grab(grab)
                         if self._stop.is_set():
                             break
@@ -169,8 +183,12 @@ class Camera:
                 if self._stop.is_set():
                     break
                 if kind_of(self.url) == "file":
-                    if self.spec.loop and streamed:
-                        continue  # a looping file starts again at once: not a reconnect
+                    if spec.loop and streamed:
+                        # A pass shorter than a second (one image, frames without times) waits
+                        # out the second: a looping file never spins a core.
+                        if self._stop.wait(max(0.0, 1.0 - (time.monotonic() - opened_at))):
+                            break
+                        continue  # starting the file again is not a reconnect
                     with self._lock:  # a file that ends is done: stopped, not failed
                         self.last_error, self.last_error_at = "end of file", time.monotonic()
                     log.info("camera %s: end of file (loop = false): stopped", self.name)
@@ -178,16 +196,23 @@ class Camera:
                 raise SourceError("the camera closed the stream")
             except Exception as exc:  # a library's error, or its surprise: never ends the thread
                 error = exc if isinstance(exc, SourceError) else source_error(exc, self.url)
+                if error.invalid_data and (streamed or self._ever_streamed):
+                    error.permanent = False  # bad data from a camera that worked: a glitch
                 self._on_error(error, streamed)
                 if error.permanent:  # wrong credentials, 404, not a video: no point hurrying
-                    delay = self.spec.retry_max_s
+                    delay = spec.retry_max_s
             lost = lost or streamed
             self._ever_streamed = self._ever_streamed or streamed
+            # The backoff starts again only after a stream that lasted: a camera that sends one
+            # frame and drops the connection is not reopened every retry_initial_s forever.
+            if first_frame_at is not None and time.monotonic() - first_frame_at >= max(
+                spec.stall_timeout_s, 10.0
+            ):
+                delay = spec.retry_initial_s
             wait = delay * random.uniform(0.8, 1.2)
-            delay = min(delay * 2, self.spec.retry_max_s)
+            delay = min(delay * 2, spec.retry_max_s)
             if self._stop.wait(wait):
                 break
-        self._set_state("stopped")
 
     def _on_streaming(self, reconnected: bool) -> None:
         now = time.monotonic()
@@ -196,7 +221,12 @@ class Camera:
                 self.reconnects += 1
                 self._events.append((now, "reconnect"))
             self.state, self.state_since = "streaming", now
-        log.info(
+        log_limited(
+            log,
+            self._log_limit,
+            self.name,
+            now,
+            logging.INFO,
             "camera %s: streaming from %s%s",
             self.name,
             redact_url(self.url),
@@ -230,21 +260,33 @@ class Camera:
         )
 
     def _on_grab(self, grab: Grab) -> None:
+        """Gate, convert and hand over one frame. It is counted as read in the same locked step
+        that records what became of it, and not at all once the camera is closed: every frame
+        counted as read reaches the stream as received."""
         now = grab.captured_at
-        with self._lock:
-            frame_id = self.frames_read
-            self.frames_read += 1
-            self.last_frame_at = now
-            self._read.add(1.0, now)
+        frame_id, self._seq = self._seq, self._seq + 1
         reason = self._gate.admit(now)
+        vf = grab.video_frame
+        if reason is None and vf is not None and vf.width * vf.height > self._max_pixels:
+            reason = "invalid"  # never converted: the BGR copy alone could be gigabytes
+            with self._lock:
+                self.frame_errors += 1
+                self.last_error = (
+                    f"frame {vf.width}x{vf.height} exceeds max_image_pixels={self._max_pixels}"
+                )
+                self.last_error_at = now
         if reason is not None:
             with self._lock:
+                if self.closed:
+                    return
+                self._count_read(now, grab.decode_ms)
                 self._gated[reason] += 1
-                self._decode.add(grab.decode_ms, now)
             return
         frame, convert_ms = grab.to_frame(self.name, frame_id)
         with self._lock:
-            self._decode.add(grab.decode_ms + convert_ms, now)
+            if self.closed:
+                return
+            self._count_read(now, grab.decode_ms + convert_ms)
             if self._slot is not None:
                 self._gated["superseded"] += 1
             self._slot = (frame, now)
@@ -256,14 +298,23 @@ class Camera:
             except RuntimeError:  # the loop is closed: the daemon is gone
                 self._stop.set()
 
+    def _count_read(self, now: float, decode_ms: float) -> None:
+        """(with the lock held)"""
+        self.frames_read += 1
+        self.last_frame_at = now
+        self._read.add(1.0, now)
+        self._decode.add(decode_ms, now)
+
     # ---- event loop --------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Hand what the reader left to the pipeline: gated counts, then the waiting frame."""
+    def flush(self, final: bool = False) -> None:
+        """Hand what the reader left to the pipeline: gated counts, then the waiting frame.
+        With `final`, the camera closes in the same locked step (nothing is left behind)."""
         with self._lock:
+            if self.closed:
+                return
             slot, gated = self._slot, self._gated
             self._slot, self._gated, self._scheduled = None, Counter(), False
-        if self.closed:
-            return
+            self.closed = final
         if gated:
             self._pipeline.count_gated(self, self.name, self.options, dict(gated))
         if slot is not None:
@@ -275,8 +326,7 @@ class Camera:
         frames still queued drop with `reason`."""
         self._stop.set()
         if not self.closed:
-            self.flush()
-            self.closed = True
+            self.flush(final=True)
             self._pipeline.detach(self, reason)
 
     def join(self, timeout: float) -> None:
@@ -380,10 +430,12 @@ class CameraManager:
 
     def _tick(self) -> None:
         """Count the frames readers gated even while none is forwarded (a re-armed handle)."""
-        for camera in list(self.cameras.values()):
-            camera.flush()
         assert self._loop is not None
-        self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._tick)
+        try:
+            for camera in list(self.cameras.values()):
+                camera.flush()
+        finally:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL_S, self._tick)
 
     def add(self, spec: CameraConfig) -> Camera:
         if self.closing or self._loop is None:
@@ -392,16 +444,19 @@ class CameraManager:
             raise CameraRefused(f"camera {spec.name!r} exists; DELETE it first")
         if len(self.cameras) >= self.config.max_cameras:
             raise CameraRefused(f"max_cameras={self.config.max_cameras} reached")
-        stream = self.pipeline.streams.get(spec.name)
-        if stream is not None and stream.detached_at is None:
-            raise CameraRefused(f"stream {spec.name!r} is in use by {stream.peer}")
         camera = Camera(
             spec,
             self.pipeline,
             self._loop,
             self.config.max_message_bytes,
             self.config.stats_window_s,
+            self.config.max_image_pixels,
         )
+        # The stream is the camera's from now on: no pushed client can take the name while the
+        # camera is still connecting.
+        refused = self.pipeline.attach(camera, spec.name, camera.options)
+        if refused is not None:
+            raise CameraRefused(refused)
         self.cameras[spec.name] = camera
         camera.start()
         log.info("camera %s added: %s", spec.name, redact_url(camera.url))

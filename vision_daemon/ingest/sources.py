@@ -28,22 +28,35 @@ log = logging.getLogger(__name__)
 
 MAX_PART_HEADER = 8192  # bytes of one multipart part's headers
 MAX_PREAMBLE = 65536  # bytes before the first boundary (a real camera sends a CRLF or nothing)
-SECRET_PARAMS = re.compile(r"user|pass|pwd|token|key|auth|secret|sig|cred", re.IGNORECASE)
+SECRET_PARAMS = re.compile(
+    r"user|usr|pas|pwd|pw|token|key|auth|secret|sig|cred|login|sid|session", re.IGNORECASE
+)
 
 
 class SourceError(Exception):
     """A camera could not be opened or read; the message is one line without secrets."""
 
-    def __init__(self, message: str, *, permanent: bool = False, stall: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        stall: bool = False,
+        invalid_data: bool = False,
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.stall = stall
+        self.invalid_data = invalid_data  # FFmpeg could not parse what came
 
 
 # ---- URLs and secrets ----------------------------------------------------------------------------
 def kind_of(url: str) -> str:
     """rtsp, http (MJPEG or snapshot, told apart by Content-Type), file or usb."""
-    scheme = urlsplit(url).scheme.lower() if "://" in url or url.startswith("usb:") else ""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        scheme = ""
     if scheme in ("rtsp", "rtsps"):
         return "rtsp"
     if scheme in ("http", "https"):
@@ -53,19 +66,31 @@ def kind_of(url: str) -> str:
     return "file"
 
 
+def _raw_userinfo(url: str) -> str | None:
+    """Everything between "://" and the last "@", as typed: a password may hold an unencoded
+    "/", "?" or "#" that a URL parser would take for the path (so this errs on masking more)."""
+    start = url.find("://")
+    if start < 0:
+        return None
+    at = url.rfind("@")
+    return url[start + 3 : at] if at > start else None
+
+
 def redact_url(url: str) -> str:
     """The URL without its user:password and with secret-looking query values masked."""
+    userinfo = _raw_userinfo(url)
+    if userinfo is not None:
+        url = url.replace(userinfo + "@", "", 1)
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    netloc = ("***@" if userinfo is not None else "") + parts.netloc
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if SECRET_PARAMS.search(k) else v) for k, v in pairs])
+        masked = [(k, "***" if SECRET_PARAMS.search(k) else v) for k, v in pairs]
+        query = urlencode(masked, safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
@@ -73,15 +98,19 @@ def secrets_of(url: str) -> list[str]:
     """Every string in the URL that must never be shown, raw and percent-decoded, longest first:
     the password and secret-looking query values always, the user name from 3 characters."""
     found: set[str] = set()
+    userinfo = _raw_userinfo(url)
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        found.update((userinfo, unquote(userinfo)))
+        if password:
+            found.update((password, unquote(password)))
+        if len(user) >= 3:
+            found.update((user, unquote(user)))
     try:
-        parts = urlsplit(url)
+        query = urlsplit(url).query
     except ValueError:
-        return [url]
-    if parts.username and len(parts.username) >= 3:
-        found.update((parts.username, unquote(parts.username)))
-    if parts.password:
-        found.update((parts.password, unquote(parts.password)))
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        query = ""
+    for k, v in parse_qsl(query, keep_blank_values=True):
         if SECRET_PARAMS.search(k) and v:
             found.update((v, unquote(v)))
     if found:
@@ -99,12 +128,11 @@ def scrub(text: str, url: str) -> str:
 
 
 def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
-    parts = urlsplit(url)
-    if parts.username is None:
+    userinfo = _raw_userinfo(url)
+    if userinfo is None:
         return url, None
-    host = parts.netloc.rsplit("@", 1)[1]
-    bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return bare, (unquote(parts.username), unquote(parts.password or ""))
+    user, _, password = userinfo.partition(":")
+    return url.replace(userinfo + "@", "", 1), (unquote(user), unquote(password))
 
 
 # ---- what a source yields -----------------------------------------------------------------------
@@ -178,7 +206,9 @@ def source_error(exc: BaseException, url: str) -> SourceError:
     if isinstance(exc, av.error.FileNotFoundError):
         return SourceError("no such file or device", permanent=True)
     if isinstance(exc, av.error.InvalidDataError):
-        return SourceError("not a video stream FFmpeg can read (invalid data)", permanent=True)
+        return SourceError(
+            "not a video stream FFmpeg can read (invalid data)", permanent=True, invalid_data=True
+        )
     if isinstance(exc, av.error.ExitError | av.error.TimeoutError | httpx.ReadTimeout):
         return SourceError("stalled: no data within stall_timeout_s", stall=True)
     if isinstance(exc, av.error.ConnectionRefusedError | httpx.ConnectError):
@@ -248,6 +278,7 @@ class PyAvSource:
         paced = self.kind == "file"
         base = self.stream.time_base
         start: tuple[float, float] | None = None  # (media seconds, monotonic) of the first frame
+        shown = 0
         try:
             for packet in self.container.demux(self.stream):
                 if stop.is_set():
@@ -256,8 +287,12 @@ class PyAvSource:
                 decoded = packet.decode()
                 ms = (time.perf_counter() - t0) * 1000
                 for vf in decoded:
-                    if paced and vf.pts is not None and base is not None:
-                        media = float(vf.pts * base)
+                    if paced:  # by pts; by the declared rate when a frame has none
+                        if vf.pts is not None and base is not None:
+                            media = float(vf.pts * base)
+                        else:
+                            media = shown / (self.info.nominal_fps or 25.0)
+                        shown += 1
                         if start is None:
                             start = (media, time.monotonic())
                         due = start[1] + media - start[0]
@@ -293,7 +328,8 @@ def _open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
         timeout=timeout,
         follow_redirects=True,
         max_redirects=3,
-        headers={"User-Agent": "vision-daemon"},
+        # identity: a compressed body would be inflated past our bounds before we could count it
+        headers={"User-Agent": "vision-daemon", "Accept-Encoding": "identity"},
     )
     try:
         try:
@@ -310,7 +346,7 @@ def _open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
                 raise SourceError("multipart response without a boundary", permanent=True)
             return MjpegSource(client, response, match.group(1).encode(), max_bytes, camera)
         if ctype.startswith(("image/jpeg", "image/jpg")):
-            first = _read_bounded(response, max_bytes)
+            first = _read_bounded(response, max_bytes, camera.stall_timeout_s)
             return SnapshotSource(client, bare, credentials, camera, max_bytes, first)
         response.close()
         raise SourceError(
@@ -346,14 +382,29 @@ def _get(client: httpx.Client, url: str, credentials: tuple[str, str] | None) ->
     return response
 
 
-def _read_bounded(response: httpx.Response, max_bytes: int) -> bytes:
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            response.close()
-            raise SourceError(f"snapshot larger than {max_bytes} bytes", permanent=True)
-    response.close()
+def _read_bounded(response: httpx.Response, max_bytes: int, deadline_s: float) -> bytes:
+    """A snapshot body: identity-encoded, at most max_bytes, complete within deadline_s."""
+    try:
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if encoding not in ("", "identity"):
+            raise SourceError(
+                f"snapshot sent with Content-Encoding {encoding[:20]}", permanent=True
+            )
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise SourceError(f"snapshot of {declared} bytes exceeds {max_bytes}", permanent=True)
+        body = bytearray()
+        give_up = time.monotonic() + deadline_s
+        for chunk in response.iter_raw(65536):
+            body += chunk
+            if len(body) > max_bytes:
+                raise SourceError(f"snapshot larger than {max_bytes} bytes", permanent=True)
+            if time.monotonic() > give_up:  # a byte every few seconds is a stall too
+                raise SourceError(
+                    "stalled: snapshot not complete within stall_timeout_s", stall=True
+                )
+    finally:
+        response.close()
     if not body.startswith(b"\xff\xd8"):
         raise SourceError("snapshot is not a JPEG", permanent=True)
     return bytes(body)
@@ -490,6 +541,7 @@ class SnapshotSource:
         self.first: bytes | None = first
         rate = camera.fps or camera.max_fps or 1.0
         self.interval = 1.0 / rate
+        self.stall_s = camera.stall_timeout_s
         self.info = SourceInfo("snapshot", "jpeg", nominal_fps=rate)
 
     def frames(self, stop: threading.Event) -> Iterator[Grab]:
@@ -498,7 +550,8 @@ class SnapshotSource:
             if self.first is not None:
                 jpeg, self.first = self.first, None
             else:
-                jpeg = _read_bounded(_get(self.client, self.url, self.credentials), self.max_bytes)
+                response = _get(self.client, self.url, self.credentials)
+                jpeg = _read_bounded(response, self.max_bytes, self.stall_s)
             yield Grab(time.monotonic(), time.time(), 0.0, jpeg=jpeg)
             due = max(due + self.interval, time.monotonic())  # never bursts to catch up
             if stop.wait(due - time.monotonic()):
