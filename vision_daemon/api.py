@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from vision_daemon import __version__
 from vision_daemon.config import Config, ConfigError, camera_from_dict
 from vision_daemon.ingest.cameras import CameraManager, CameraRefused
+from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub, Subscriber
@@ -55,6 +56,7 @@ def create_app(
     started_at: float,
     ready: Callable[[], tuple[bool, str]],
     cameras: CameraManager | None = None,
+    ws_ingest: WsIngest | None = None,
 ) -> FastAPI:
     token = config.auth_token
     # With a token, the generated docs are served by routes below that require it.
@@ -192,6 +194,31 @@ def create_app(
             rendered[:] = [now, metrics.render()]
         return Response(rendered[1], media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def accept_ws(websocket: WebSocket) -> bool:
+        """Accept, then check the token; a wrong one is closed with 1008 (False)."""
+        # Accept first, then close with a code: closing before accept answers HTTP 403, and a
+        # WebSocket client could not tell a wrong token (1008) from a full house (1013).
+        await websocket.accept()
+        if authorized(websocket.headers.get("authorization"), websocket.query_params.get("token")):
+            return True
+        refused("ws", websocket.client.host if websocket.client else "?")
+        await websocket.close(code=WS_POLICY_VIOLATION, reason="missing or wrong token")
+        return False
+
+    if ws_ingest is not None:
+
+        @app.websocket("/ingest")
+        async def ingest(websocket: WebSocket) -> None:
+            """Frames in, results out: one protocol message (msgpack) per binary message."""
+            if await accept_ws(websocket):
+                await ws_ingest.serve(websocket)
+
+        @app.websocket("/ingest/{stream}")
+        async def ingest_stream(websocket: WebSocket, stream: str) -> None:
+            """Browser mode: one JPEG per binary message in, JSON results out."""
+            if await accept_ws(websocket):
+                await ws_ingest.serve(websocket, stream)
+
     @app.websocket("/ws")
     async def ws(
         websocket: WebSocket,
@@ -199,17 +226,10 @@ def create_app(
         every: Annotated[int, Query(ge=1)] = 1,
         max_fps: Annotated[float, Query(ge=0)] = 0.0,
     ) -> None:
-        # Accept first, then close with a code: closing before accept answers HTTP 403, and a
-        # WebSocket client could not tell a wrong token (1008) from a full house (1013).
-        await websocket.accept()
+        if not await accept_ws(websocket):
+            return
         client = websocket.client
         host = client.host if client else "?"
-        if not authorized(
-            websocket.headers.get("authorization"), websocket.query_params.get("token")
-        ):
-            refused("ws", host)
-            await websocket.close(code=WS_POLICY_VIOLATION, reason="missing or wrong token")
-            return
         sub = Subscriber(
             frozenset(stream or ()),
             config.ws_queue,

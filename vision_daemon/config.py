@@ -243,6 +243,9 @@ class Config:
         5.0, "limits", "close an HTTP connection that sends nothing for this long"
     )
     ws_max_subscribers: int = _f(64, "limits", "/ws subscribers at once; more are closed (1013)")
+    ws_ingest_max_connections: int = _f(
+        32, "limits", "WebSocket /ingest connections at once; more are closed (1013); 0 = off"
+    )
     max_cameras: int = _f(64, "limits", "pulled cameras at once (config, --camera and the API)")
     # [stats]
     stats_window_s: float = _f(10.0, "stats", "sliding window for fps and latency percentiles")
@@ -286,6 +289,7 @@ class Config:
                 self.ws_max_subscribers >= 0 and 0.05 <= self.stats_refresh_s <= 60,
                 "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
             ),
+            (self.ws_ingest_max_connections >= 0, "ws_ingest_max_connections must be >= 0"),
             (
                 self.max_streams >= 1 and self.max_streams_per_connection >= 1,
                 "max_streams and max_streams_per_connection must be >= 1",

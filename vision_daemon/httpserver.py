@@ -139,6 +139,8 @@ class HttpServer:
             log_config=None,
             access_log=False,  # paths and query strings (tokens) stay out of the log
             ws="websockets-sansio",
+            # A WebSocket message over this is refused (close 1009) before it is read.
+            ws_max_size=self.config.max_message_bytes,
             http=_bounded_protocol(self.limits),
             timeout_keep_alive=max(1, int(self.config.http_idle_timeout_s)),
             limit_concurrency=self.config.http_max_connections + 1,

@@ -25,6 +25,7 @@ from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_fa
 from vision_daemon.httpserver import HttpServer
 from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
+from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
@@ -57,6 +58,8 @@ class Daemon:
         self.components = Components(
             self.pipeline, self.hub, self.ingest, self.started_at, self.ready, self.cameras
         )
+        self.ws_ingest = WsIngest(config, self.pipeline)
+        self.components.ws_ingest = self.ws_ingest
         self.stats = SnapshotCache(self.components, config.stats_refresh_s)
         self.metrics.watch(self.stats.data)
         self.stopping = False
@@ -114,7 +117,14 @@ class Daemon:
         # The API comes up first so /health answers while the model loads and warms up.
         if cfg.api_port >= 0:
             app = create_app(
-                cfg, self.stats, self.hub, self.metrics, self.started_at, self.ready, self.cameras
+                cfg,
+                self.stats,
+                self.hub,
+                self.metrics,
+                self.started_at,
+                self.ready,
+                self.cameras,
+                ws_ingest=self.ws_ingest,
             )
             await self.http.start(app)
             stack.push_async_callback(self._guard, "control plane", self.http.stop)
@@ -122,6 +132,9 @@ class Daemon:
         # Connections deliver what they owe and close after the workers have finished.
         stack.push_async_callback(
             self._guard, "connections", lambda: self.ingest.aclose(cfg.shutdown_grace_s + 2)
+        )
+        stack.push_async_callback(
+            self._guard, "WebSocket ingest", lambda: self.ws_ingest.aclose(cfg.shutdown_grace_s + 2)
         )
         self._spawn(stack, "pipeline", self.pipeline.run(), then=self.pipeline.drain)
         factory = self._factory
@@ -155,6 +168,7 @@ class Daemon:
         )
         self.pool.start()
         await self.ingest.start(self.welcome())
+        self.ws_ingest.start(self.welcome())  # WS /ingest is served from here on
         # Cameras open in their own threads: one that cannot be reached never holds up the rest.
         await self.cameras.start()
         stack.push_async_callback(self._guard, "cameras", self.cameras.aclose)
@@ -197,6 +211,7 @@ class Daemon:
         """Shutdown, first step: no new connections or frames; queued frames drop as shutdown."""
         self.stopping = True
         self.ingest.stop_accepting()
+        self.ws_ingest.stop_accepting()
         self.cameras.stop_reading()
         self.pipeline.drop_queued("shutdown")
 

@@ -38,6 +38,7 @@ E_LIMIT = "limit_exceeded"
 E_HELLO_TIMEOUT = "hello_timeout"
 E_IDLE_TIMEOUT = "idle_timeout"
 E_SLOW_CONSUMER = "slow_consumer"
+E_NOT_BINARY = "not_binary"  # WebSocket ingest: a text message where a binary one is expected
 
 # Bounds on what one msgpack body may make the decoder build, so decoding costs O(bytes) of
 # payload copies and a few thousand small objects at most, whatever the peer sends: the event

@@ -23,6 +23,7 @@ from vision_daemon import __version__
 from vision_daemon.detectors import ModelInfo
 from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
+from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.workers import WorkerPool
@@ -160,6 +161,9 @@ class Stats(BaseModel):
     batch_sizes: dict[str, int]
     mean_batch_size: float | None
     connections: dict[str, int]
+    ws_ingest: dict[str, int] = Field(
+        description="WebSocket /ingest connections: open, total, refused, outbox_max"
+    )
     errors: dict[str, int] = Field(description="refused messages by protocol error code")
     ws: dict[str, Any]
     streams_evicted: int = Field(
@@ -181,6 +185,7 @@ class Components:
     cameras: CameraManager | None = None
     pool: WorkerPool | None = None
     model_info: ModelInfo | None = None
+    ws_ingest: WsIngest | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,11 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "refused": c.ingest.refused,
             "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
         },
+        "ws_ingest": (
+            c.ws_ingest.counts()
+            if c.ws_ingest
+            else {"open": 0, "total": 0, "refused": 0, "outbox_max": 0}
+        ),
         "errors": dict(c.pipeline.errors),
         "ws": c.hub.snapshot(),
         "streams_evicted": c.pipeline.streams_evicted,
