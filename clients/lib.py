@@ -100,9 +100,12 @@ def unix_socket_of(args: argparse.Namespace) -> str | None:
 
 
 def check_transport(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (exit 2) --transport unix without --unix-socket."""
-    if getattr(args, "transport", "tcp") == "unix" and not args.unix_socket:
+    """Refuse (exit 2) --transport unix without --unix-socket, and --unix-socket without it."""
+    transport = getattr(args, "transport", "tcp")
+    if transport == "unix" and not args.unix_socket:
         ap.error("--transport unix needs --unix-socket PATH")
+    if transport != "unix" and getattr(args, "unix_socket", None):
+        ap.error("--unix-socket needs --transport unix")
 
 
 def auth_headers(token: str | None) -> dict[str, str]:

@@ -84,8 +84,8 @@ def test_stale_socket_is_replaced_but_a_file_or_a_live_socket_is_not(tmp_path: P
 
 
 def test_vision_client_streams_over_the_unix_socket(tmp_path: Path) -> None:
-    """vision-client --transport unix sends and gets every frame answered; without
-    --unix-socket it refuses with exit 2."""
+    """vision-client --transport unix sends and gets every frame answered; either flag without
+    the other is refused with exit 2."""
     path = tmp_path / "c.sock"
 
     async def main() -> None:
@@ -102,5 +102,7 @@ def test_vision_client_streams_over_the_unix_socket(tmp_path: Path) -> None:
             assert stats(d)["streams"]["u"]["received"] == summary["frames_sent"]
         rc, _, err = await program("vision-client", "--transport", "unix", "--no-save")
         assert rc == 2 and "--unix-socket" in err
+        rc, _, err = await program("vision-client", "--unix-socket", str(path), "--no-save")
+        assert rc == 2 and "--transport unix" in err
 
     run(main())

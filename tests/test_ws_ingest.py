@@ -415,3 +415,25 @@ def test_shutdown_delivers_in_flight_results_then_closes_1001() -> None:
             assert d.pipeline.totals.processed == 1
 
     run(scenario())
+
+
+def test_compression_is_not_negotiated_and_ingest_can_be_turned_off() -> None:
+    """A client offering permessage-deflate gets none (no inflating on the event loop); with
+    ws_ingest_max_connections = 0 both endpoints close with 1008 ("off", not worth a retry)."""
+
+    async def main() -> None:
+        async with running_daemon() as d:
+            url = f"ws://127.0.0.1:{d.api_port}/ingest"
+            async with websockets.connect(url, proxy=None, compression="deflate") as ws:
+                assert ws.response is not None
+                assert "sec-websocket-extensions" not in ws.response.headers
+                await ws.send(frame("z", 0))
+                assert (await recv_bin(ws))["type"] == "result"
+        async with running_daemon(ws_ingest_max_connections=0) as d:
+            for path, recv in (("/ingest", recv_bin), ("/ingest/cam", recv_json)):
+                async with ws_connect(d, path) as ws:
+                    error = await recv(ws)
+                    assert error["type"] == "error" and "is off" in error["message"]
+                    assert await closed_with(ws) == (1008, "limit_exceeded")
+
+    run(main())

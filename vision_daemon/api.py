@@ -202,7 +202,10 @@ def create_app(
         if authorized(websocket.headers.get("authorization"), websocket.query_params.get("token")):
             return True
         refused("ws", websocket.client.host if websocket.client else "?")
-        await websocket.close(code=WS_POLICY_VIOLATION, reason="missing or wrong token")
+        try:
+            await websocket.close(code=WS_POLICY_VIOLATION, reason="missing or wrong token")
+        except (WebSocketDisconnect, RuntimeError, OSError):  # the peer left first
+            pass
         return False
 
     if ws_ingest is not None:

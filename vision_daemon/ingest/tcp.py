@@ -31,21 +31,52 @@ log = logging.getLogger(__name__)
 
 
 def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file a dead daemon left; refuse a live one, or a file that is no socket."""
+    """Remove a socket file a dead daemon left; refuse a live one, one we may not probe, or a
+    file that is no socket (start-up only: blocking is fine here)."""
     target = Path(path)
-    if not (target.exists() or target.is_symlink()):
+    try:
+        st = target.lstat()  # never follows a link
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(target.lstat().st_mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:
-        target.unlink()  # nobody answers on it
+    except ConnectionRefusedError:  # nobody listens: a dead daemon's file
+        try:
+            target.unlink()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot remove the stale socket {path} ({exc.strerror or exc})"
+            ) from None
+    except OSError as exc:  # EACCES (another user's socket), a timeout (a stuck server), ...
+        raise StartupError(
+            f"cannot listen on {path}: a socket is there and cannot be probed "
+            f"({exc.strerror or exc}); remove it if no daemon uses it"
+        ) from None
     else:
         raise StartupError(f"cannot listen on {path}: another process is serving it")
     finally:
         probe.close()
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening Unix socket whose file is never wider than `mode`: the mode is set on the
+    socket before bind (Linux creates the file with it, less the umask), then the file is given
+    exactly `mode`, which can only widen it within `mode`. No process-wide umask change."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), mode)
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path} ({exc.strerror or exc})") from None
+    return sock
 
 
 class StartupError(Exception):
@@ -309,6 +340,7 @@ class TcpIngest:
         self.server: asyncio.Server | None = None
         self.unix_server: asyncio.Server | None = None
         self.unix_path: str | None = None
+        self._unix_inode: tuple[int, int] | None = None
         self.port: int | None = None
         self.welcome = b""
         self.stopping = False
@@ -325,7 +357,7 @@ class TcpIngest:
             )
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {cfg.tcp_host}:{cfg.tcp_port} ({exc.strerror}); "
+                f"cannot listen on {cfg.tcp_host}:{cfg.tcp_port} ({exc.strerror or exc}); "
                 "pick another --tcp-port or stop the process using it"
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
@@ -335,18 +367,11 @@ class TcpIngest:
 
     async def _start_unix(self, path: str, mode: int) -> None:
         """The same protocol on a Unix domain socket (same connection caps as TCP)."""
-        _clear_stale_socket(path)  # start-up only: a blocking check is fine here
-        old_umask = os.umask(0o777 & ~mode)  # the file is created with `mode`, never wider
-        try:
-            self.unix_server = await asyncio.start_unix_server(
-                self._on_connect, path=path, limit=2**16
-            )
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {path} ({exc.strerror})") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        self.unix_path = path
+        _clear_stale_socket(path)
+        sock = _bind_unix(path, mode)
+        self.unix_server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=2**16)
+        st = os.stat(path)
+        self.unix_path, self._unix_inode = path, (st.st_dev, st.st_ino)
         log.info("data plane listening on unix:%s (mode %o)", path, mode)
 
     @property
@@ -360,8 +385,10 @@ class TcpIngest:
             if server is not None:
                 server.close()
         if self.unix_path is not None:
-            try:
-                os.unlink(self.unix_path)
+            try:  # only our own file: a later daemon may have taken the path since
+                st = os.stat(self.unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_inode:
+                    os.unlink(self.unix_path)
             except OSError:
                 pass
             self.unix_path = None

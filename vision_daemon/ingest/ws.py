@@ -114,7 +114,9 @@ class WsConnection:
         body = payload[p.HEADER_SIZE :]  # the pipeline packs for TCP: drop the length prefix
         if self.browser:
             msg = msgpack.unpackb(body, raw=False)
-            return self._send(json.dumps(msg, separators=(",", ":")), droppable=True)
+            return self._send(
+                json.dumps(msg, separators=(",", ":"), allow_nan=False), droppable=True
+            )
         return self._send(body, droppable=True)
 
     def dropped(self, stream: str, frame_id: int, reason: str) -> None:
@@ -134,7 +136,7 @@ class WsConnection:
     def encode(self, msg: dict[str, Any]) -> bytes | str:
         """A binary msgpack map for /ingest, a JSON text for browser mode."""
         if self.browser:
-            return json.dumps(msg, separators=(",", ":"))
+            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
         return p.pack(msg)[p.HEADER_SIZE :]
 
     def _send(self, msg: bytes | str, *, droppable: bool = False) -> bool:
@@ -410,6 +412,12 @@ class WsIngest:
         browser = stream is not None
         limit = cfg.ws_ingest_max_connections
         why = ""
+        if limit == 0:  # off: a refusal a client should not retry
+            self._refused(websocket, "WebSocket ingest is off")
+            self.pipeline.count_error(p.E_LIMIT)
+            why = "WebSocket ingest is off (ws_ingest_max_connections = 0)"
+            await self._refuse(websocket, browser, p.E_LIMIT, why, WS_POLICY_VIOLATION)
+            return
         if not self.started or self.stopping:
             why = "daemon shutting down" if self.stopping else "daemon starting; try again later"
         elif len(self.connections) >= limit:
@@ -448,7 +456,9 @@ class WsIngest:
         try:
             async with asyncio.timeout(2.0):
                 if browser:
-                    await websocket.send_text(json.dumps(msg, separators=(",", ":")))
+                    await websocket.send_text(
+                        json.dumps(msg, separators=(",", ":"), allow_nan=False)
+                    )
                 else:
                     await websocket.send_bytes(p.pack(msg)[p.HEADER_SIZE :])
                 await websocket.close(close, code)
