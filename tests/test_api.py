@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -81,17 +82,22 @@ def test_stats_streams_and_metrics_agree_with_clients() -> None:
 
     async def scenario() -> None:
         async with running_daemon() as d:
-            c = await connect(d)
+            c = await connect(d, dropped_notices=True)
             for i in range(10):
                 await c.send_frame("a", i, IMG)
                 await c.send_frame("b", i, IMG)
                 await asyncio.sleep(0.02)
-            await collect(c, 20)
+            # Every frame comes back as a result or a drop notice (on a loaded box a frame may
+            # be evicted by the next one; /stats must then say so too).
+            answers = await collect(c, 20)
+            results = Counter(m["stream_name"] for m in answers if m["type"] == "result")
+            drops = sum(m["type"] == "dropped" for m in answers)
             async with http(d) as h:
-                s = await poll_stats(h, lambda s: s["processed_frames"] == 20)
+                s = await poll_stats(h, lambda s: s["processed_frames"] == sum(results.values()))
                 assert s["total_frames"] == 20
-                assert s["dropped_frames"] == 0 and s["queue_size"] == 0
-                assert s["streams"]["a"]["processed"] == 10 and s["streams"]["b"]["received"] == 10
+                assert s["dropped_frames"] == drops and s["queue_size"] == 0
+                assert s["streams"]["a"]["processed"] == results["a"] >= 1
+                assert s["streams"]["b"]["received"] == 10
                 assert s["streams"]["a"]["latency_ms"]["total"]["p50"] is not None
                 assert s["model"]["name"] == "none" and len(s["workers"]) == 2
                 assert set(s["totals"]["dropped_by_reason"]) >= {"queue_full", "stale", "throttled"}
@@ -100,7 +106,10 @@ def test_stats_streams_and_metrics_agree_with_clients() -> None:
                 assert (await h.get("/streams/zzz")).status_code == 404
                 text = (await h.get("/metrics")).text
             fams = {f.name: f for f in text_string_to_metric_families(text)}
-            assert per_stream(text, "vision_daemon_frames_processed") == {"a": 10.0, "b": 10.0}
+            assert per_stream(text, "vision_daemon_frames_processed") == {
+                "a": float(results["a"]),
+                "b": float(results["b"]),
+            }
             assert "vision_daemon_latency_seconds" in fams and "vision_daemon_queue_depth" in fams
 
     run(scenario())
