@@ -140,7 +140,10 @@ def test_skip_frames_and_max_fps_options() -> None:
             await until(lambda: settled("th"), what="th settled")
             sk, th = stream_stats(d, "sk"), stream_stats(d, "th")
             assert sk["processed"] == 10 and sk["dropped_by_reason"]["skipped"] == 20
-            assert 7 <= th["processed"] <= 10, th["processed"]  # 5 fps over 1.5 s
+            # 5 fps over 1.5 s is 7 or 8 when the sender keeps its schedule; a loaded box delays
+            # sends (a re-anchored schedule loses slots), so only "throttled, not blocked" is
+            # asserted here: the exact policy is tested with an injected clock in test_units.
+            assert 3 <= th["processed"] <= 10, th["processed"]
             assert th["dropped_by_reason"]["throttled"] == 30 - th["processed"]
             assert th["options"] == {"skip_frames": 1, "max_fps": 5.0}
 
