@@ -18,12 +18,12 @@ import os
 import socket
 import stat
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
+from vision_daemon.ingest.peer import PeerSink
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
 
@@ -83,7 +83,7 @@ class StartupError(Exception):
     """The daemon cannot start (port in use, model missing); the message is one line."""
 
 
-class Connection:
+class Connection(PeerSink):
     """One TCP peer: a reader that never waits on inference and a writer with a bounded outbox."""
 
     def __init__(
@@ -92,9 +92,8 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        super().__init__(ingest.config, ingest.pipeline)
         self.ingest = ingest
-        self.config = ingest.config
-        self.pipeline = ingest.pipeline
         self.reader = reader
         self.writer = writer
         addr = writer.get_extra_info("peername")
@@ -102,66 +101,20 @@ class Connection:
             self.peer = f"{addr[0]}:{addr[1]}"
         else:  # a Unix socket peer has no address: "unix:<n>", n counting connections
             self.peer = f"unix:{ingest.total}"
-        self.outbox: deque[bytes] = deque()
-        self._has_output = asyncio.Event()
         self.hello: p.Hello | None = None
         self.authenticated = False
-        self.notices = False
-        self.pending = 0  # this connection's frames queued or in flight
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.open = True  # False once nothing more may be queued for sending
         self.saying_bye = False
         self.reading = True
         self.messages = 0
         self._writer_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    # ---- the Sink side ------------------------------------------------------------------------
-    def result(self, payload: bytes, frame: p.Frame) -> bool:
-        return self._send(payload, droppable=True)
+    # ---- the transport's part of PeerSink ----------------------------------------------------
+    def encode(self, msg: dict[str, Any]) -> bytes:
+        return p.pack(msg)
 
-    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
-        if self.notices:
-            msg = {"type": "dropped", "stream_name": stream, "frame_id": frame_id, "reason": reason}
-            self._send(p.pack(msg), droppable=True)
-
-    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
-        self._send(p.pack(p.error_message(code, message, frame_id)))
-
-    def frame_done(self) -> None:
-        self.pending -= 1
-        if self.pending <= 0:
-            self._idle.set()
-
-    # ---- output -------------------------------------------------------------------------------
-    def _send(self, payload: bytes, *, droppable: bool = False) -> bool:
-        """Queue a message within one bound for every type (send_buffer_messages).
-
-        Past it a result or a dropped notice is lost (the caller counts it); any other message
-        means the peer is not reading its errors: the connection ends with `slow_consumer`.
-        """
-        if not self.open:
-            return False
-        if len(self.outbox) >= self.config.send_buffer_messages:
-            if droppable:
-                return False
-            self.pipeline.count_error(p.E_SLOW_CONSUMER)
-            self.outbox.append(
-                p.pack(
-                    p.error_message(
-                        p.E_SLOW_CONSUMER,
-                        f"{len(self.outbox)} messages unread (send_buffer_messages); closing",
-                    )
-                )
-            )
-            self._has_output.set()
-            self.shutdown()
-            self.open = False
-            return False
-        self.outbox.append(payload)
-        self._has_output.set()
-        return True
+    def close_slow_consumer(self) -> None:
+        self.shutdown()
 
     async def _write_loop(self) -> None:
         try:
@@ -274,17 +227,11 @@ class Connection:
     # ---- input --------------------------------------------------------------------------------
     def handle(self, body: bytes) -> bool:
         """Handle one message; False ends the connection."""
-        max_streams = self.config.max_streams_per_connection
-        try:
-            # max_streams + 1 entries pass msgpack so an over-long hello gets limit_exceeded.
-            obj = p.unpack_body(body, max_map_len=max_streams + 1)
-            msg = p.parse_message(obj, max_streams)
-        except p.ProtocolError as exc:
-            self.pipeline.refuse_message(exc)
-            self.error(exc.code, exc.message, exc.frame_id)
+        msg = self.parse(body)
+        if isinstance(msg, p.ProtocolError):
             if self.config.auth_token and not self.authenticated:
                 return False  # with auth on, an unauthenticated peer gets no second try
-            return not exc.fatal
+            return not msg.fatal
         token = self.config.auth_token
         if isinstance(msg, p.Hello):
             if token and not hmac.compare_digest((msg.token or "").encode(), token.encode()):

@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.decode import JPEG_MAGIC
+from vision_daemon.ingest.peer import PeerSink
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.pipeline import Pipeline
 
@@ -68,7 +68,7 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
     return p.parse_options(raw), notices in ("1", "true")
 
 
-class WsConnection:
+class WsConnection(PeerSink):
     """One WebSocket peer: a reader that never waits on inference and a writer with a bounded
     outbox (as a TCP `Connection`); `stream` set means browser mode."""
 
@@ -80,25 +80,17 @@ class WsConnection:
         options: p.StreamOptions | None = None,
         notices: bool = False,
     ) -> None:
+        super().__init__(ingest.config, ingest.pipeline, notices)
         self.ingest = ingest
-        self.config = ingest.config
-        self.pipeline = ingest.pipeline
         self.ws = websocket
         client = websocket.client
         self.peer = f"{client.host}:{client.port}" if client else "?"
         self.stream = stream
         self.browser = stream is not None
         self.options = options or p.StreamOptions()
-        self.notices = notices
         self.hello: p.Hello | None = None
         self.greeted = self.browser  # the URL is a browser's hello; /ingest waits for one
         self.next_id = 0  # browser mode numbers the frames
-        self.outbox: deque[bytes | str] = deque()
-        self._has_output = asyncio.Event()
-        self.pending = 0  # this connection's frames queued or in flight
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.open = True  # False once nothing more may be queued for sending
         self.reading = True
         self.saying_bye = False
         self.peer_gone = False  # the client closed (or vanished): nothing to close
@@ -109,57 +101,22 @@ class WsConnection:
         self._writer_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    # ---- the Sink side ------------------------------------------------------------------------
-    def result(self, payload: bytes, frame: p.Frame) -> bool:
-        body = payload[p.HEADER_SIZE :]  # the pipeline packs for TCP: drop the length prefix
-        if self.browser:
-            msg = msgpack.unpackb(body, raw=False)
-            return self._send(
-                json.dumps(msg, separators=(",", ":"), allow_nan=False), droppable=True
-            )
-        return self._send(body, droppable=True)
-
-    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
-        if self.notices:
-            msg = {"type": "dropped", "stream_name": stream, "frame_id": frame_id, "reason": reason}
-            self._send(self.encode(msg), droppable=True)
-
-    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
-        self._send(self.encode(p.error_message(code, message, frame_id)))
-
-    def frame_done(self) -> None:
-        self.pending -= 1
-        if self.pending <= 0:
-            self._idle.set()
-
-    # ---- output -------------------------------------------------------------------------------
+    # ---- the transport's part of PeerSink ----------------------------------------------------
     def encode(self, msg: dict[str, Any]) -> bytes | str:
         """A binary msgpack map for /ingest, a JSON text for browser mode."""
         if self.browser:
             return json.dumps(msg, separators=(",", ":"), allow_nan=False)
         return p.pack(msg)[p.HEADER_SIZE :]
 
-    def _send(self, msg: bytes | str, *, droppable: bool = False) -> bool:
-        """Queue a message within one bound for every type (send_buffer_messages), as on TCP.
+    def encode_result(self, payload: bytes) -> bytes | str:
+        body = payload[p.HEADER_SIZE :]  # the pipeline packs for TCP: drop the length prefix
+        if self.browser:
+            msg: dict[str, Any] = msgpack.unpackb(body, raw=False)
+            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+        return body
 
-        Past it a result or a dropped notice is lost (the caller counts it); any other message
-        means the peer is not reading its errors: `slow_consumer`, then close 1008.
-        """
-        if not self.open:
-            return False
-        if len(self.outbox) >= self.config.send_buffer_messages:
-            if droppable:
-                return False
-            self.pipeline.count_error(p.E_SLOW_CONSUMER)
-            why = f"{len(self.outbox)} messages unread (send_buffer_messages); closing"
-            self.outbox.append(self.encode(p.error_message(p.E_SLOW_CONSUMER, why)))
-            self._has_output.set()
-            self.shutdown(WS_POLICY_VIOLATION, p.E_SLOW_CONSUMER)
-            self.open = False
-            return False
-        self.outbox.append(msg)
-        self._has_output.set()
-        return True
+    def close_slow_consumer(self) -> None:
+        self.shutdown(WS_POLICY_VIOLATION, p.E_SLOW_CONSUMER)
 
     async def _write_loop(self) -> None:
         try:
@@ -328,16 +285,10 @@ class WsConnection:
 
     def _handle(self, body: bytes) -> bool:
         """One protocol message (/ingest); False ends the connection."""
-        max_streams = self.config.max_streams_per_connection
-        try:
-            # max_streams + 1 entries pass msgpack so an over-long hello gets limit_exceeded.
-            obj = p.unpack_body(body, max_map_len=max_streams + 1)
-            msg = p.parse_message(obj, max_streams)
-        except p.ProtocolError as exc:
-            self.pipeline.refuse_message(exc)
-            self.error(exc.code, exc.message, exc.frame_id)
-            if exc.fatal:
-                self.shutdown(WS_POLICY_VIOLATION, exc.code)
+        msg = self.parse(body)
+        if isinstance(msg, p.ProtocolError):
+            if msg.fatal:
+                self.shutdown(WS_POLICY_VIOLATION, msg.code)
                 return False
             return True
         self.greeted = True

@@ -1,0 +1,101 @@
+"""What every pushing peer's connection shares (TCP, Unix socket, WebSocket): the Sink side and
+one bounded outbox.
+
+A transport says how a message is encoded (`encode`, `encode_result`) and how it closes a peer
+that does not read (`close_slow_consumer`); the bound, the drop-or-close rule and the per-frame
+tally live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from vision_daemon import protocol as p
+from vision_daemon.config import Config
+from vision_daemon.pipeline import Pipeline
+
+
+class PeerSink:
+    """The `streams.Sink` of a pushing peer, with its outbox bounded by send_buffer_messages."""
+
+    peer: str
+
+    def __init__(self, config: Config, pipeline: Pipeline, notices: bool = False) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.notices = notices  # send `dropped` notices (hello's dropped_notices)
+        self.outbox: deque[Any] = deque()
+        self._has_output = asyncio.Event()
+        self.pending = 0  # this connection's frames queued or in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.open = True  # False once nothing more may be queued for sending
+
+    # ---- what a transport provides --------------------------------------------------------------
+    def encode(self, msg: dict[str, Any]) -> Any:
+        """One message as this transport sends it."""
+        raise NotImplementedError
+
+    def encode_result(self, payload: bytes) -> Any:
+        """A result the pipeline packed (length-prefixed msgpack) as this transport sends it."""
+        return payload
+
+    def close_slow_consumer(self) -> None:
+        """Stop reading and close once the slow_consumer error is out."""
+        raise NotImplementedError
+
+    # ---- the Sink side ------------------------------------------------------------------------
+    def result(self, payload: bytes, frame: p.Frame) -> bool:
+        return self._send(self.encode_result(payload), droppable=True)
+
+    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
+        if self.notices:
+            msg = {"type": "dropped", "stream_name": stream, "frame_id": frame_id, "reason": reason}
+            self._send(self.encode(msg), droppable=True)
+
+    def error(self, code: str, message: str, frame_id: int | None = None) -> None:
+        self._send(self.encode(p.error_message(code, message, frame_id)))
+
+    def frame_done(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self._idle.set()
+
+    # ---- input --------------------------------------------------------------------------------
+    def parse(self, body: bytes) -> p.Message | p.ProtocolError:
+        """One protocol message's body, validated; a refusal is counted, told to the peer and
+        returned (the transport decides whether the connection survives it)."""
+        max_streams = self.config.max_streams_per_connection
+        try:
+            # max_streams + 1 entries pass msgpack so an over-long hello gets limit_exceeded.
+            obj = p.unpack_body(body, max_map_len=max_streams + 1)
+            return p.parse_message(obj, max_streams)
+        except p.ProtocolError as exc:
+            self.pipeline.refuse_message(exc)
+            self.error(exc.code, exc.message, exc.frame_id)
+            return exc
+
+    # ---- output -------------------------------------------------------------------------------
+    def _send(self, msg: Any, *, droppable: bool = False) -> bool:
+        """Queue a message within one bound for every type (send_buffer_messages).
+
+        Past it a result or a dropped notice is lost (the caller counts it); any other message
+        means the peer is not reading its errors: the connection ends with `slow_consumer`.
+        """
+        if not self.open:
+            return False
+        if len(self.outbox) >= self.config.send_buffer_messages:
+            if droppable:
+                return False
+            self.pipeline.count_error(p.E_SLOW_CONSUMER)
+            why = f"{len(self.outbox)} messages unread (send_buffer_messages); closing"
+            self.outbox.append(self.encode(p.error_message(p.E_SLOW_CONSUMER, why)))
+            self._has_output.set()
+            self.close_slow_consumer()
+            self.open = False
+            return False
+        self.outbox.append(msg)
+        self._has_output.set()
+        return True
