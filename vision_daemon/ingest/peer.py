@@ -63,6 +63,13 @@ class PeerSink:
         if self.pending <= 0:
             self._idle.set()
 
+    async def wait_idle(self, timeout: float) -> None:
+        """Until every frame of this connection has its result or drop, or `timeout` passes."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
+
     # ---- input --------------------------------------------------------------------------------
     def parse(self, body: bytes) -> p.Message | p.ProtocolError:
         """One protocol message's body, validated; a refusal is counted, told to the peer and

@@ -218,12 +218,6 @@ class Connection(PeerSink):
             self.writer.close()
             self.ingest.forget(self)
 
-    async def wait_idle(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            pass
-
     # ---- input --------------------------------------------------------------------------------
     def handle(self, body: bytes) -> bool:
         """Handle one message; False ends the connection."""

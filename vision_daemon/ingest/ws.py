@@ -255,12 +255,6 @@ class WsConnection(PeerSink):
                 self._writer_task.cancel()
             self.ingest.forget(self)
 
-    async def wait_idle(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            pass
-
     # ---- input --------------------------------------------------------------------------------
     def _submit(self, frame: p.Frame, options: p.StreamOptions) -> None:
         self.pending += 1
