@@ -152,10 +152,19 @@ async def run_source(
 ) -> Tally:
     """Stream one source with the engine: --fps on an absolute schedule, for --duration."""
     fps = send_fps(args, source)
-    feed = SourceFeed(source, args.encoding, args.quality, args.width, args.height)
+    encoding = "raw" if args.transport == "shm" else args.encoding  # shm carries raw pixels
+    feed = SourceFeed(source, encoding, args.quality, args.width, args.height)
     start = time.monotonic()
     pacer = Pacer(fps, start, start + args.duration if args.duration else None)
-    endpoint = Endpoint(args.host, args.port, args.token, client_name, unix_socket_of(args))
+    endpoint = Endpoint(
+        args.host,
+        args.port,
+        args.token,
+        client_name,
+        unix_socket_of(args),
+        args.transport,
+        args.api_port,
+    )
     tally = tally or Tally(stream_name(args, source))
     return await stream(endpoint, tally, feed, pacer, stop=stop, hooks=hooks)
 

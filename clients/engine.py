@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clients.lib import DaemonClient, frame_message
 from clients.sources import Encoded, Pacer, Source, SyntheticSource, encode
+from clients.transports import Client, open_client
 
 TAIL_S = 15.0  # after bye, how long the results still in the daemon may take to come back
 
@@ -33,10 +33,11 @@ class Feed(Protocol):
 
 
 class LoopFeed:
-    """Pre-encoded JPEGs played in a loop from `offset`: a send costs only the send."""
+    """Pre-encoded frames (JPEG bytes, or `Encoded` raw ones) played in a loop from `offset`: a
+    send costs only the send."""
 
-    def __init__(self, frames: list[bytes], offset: int = 0) -> None:
-        self.frames = [Encoded(data, "jpeg", None) for data in frames]
+    def __init__(self, frames: list[bytes] | list[Encoded], offset: int = 0) -> None:
+        self.frames = [f if isinstance(f, Encoded) else Encoded(f, "jpeg", None) for f in frames]
         self.i = offset
 
     async def next(self, skip: int) -> Frame | None:
@@ -96,7 +97,10 @@ class Endpoint:
     port: int = 9000
     token: str | None = None
     client_name: str = "vision-client"
-    unix_socket: str | None = None  # connect here instead of host:port
+    unix_socket: str | None = None  # transport unix (and shm, else loopback TCP) connect here
+    transport: str = "tcp"  # tcp | unix | shm | ws (clients.transports.TRANSPORTS)
+    api_port: int = 8000  # transport ws: the control-plane port serving /ingest
+    shm_slots: int = 4  # transport shm: slots in the ring (frames the daemon may hold at once)
 
 
 @dataclass
@@ -148,20 +152,34 @@ async def stream(
     """
     hooks = hooks or Hooks()
     zero = pacer.start if start is None else start
-    client = await DaemonClient.connect(
-        endpoint.host,
-        endpoint.port,
+    transport = endpoint.transport
+    if endpoint.unix_socket and transport == "tcp":  # a Unix socket given alone means unix
+        transport = "unix"
+    first = None
+    slot_bytes = 0
+    if transport == "shm":  # the ring's slots are sized from the first frame
+        first = await feed.next(0)
+        if first is None:
+            return tally
+        slot_bytes = len(first[1].data)
+    client = await open_client(
+        transport,
+        host=endpoint.host,
+        port=endpoint.port,
+        api_port=endpoint.api_port,
+        unix_socket=endpoint.unix_socket,
+        shm_slots=endpoint.shm_slots,
+        slot_bytes=slot_bytes,
         token=endpoint.token,
         client_name=endpoint.client_name,
         dropped_notices=True,
-        unix_socket=endpoint.unix_socket,
     )
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection
     reader = asyncio.create_task(_read(client, tally, in_flight, zero, pacer.clock, hooks, done))
     try:
         try:
-            await _send(client, tally, feed, pacer, in_flight, stop, done, hooks)
+            await _send(client, tally, feed, pacer, in_flight, stop, done, hooks, first)
         finally:
             tally.send_elapsed = pacer.clock() - pacer.start
         if not done.is_set():
@@ -182,7 +200,7 @@ async def stream(
 
 
 async def _send(
-    client: DaemonClient,
+    client: Client,
     tally: Tally,
     feed: Feed,
     pacer: Pacer,
@@ -190,11 +208,12 @@ async def _send(
     stop: asyncio.Event | None,
     done: asyncio.Event,
     hooks: Hooks,
+    first: Frame | None = None,
 ) -> None:
     """The paced sender: read ahead (a camera read overlaps the wait), wait for the slot, send."""
     missed = 0
     while not done.is_set() and not (stop is not None and stop.is_set()):
-        frame = await feed.next(missed)
+        frame, first = (first, None) if first is not None else (await feed.next(missed), None)
         if frame is None:
             return
         waited = await pacer.wait()
@@ -210,15 +229,14 @@ async def _send(
         if hooks.on_send:
             hooks.on_send(frame_id, img)
         in_flight[frame_id] = now
-        client.send_nowait(
-            frame_message(tally.name, frame_id, enc.data, encoding=enc.encoding, shape=enc.shape)
-        )
+        # Waits for the socket (and with shm for a free slot): a slow path shows up as skipped
+        # slots, not as a queue.
+        await client.send_image(tally.name, frame_id, enc.data, enc.encoding, enc.shape)
         tally.sent += 1
-        await client.writer.drain()  # a slow network shows up as skipped slots, not a queue
 
 
 async def _read(
-    client: DaemonClient,
+    client: Client,
     tally: Tally,
     in_flight: dict[int, float],
     zero: float,

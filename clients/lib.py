@@ -76,36 +76,45 @@ def drift(rtts: Sequence[float]) -> float | None:
 def add_daemon_args(
     ap: argparse.ArgumentParser, *, tcp: bool = True, api: str | None = None
 ) -> None:
-    """--host, --port (data plane), --api-port when `api` says what it is for, --token."""
+    """--host, --port (data plane), --transport, --unix-socket, --api-port, --token.
+
+    `api` says what the control-plane port is for in this program (default: WebSocket ingest).
+    """
     ap.add_argument("--host", default="127.0.0.1", help="the daemon's address")
     if tcp:
         ap.add_argument("--port", type=int, default=9000, help="data-plane TCP port")
         ap.add_argument(
             "--transport",
-            choices=("tcp", "unix"),
+            choices=("tcp", "unix", "shm", "ws"),
             default="tcp",
-            help="tcp (--host/--port) or unix (the daemon's --unix-socket, same protocol)",
+            help="tcp (--host/--port); unix (--unix-socket, same protocol); shm (raw pixels "
+            "through a shared-memory ring, over --unix-socket or else loopback --port); ws "
+            "(WebSocket /ingest on --api-port)",
         )
-        ap.add_argument("--unix-socket", metavar="PATH", help="with --transport unix")
-    if api is not None:
-        ap.add_argument("--api-port", type=int, default=8000, help=api)
+        ap.add_argument("--unix-socket", metavar="PATH", help="with --transport unix or shm")
+    if api is not None or tcp:
+        help_ = api or "control-plane HTTP port (for --transport ws)"
+        ap.add_argument("--api-port", type=int, default=8000, help=help_)
     ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
 
 
 def unix_socket_of(args: argparse.Namespace) -> str | None:
-    """The socket path under --transport unix, else None (None too without those flags)."""
-    if getattr(args, "transport", "tcp") != "unix":
+    """The socket path under --transport unix or shm, else None (None too without the flags)."""
+    if getattr(args, "transport", "tcp") not in ("unix", "shm"):
         return None
-    return str(args.unix_socket)
+    return str(args.unix_socket) if args.unix_socket else None
 
 
 def check_transport(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (exit 2) --transport unix without --unix-socket, and --unix-socket without it."""
+    """Refuse (exit 2) --transport unix without --unix-socket, and --unix-socket with a
+    transport that does not use it."""
     transport = getattr(args, "transport", "tcp")
     if transport == "unix" and not args.unix_socket:
         ap.error("--transport unix needs --unix-socket PATH")
-    if transport != "unix" and getattr(args, "unix_socket", None):
-        ap.error("--unix-socket needs --transport unix")
+    if transport not in ("unix", "shm") and getattr(args, "unix_socket", None):
+        ap.error("--unix-socket needs --transport unix or shm")
+    if transport == "ws" and not args.api_port:
+        ap.error("--transport ws needs --api-port (the control plane serves /ingest)")
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -142,12 +151,49 @@ def frame_message(
     return msg
 
 
-class DaemonClient:
-    """One TCP connection. Sending and receiving may run concurrently in separate tasks."""
+def hello_message(
+    *,
+    token: str | None = None,
+    client_name: str = "vision-client",
+    options: dict[str, Any] | None = None,
+    streams: dict[str, dict[str, Any]] | None = None,
+    dropped_notices: bool = False,
+    shm: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A v1 hello (the same map on every transport)."""
+    msg: dict[str, Any] = {
+        "type": "hello",
+        "version": 1,
+        "client": client_name,
+        "dropped_notices": dropped_notices,
+    }
+    extra = {"token": token, "options": options, "streams": streams, "shm": shm}
+    msg.update({k: v for k, v in extra.items() if v})
+    return msg
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+def check_welcome(reply: dict[str, Any]) -> dict[str, Any]:
+    """The welcome, or the daemon's refusal as a ClientError."""
+    if reply.get("type") == "error":
+        code = str(reply.get("code"))
+        raise ClientError(
+            f"daemon refused the handshake: {code}: {reply.get('message')}",
+            "unauthorized" if code == "unauthorized" else "protocol",
+        )
+    return reply
+
+
+class DaemonClient:
+    """One TCP or Unix-socket connection, optionally with a shared-memory ring (`shm`, a
+    `clients.transports.ShmSlots`) for its frames' pixels. Sending and receiving may run
+    concurrently in separate tasks."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shm: Any = None
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.shm = shm
         self.welcome: dict[str, Any] | None = None
 
     @classmethod
@@ -157,16 +203,14 @@ class DaemonClient:
         port: int = 9000,
         *,
         hello: bool = True,
-        token: str | None = None,
-        client_name: str = "vision-client",
-        options: dict[str, Any] | None = None,
-        streams: dict[str, dict[str, Any]] | None = None,
-        dropped_notices: bool = False,
         timeout: float = 10.0,
         unix_socket: str | None = None,
+        shm: Any = None,
+        **hello_fields: Any,
     ) -> DaemonClient:
         """Connect (over TCP, or the daemon's Unix socket when `unix_socket` is a path); with
-        hello=True do the v1 handshake (hello=False speaks the legacy protocol)."""
+        hello=True do the v1 handshake (hello=False speaks the legacy protocol). With `shm` the
+        hello announces that ring; the client then owns it and closes it in `close`."""
         where = f"unix:{unix_socket}" if unix_socket else f"{host}:{port}"
         try:
             opening = (
@@ -181,31 +225,14 @@ class DaemonClient:
                 "is vision-daemon running there?",
                 "unreachable",
             ) from None
-        client = cls(reader, writer)
+        client = cls(reader, writer, shm)
         if hello:
-            msg: dict[str, Any] = {
-                "type": "hello",
-                "version": 1,
-                "client": client_name,
-                "dropped_notices": dropped_notices,
-            }
-            if token:
-                msg["token"] = token
-            if options:
-                msg["options"] = options
-            if streams:
-                msg["streams"] = streams
-            await client.send(msg)
+            announce = shm.announce() if shm is not None else None
+            await client.send(hello_message(shm=announce, **hello_fields))
             reply = await asyncio.wait_for(client.recv(), timeout)
             if reply is None:
                 raise ClientError("daemon closed the connection during the handshake")
-            if reply.get("type") == "error":
-                code = str(reply.get("code"))
-                raise ClientError(
-                    f"daemon refused the handshake: {code}: {reply.get('message')}",
-                    "unauthorized" if code == "unauthorized" else "protocol",
-                )
-            client.welcome = reply
+            client.welcome = check_welcome(reply)
         return client
 
     async def send(self, msg: dict[str, Any]) -> None:
@@ -219,6 +246,24 @@ class DaemonClient:
     async def send_frame(self, stream: str, frame_id: int, image: bytes, **kw: Any) -> None:
         await self.send(frame_message(stream, frame_id, image, **kw))
 
+    async def send_image(
+        self, stream: str, frame_id: int, image: Any, encoding: str, shape: Any
+    ) -> None:
+        """One frame: its bytes in the message, or with a shared-memory ring its raw pixels
+        (bytes or an array of `shape`) in a free slot, waiting for one if the daemon holds all."""
+        if self.shm is None:
+            await self.send(frame_message(stream, frame_id, image, encoding=encoding, shape=shape))
+            return
+        if encoding != "raw" or shape is None:
+            raise ClientError("shared-memory frames are raw BGR pixels with a shape")
+        slot = await self.shm.acquire()
+        self.shm.write(slot, image)
+        self.shm.hand_over(stream, frame_id, slot)
+        msg = frame_message(stream, frame_id, b"", encoding="shm", shape=shape)
+        del msg["image"]
+        msg["slot"] = slot
+        await self.send(msg)
+
     async def recv(self) -> dict[str, Any] | None:
         """The next message from the daemon, or None when it closed the connection."""
         try:
@@ -226,10 +271,14 @@ class DaemonClient:
             (n,) = HEADER.unpack(header)
             body = await self.reader.readexactly(n)
         except (asyncio.IncompleteReadError, ConnectionError):
+            if self.shm is not None:  # the daemon holds none of our slots any more
+                self.shm.reset()
             return None
         msg = msgpack.unpackb(body, raw=False)
         if not isinstance(msg, dict):
             raise ClientError("daemon sent a message that is not a map")
+        if self.shm is not None and msg.get("type") in ("result", "dropped", "error"):
+            self.shm.release(msg)
         return msg
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
@@ -257,3 +306,5 @@ class DaemonClient:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+        if self.shm is not None:
+            self.shm.close()

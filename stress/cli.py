@@ -284,6 +284,8 @@ def spec_from(args: argparse.Namespace) -> LoadSpec:
         path,
         prefix=args.prefix,
         unix_socket=unix_socket_of(args),
+        transport=args.transport,
+        api_port=args.api_port,
     )
 
 

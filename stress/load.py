@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 
 from clients.engine import Endpoint, LoopFeed, Tally, stream
-from clients.sources import Pacer, Source, encode, open_source
+from clients.sources import Encoded, Pacer, Source, encode, open_source
 
 MAX_FRAMES = 300  # frames pre-encoded per source; streams loop over them
 
@@ -39,6 +39,8 @@ class LoadSpec:
     quality: int = 85
     prefix: str = "stress"
     unix_socket: str | None = None  # connect to the daemon's Unix socket instead of host:port
+    transport: str = "tcp"  # tcp | unix | shm | ws (clients.transports.TRANSPORTS)
+    api_port: int = 8000  # transport ws: the control-plane port
 
 
 def encode_frames(src: Source, quality: int) -> list[bytes]:
@@ -56,18 +58,50 @@ def encode_frames(src: Source, quality: int) -> list[bytes]:
     return frames
 
 
-def load_frames(spec: LoadSpec) -> list[bytes]:
-    return encode_frames(open_source(spec.source, spec.path, spec.path), spec.quality)
+MAX_RAW_FRAMES = 30  # raw frames (transport shm) are 10-30x a JPEG: fewer are held
+
+
+def raw_frames(src: Source) -> list[Encoded]:
+    """Up to MAX_RAW_FRAMES of a source as raw BGR (then close it), for transport shm."""
+    frames: list[Encoded] = []
+    try:
+        while len(frames) < MAX_RAW_FRAMES and (img := src.read()) is not None:
+            if img.shape[1] > 1280:
+                img = cv2.resize(img, (1280, img.shape[0] * 1280 // img.shape[1]))
+            frames.append(encode(img, "raw"))
+    finally:
+        src.close()
+    if not frames:
+        raise ValueError(f"source {src.name} gave no frames")
+    return frames
+
+
+def load_frames(spec: LoadSpec) -> list[bytes] | list[Encoded]:
+    src = open_source(spec.source, spec.path, spec.path)
+    return raw_frames(src) if spec.transport == "shm" else encode_frames(src, spec.quality)
 
 
 async def run_stream(
-    spec: LoadSpec, index: int, count: int, frames: list[bytes], start: float, tally: Tally
+    spec: LoadSpec,
+    index: int,
+    count: int,
+    frames: list[bytes] | list[Encoded],
+    start: float,
+    tally: Tally,
 ) -> None:
     """One simulated camera through the client engine, its sends spread across one period and
     starting at a different frame from the others."""
     pacer = Pacer(spec.fps, start + index / (spec.fps * max(1, count)), start + spec.duration)
     feed = LoopFeed(frames, offset=index * len(frames) // max(1, count))
-    endpoint = Endpoint(spec.host, spec.port, spec.token, "vision-stress", spec.unix_socket)
+    endpoint = Endpoint(
+        spec.host,
+        spec.port,
+        spec.token,
+        "vision-stress",
+        spec.unix_socket,
+        spec.transport,
+        spec.api_port,
+    )
     await stream(endpoint, tally, feed, pacer, start=start)
 
 
@@ -77,7 +111,7 @@ async def run_group(
     count: int,
     start_wall: float,
     on_progress: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-    frames: list[bytes] | None = None,
+    frames: list[bytes] | list[Encoded] | None = None,
 ) -> list[Tally]:
     """Run some of the streams; `start_wall` (time.time) aligns groups across processes."""
     frames = frames or load_frames(spec)
@@ -122,7 +156,7 @@ async def run_load(
     streams: int,
     procs: int,
     on_progress: Callable[[dict[str, dict[str, Any]]], None],
-    frames: list[bytes] | None = None,
+    frames: list[bytes] | list[Encoded] | None = None,
 ) -> list[Tally]:
     """All streams, in this process (procs=1) or spread round-robin over `procs` processes.
 

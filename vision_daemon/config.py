@@ -246,6 +246,11 @@ class Config:
     ws_ingest_max_connections: int = _f(
         32, "limits", "WebSocket /ingest connections at once; more are closed (1013); 0 = off"
     )
+    max_shm_mb: int = _f(
+        1024,
+        "limits",
+        "largest shared-memory ring one connection may map (MiB); 0 = shared-memory ingest off",
+    )
     max_cameras: int = _f(64, "limits", "pulled cameras at once (config, --camera and the API)")
     # [stats]
     stats_window_s: float = _f(10.0, "stats", "sliding window for fps and latency percentiles")
@@ -290,6 +295,7 @@ class Config:
                 "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
             ),
             (self.ws_ingest_max_connections >= 0, "ws_ingest_max_connections must be >= 0"),
+            (self.max_shm_mb >= 0, "max_shm_mb must be >= 0 (0 = off)"),
             (
                 self.max_streams >= 1 and self.max_streams_per_connection >= 1,
                 "max_streams and max_streams_per_connection must be >= 1",

@@ -19,7 +19,15 @@ HEADER_SIZE = HEADER.size
 
 # fullmatch, not match + "$": "$" also matches before a trailing newline ("cam\n").
 STREAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
-ENCODINGS = ("jpeg", "png", "raw")
+ENCODINGS = ("jpeg", "png", "raw", "shm")
+
+# Shared-memory ingest (docs/PROTOCOL.md, "Shared-memory frames"): a POSIX shm segment's name as
+# it appears in /dev/shm (no slash, no leading dot), its header, and the bounds on its ring.
+SHM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")
+SHM_MAGIC = b"VDSHM001"
+SHM_TOKEN_BYTES = 16
+SHM_HEADER_BYTES = 4096  # magic, token, then zeros; slot 0 starts on the next page
+MAX_SHM_SLOTS = 256
 
 # Error codes sent in {"type": "error", "code": ...}. `fatal` ones close the connection.
 E_TOO_LARGE = "message_too_large"
@@ -39,6 +47,7 @@ E_HELLO_TIMEOUT = "hello_timeout"
 E_IDLE_TIMEOUT = "idle_timeout"
 E_SLOW_CONSUMER = "slow_consumer"
 E_NOT_BINARY = "not_binary"  # WebSocket ingest: a text message where a binary one is expected
+E_SHM = "shm_error"  # a shared-memory segment or slot the server will not read (always fatal)
 
 # Bounds on what one msgpack body may make the decoder build, so decoding costs O(bytes) of
 # payload copies and a few thousand small objects at most, whatever the peer sends: the event
@@ -81,14 +90,31 @@ class Frame:
     image: bytes
     encoding: str  # "jpeg" | "png" | "raw"; JPEG and PNG are told apart by their magic bytes
     shape: tuple[int, int, int] | None = None
-    # An image already decoded to a BGR uint8 array (pulled RTSP/file cameras); `image` is then
-    # empty and the worker uses these pixels as they are. Never set from a client's message.
+    # An image already decoded to a BGR uint8 array (pulled RTSP/file cameras), or a read-only
+    # view of a shared-memory slot the ingest validated; `image` is then empty and the worker
+    # uses these pixels as they are. Never set by parse_message.
     pixels: Any = None
+    slot: int | None = None  # encoding "shm": the slot of the client's segment holding the pixels
 
     @property
     def nbytes(self) -> int:
         """What the frame holds in memory (for max_queued_mb)."""
         return len(self.image) if self.pixels is None else int(self.pixels.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ShmRing:
+    """A shared-memory ring a client announced in its hello (checked against the segment later)."""
+
+    name: str
+    slots: int
+    slot_bytes: int
+    token: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes the server maps: the header, then every slot."""
+        return SHM_HEADER_BYTES + self.slots * self.slot_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +125,7 @@ class Hello:
     options: StreamOptions
     stream_options: dict[str, StreamOptions] = field(default_factory=dict)
     dropped_notices: bool = False
+    shm: ShmRing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,35 +279,69 @@ def _parse_frame(obj: dict[str, Any]) -> Frame:
         raise ProtocolError(
             E_INVALID, "field 'timestamp' must be a finite number", frame_id=frame_id
         )
-    image = _require(obj, "image", (bytes,), "binary (msgpack bin)")
     encoding = _opt(obj, "encoding", "jpeg")
     if encoding not in ENCODINGS:
         raise ProtocolError(
             E_INVALID, f"encoding must be one of {', '.join(ENCODINGS)}", frame_id=frame_id
         )
+    if encoding == "shm":  # pixels in a slot of the client's segment; checked by the ingest
+        slot = _require(obj, "slot", (int,), "an integer (the slot number)")
+        return Frame(
+            name, frame_id, float(timestamp), b"", "shm", _shape(obj, frame_id, "shm"), slot=slot
+        )
+    image = _require(obj, "image", (bytes,), "binary (msgpack bin)")
     shape: tuple[int, int, int] | None = None
     if encoding == "raw":
-        raw_shape = obj.get("shape")
-        if (
-            not isinstance(raw_shape, list | tuple)
-            or len(raw_shape) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw_shape)
-            or raw_shape[2] != 3
-            or raw_shape[0] <= 0
-            or raw_shape[1] <= 0
-        ):
-            raise ProtocolError(
-                E_INVALID, "raw frames need shape [height, width, 3]", frame_id=frame_id
-            )
-        h, w, c = raw_shape
+        shape = _shape(obj, frame_id, "raw")
+        h, w, c = shape
         if len(image) != h * w * c:
             raise ProtocolError(
                 E_INVALID,
                 f"raw image has {len(image)} bytes, shape {[h, w, c]} needs {h * w * c}",
                 frame_id=frame_id,
             )
-        shape = (h, w, c)
     return Frame(name, frame_id, float(timestamp), image, encoding, shape)
+
+
+def _shape(obj: dict[str, Any], frame_id: int, encoding: str) -> tuple[int, int, int]:
+    raw_shape = obj.get("shape")
+    if (
+        not isinstance(raw_shape, list | tuple)
+        or len(raw_shape) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw_shape)
+        or raw_shape[2] != 3
+        or raw_shape[0] <= 0
+        or raw_shape[1] <= 0
+    ):
+        raise ProtocolError(
+            E_INVALID, f"{encoding} frames need shape [height, width, 3]", frame_id=frame_id
+        )
+    return (raw_shape[0], raw_shape[1], raw_shape[2])
+
+
+def _parse_shm(raw: Any) -> ShmRing:
+    """A hello's `shm` map; what the segment itself holds is checked by the ingest (fatal)."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(E_SHM, "hello 'shm' must be a map", fatal=True)
+    name, slots, slot_bytes, token = (raw.get(k) for k in ("name", "slots", "slot_bytes", "token"))
+    if not isinstance(name, str) or not SHM_NAME_RE.fullmatch(name):
+        raise ProtocolError(
+            E_SHM,
+            "shm 'name' must be 1-128 characters of letters, digits and _ . - "
+            "(not starting with a dot), as it appears in /dev/shm",
+            fatal=True,
+        )
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SHM_SLOTS:
+        raise ProtocolError(
+            E_SHM, f"shm 'slots' must be an integer in 1..{MAX_SHM_SLOTS}", fatal=True
+        )
+    if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes < 1:
+        raise ProtocolError(E_SHM, "shm 'slot_bytes' must be a positive integer", fatal=True)
+    if not isinstance(token, bytes) or len(token) != SHM_TOKEN_BYTES:
+        raise ProtocolError(
+            E_SHM, f"shm 'token' must be {SHM_TOKEN_BYTES} bytes (msgpack bin)", fatal=True
+        )
+    return ShmRing(name, slots, slot_bytes, token)
 
 
 def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
@@ -312,7 +373,8 @@ def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
     notices = _opt(obj, "dropped_notices", False)
     if not isinstance(notices, bool):
         raise ProtocolError(E_INVALID, "hello 'dropped_notices' must be a boolean")
-    return Hello(version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices)
+    shm = None if obj.get("shm") is None else _parse_shm(obj["shm"])
+    return Hello(version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices, shm)
 
 
 def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:

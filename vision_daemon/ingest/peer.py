@@ -32,6 +32,9 @@ class PeerSink:
         self._idle = asyncio.Event()
         self._idle.set()
         self.open = True  # False once nothing more may be queued for sending
+        # Results and dropped notices are never lost to a full outbox (a shared-memory client
+        # learns from them that a slot is free again): past the bound the connection closes.
+        self.lossless = False
 
     # ---- what a transport provides --------------------------------------------------------------
     def encode(self, msg: dict[str, Any]) -> Any:
@@ -88,13 +91,14 @@ class PeerSink:
     def _send(self, msg: Any, *, droppable: bool = False) -> bool:
         """Queue a message within one bound for every type (send_buffer_messages).
 
-        Past it a result or a dropped notice is lost (the caller counts it); any other message
-        means the peer is not reading its errors: the connection ends with `slow_consumer`.
+        Past it a result or a dropped notice is lost (the caller counts it), unless the connection
+        is `lossless`; any other message means the peer is not reading what it is owed: the
+        connection ends with `slow_consumer`.
         """
         if not self.open:
             return False
         if len(self.outbox) >= self.config.send_buffer_messages:
-            if droppable:
+            if droppable and not self.lossless:
                 return False
             self.pipeline.count_error(p.E_SLOW_CONSUMER)
             why = f"{len(self.outbox)} messages unread (send_buffer_messages); closing"

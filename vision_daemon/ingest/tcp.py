@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.ingest.peer import PeerSink
+from vision_daemon.ingest.shm import ShmRing
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
 
@@ -99,8 +101,11 @@ class Connection(PeerSink):
         addr = writer.get_extra_info("peername")
         if isinstance(addr, tuple):
             self.peer = f"{addr[0]}:{addr[1]}"
+            self.same_host = ipaddress.ip_address(addr[0].split("%")[0]).is_loopback
         else:  # a Unix socket peer has no address: "unix:<n>", n counting connections
             self.peer = f"unix:{ingest.total}"
+            self.same_host = True
+        self.shm: ShmRing | None = None  # the client's shared-memory ring, once its hello mapped it
         self.hello: p.Hello | None = None
         self.authenticated = False
         self.saying_bye = False
@@ -115,6 +120,16 @@ class Connection(PeerSink):
 
     def close_slow_consumer(self) -> None:
         self.shutdown()
+
+    def result(self, payload: bytes, frame: p.Frame) -> bool:
+        if self.shm is not None:  # the slot is the client's again once this is queued
+            self.shm.release(frame.stream_name, frame.frame_id)
+        return super().result(payload, frame)
+
+    def dropped(self, stream: str, frame_id: int, reason: str) -> None:
+        if self.shm is not None:
+            self.shm.release(stream, frame_id)
+        super().dropped(stream, frame_id, reason)
 
     async def _write_loop(self) -> None:
         try:
@@ -217,6 +232,8 @@ class Connection(PeerSink):
                 self._writer_task.cancel()
             self.writer.close()
             self.ingest.forget(self)
+            if self.shm is not None:  # unmapped now, or by the last worker still reading a slot
+                self.shm.close()
 
     # ---- input --------------------------------------------------------------------------------
     def handle(self, body: bytes) -> bool:
@@ -234,8 +251,10 @@ class Connection(PeerSink):
                 return False
             if not self._authenticate():
                 return False
+            if msg.shm is not None and not self._map_shm(msg.shm):
+                return False
             self.hello = msg
-            self.notices = msg.dropped_notices
+            self.notices = msg.dropped_notices or self.shm is not None
             self._send(self.ingest.welcome)
             return True
         if token and self.hello is None:
@@ -247,9 +266,48 @@ class Connection(PeerSink):
         if isinstance(msg, p.Bye):
             self.saying_bye = True
             return False
+        if msg.encoding == "shm":
+            try:
+                if self.shm is None:
+                    raise p.ProtocolError(
+                        p.E_SHM, "shm frames need a hello that announced a segment", fatal=True
+                    )
+                msg = self.shm.frame(msg)
+            except p.ProtocolError as exc:
+                self.pipeline.refuse_message(exc)
+                self.error(exc.code, exc.message, msg.frame_id)
+                return False
         self.pending += 1
         self._idle.clear()
         self.pipeline.submit(self, msg, self.options_for(msg.stream_name))
+        return True
+
+    def _map_shm(self, ring: p.ShmRing) -> bool:
+        """Map the segment a hello announced (once per connection); False closes the connection."""
+        cfg = self.config
+        why = None
+        if cfg.max_shm_mb == 0:
+            why = "shared-memory ingest is off on this server (max_shm_mb = 0)"
+        elif not self.same_host:
+            why = "shared memory needs the Unix socket or a loopback connection"
+        elif self.shm is not None:
+            why = "this connection has mapped its segment already; one per connection"
+        try:
+            if why is not None:
+                raise p.ProtocolError(p.E_SHM, why, fatal=True)
+            self.shm = ShmRing(ring, cfg.max_shm_mb * 2**20)
+        except p.ProtocolError as exc:
+            self.pipeline.count_error(exc.code)
+            self.error(exc.code, exc.message)
+            return False
+        self.lossless = True
+        log.info(
+            "%s mapped shared memory %s: %d slots of %d bytes",
+            self.peer,
+            ring.name,
+            ring.slots,
+            ring.slot_bytes,
+        )
         return True
 
     def _authenticate(self) -> bool:

@@ -285,6 +285,17 @@ class WsConnection(PeerSink):
                 self.shutdown(WS_POLICY_VIOLATION, msg.code)
                 return False
             return True
+        if (isinstance(msg, p.Hello) and msg.shm) or (
+            isinstance(msg, p.Frame) and msg.encoding == "shm"
+        ):
+            code, why = (
+                p.E_SHM,
+                "shared memory needs the Unix socket or loopback TCP, not WebSocket",
+            )
+            self.pipeline.refuse_message(p.ProtocolError(code, why, frame_id=_frame_id(msg)))
+            self.error(code, why, _frame_id(msg))
+            self.shutdown(WS_POLICY_VIOLATION, code)
+            return False
         self.greeted = True
         if isinstance(msg, p.Hello):  # the token was checked at the handshake; this one is not
             self.hello = msg
@@ -299,6 +310,10 @@ class WsConnection(PeerSink):
         options = hello.stream_options.get(msg.stream_name, hello.options) if hello else None
         self._submit(msg, options or p.StreamOptions())
         return True
+
+
+def _frame_id(msg: p.Message) -> int | None:
+    return msg.frame_id if isinstance(msg, p.Frame) else None
 
 
 class WsIngest:

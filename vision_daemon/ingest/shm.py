@@ -1,0 +1,134 @@
+"""Shared-memory frames: a client's ring of slots, mapped read-only once, read in place.
+
+The client creates a POSIX shared-memory segment (`/dev/shm/<name>`), writes a header (magic and
+a random token), announces the ring in its hello, then sends frames that name a slot and a shape
+instead of carrying bytes. A slot belongs to the daemon from the frame that names it until the
+message that ends that frame (its result or its `dropped` notice); only then may the client write
+it again. `ShmRing` keeps that ownership for one connection and turns a slot into a read-only
+NumPy view of the mapping: no copy on the daemon's side.
+
+Why the daemon reads in place is safe: a mapped file that shrinks makes a read past its new end
+fault (SIGBUS), which no Python code can catch. So the segment must be a regular file owned by
+the daemon's own user and writable by nobody else: the only processes that could shrink it can
+already signal the daemon. A shrink by such a process is still detected before each frame is
+handed on (`ShmRing.frame`), which catches a client that resizes its segment by mistake.
+"""
+
+from __future__ import annotations
+
+import hmac
+import mmap
+import os
+import stat
+from typing import Any
+
+import numpy as np
+
+from vision_daemon import protocol as p
+
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (shm_open names)
+
+
+def _refuse(message: str) -> p.ProtocolError:
+    return p.ProtocolError(p.E_SHM, message, fatal=True)
+
+
+class ShmRing:
+    """One connection's mapped segment and which of its slots the daemon holds."""
+
+    def __init__(self, ring: p.ShmRing, max_bytes: int) -> None:
+        """Open, check and map the segment, or raise a fatal `ProtocolError` (`shm_error`)."""
+        self.ring = ring
+        if ring.size > max_bytes:
+            raise _refuse(
+                f"segment of {ring.size} bytes ({ring.slots} slots of {ring.slot_bytes}) exceeds "
+                f"max_shm_mb={max_bytes // 2**20}"
+            )
+        path = os.path.join(SHM_DIR, ring.name)
+        try:  # O_NONBLOCK: a FIFO planted under that name must not block the event loop
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise _refuse(
+                f"cannot open shared memory {ring.name!r} ({exc.strerror or exc}); create it "
+                "before the hello (POSIX shm, e.g. multiprocessing.shared_memory)"
+            ) from None
+        try:
+            self._check(os.fstat(fd))
+            self.map = mmap.mmap(fd, ring.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise _refuse(
+                f"cannot map shared memory {ring.name!r} ({exc.strerror or exc})"
+            ) from None
+        finally:
+            os.close(fd)  # the mapping keeps its own reference
+        header = self.map[: len(p.SHM_MAGIC) + p.SHM_TOKEN_BYTES]
+        magic, token = header[: len(p.SHM_MAGIC)], header[len(p.SHM_MAGIC) :]
+        if magic != p.SHM_MAGIC or not hmac.compare_digest(token, ring.token):
+            self.close()
+            raise _refuse(
+                f"segment {ring.name!r} does not start with this client's magic and token: "
+                "it is not this client's segment"
+            )
+        self.held: dict[int, tuple[str, int]] = {}  # slot -> (stream, frame_id)
+        self.slot_of: dict[tuple[str, int], int] = {}
+
+    def _check(self, st: os.stat_result) -> None:
+        ring = self.ring
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(f"{ring.name!r} is not a shared-memory segment (not a regular file)")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise _refuse(
+                f"segment {ring.name!r} must belong to the daemon's user and be writable by no "
+                "one else (mode 0600, as multiprocessing.shared_memory creates it)"
+            )
+        if st.st_size < ring.size:
+            raise _refuse(
+                f"segment {ring.name!r} has {st.st_size} bytes; {ring.slots} slots of "
+                f"{ring.slot_bytes} bytes need {ring.size} (header {p.SHM_HEADER_BYTES})"
+            )
+
+    def frame(self, frame: p.Frame) -> p.Frame:
+        """The frame with its pixels as a read-only view of its slot; the slot is now held.
+
+        Every lie is fatal: a slot out of range, a shape larger than a slot, a slot or a frame id
+        the daemon still holds, a segment that shrank.
+        """
+        ring, slot, shape = self.ring, frame.slot, frame.shape
+        assert slot is not None and shape is not None  # parse_message sets both for "shm"
+        if not 0 <= slot < ring.slots:
+            raise _refuse(f"slot {slot} is out of range (the ring has {ring.slots} slots)")
+        h, w, c = shape
+        if h * w * c > ring.slot_bytes:
+            raise _refuse(
+                f"shape {[h, w, c]} needs {h * w * c} bytes; a slot has {ring.slot_bytes}"
+            )
+        if slot in self.held:
+            raise _refuse(
+                f"slot {slot} is still the daemon's (frame {self.held[slot][1]}): wait for its "
+                "result or dropped notice before writing it again"
+            )
+        key = (frame.stream_name, frame.frame_id)
+        if key in self.slot_of:
+            raise _refuse(f"frame {frame.frame_id} of {frame.stream_name} is already in flight")
+        if self.map.size() < ring.size:  # fstat: the segment shrank since the hello
+            raise _refuse(f"segment {ring.name!r} shrank below {ring.size} bytes")
+        offset = p.SHM_HEADER_BYTES + slot * ring.slot_bytes
+        pixels: Any = np.frombuffer(self.map, np.uint8, h * w * c, offset).reshape(shape)
+        self.held[slot] = key
+        self.slot_of[key] = slot
+        return p.Frame(
+            frame.stream_name, frame.frame_id, frame.timestamp, b"", "shm", shape, pixels, slot
+        )
+
+    def release(self, stream: str, frame_id: int) -> None:
+        """The frame's result or drop is on its way to the client: its slot is the client's."""
+        slot = self.slot_of.pop((stream, frame_id), None)
+        if slot is not None:
+            del self.held[slot]
+
+    def close(self) -> None:
+        """Unmap now, or, while a worker still reads a view, when the last view is gone."""
+        try:
+            self.map.close()
+        except BufferError:  # views alive: the mapping goes with the last of them (refcount)
+            pass
