@@ -160,7 +160,10 @@ class Stats(BaseModel):
     totals: FrameCounts
     batch_sizes: dict[str, int]
     mean_batch_size: float | None
-    connections: dict[str, int]
+    connections: dict[str, int] = Field(
+        description="TCP and Unix-socket connections: open, pending, total, refused, outbox_max, "
+        "shm_rings (shared-memory rings mapped) and shm_mapped_bytes"
+    )
     ws_ingest: dict[str, int] = Field(
         description="WebSocket /ingest connections: open, total, refused, outbox_max"
     )
@@ -239,6 +242,8 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "total": c.ingest.total,
             "refused": c.ingest.refused,
             "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
+            "shm_rings": sum(1 for x in c.ingest.connections if x.shm is not None),
+            "shm_mapped_bytes": sum(x.shm.ring.size for x in c.ingest.connections if x.shm),
         },
         "ws_ingest": (
             c.ws_ingest.counts()
