@@ -258,6 +258,11 @@ class DaemonClient:
             raise ClientError("shared-memory frames are raw BGR pixels with a shape")
         slot = await self.shm.acquire()
         self.shm.write(slot, image)
+        await self.send_slot(stream, frame_id, slot, shape)
+
+    async def send_slot(self, stream: str, frame_id: int, slot: int, shape: Any) -> None:
+        """Hand a slot this client filled (`shm.acquire()`, then `shm.view()` or `shm.write()`)
+        to the daemon as one frame; the slot is the daemon's until that frame's result or drop."""
         self.shm.hand_over(stream, frame_id, slot)
         msg = frame_message(stream, frame_id, b"", encoding="shm", shape=shape)
         del msg["image"]

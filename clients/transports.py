@@ -73,6 +73,17 @@ class ShmSlots:
             await self._freed.wait()
         return self.free.popleft()
 
+    def view(self, slot: int, shape: tuple[int, int, int]) -> np.ndarray:
+        """A writable array over a slot this client holds, to render or decode a frame into
+        directly (e.g. `cv2.resize(src, size, dst=view)`): no copy at all on either side."""
+        n = shape[0] * shape[1] * shape[2]
+        if n > self.slot_bytes:
+            raise ClientError(f"shape {list(shape)} does not fit a {self.slot_bytes}-byte slot")
+        buf = self.mem.buf
+        assert buf is not None  # None only after close()
+        offset = SHM_HEADER_BYTES + slot * self.slot_bytes
+        return np.frombuffer(buf, np.uint8, n, offset).reshape(shape)
+
     def write(self, slot: int, image: bytes | np.ndarray) -> None:
         """Copy one frame's pixels into a slot this client holds."""
         src = np.frombuffer(image, np.uint8) if isinstance(image, bytes) else image.reshape(-1)
