@@ -437,3 +437,30 @@ def test_compression_is_not_negotiated_and_ingest_can_be_turned_off() -> None:
                     assert await closed_with(ws) == (1008, "limit_exceeded")
 
     run(main())
+
+
+def open_http_connections(d: Daemon) -> int:
+    """Sockets the control plane holds (uvicorn's own set: HTTP and WebSocket alike)."""
+    server = d.http._server
+    return len(server.server_state.connections) if server is not None else 0
+
+
+def test_a_peer_that_never_reads_is_aborted_after_the_close_grace() -> None:
+    """A WebSocket peer that stops reading is cut off (its socket aborted) once its connection
+    ended: a flushing close would hold the socket, and a control-plane slot, forever."""
+
+    async def scenario() -> None:
+        async with (
+            running_daemon(big_results, send_buffer_messages=4, idle_timeout_s=0.5) as d,
+            ws_connect(d, "/ingest", max_queue=1) as ws,
+        ):
+            await ws.send(pack({"type": "hello", "version": 1}))
+            for i in range(60):  # about 9 MB of results it never reads: the buffers fill
+                await ws.send(frame("deaf", i))
+                await until(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
+            assert stats(d)["streams"]["deaf"]["results_dropped"] > 0  # they did fill
+            # It then sends nothing: idle_timeout_s ends the connection, which cannot deliver.
+            await until(lambda: stats(d)["ws_ingest"]["open"] == 0, 15, "the connection to end")
+            await until(lambda: open_http_connections(d) == 0, 15, "its socket to be aborted")
+
+    run(scenario())

@@ -3,7 +3,10 @@
 uvicorn's own settings close idle keep-alive connections (`timeout_keep_alive`) and answer 503
 past `limit_concurrency`, but they neither cap connections at accept nor time out a socket that
 never sends its first byte. A subclass of its h11 protocol adds both; it is a handful of lines
-over uvicorn's documented `Config(http=<protocol class>)` hook.
+over uvicorn's documented `Config(http=<protocol class>)` hook. A subclass of its WebSocket
+protocol (`Config(ws=<protocol class>)`) aborts a socket whose peer does not read: uvicorn closes
+a WebSocket with the transport's `close()`, which waits for the write buffer to drain, so a peer
+that never reads would hold the socket, and a control-plane slot, forever.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from vision_daemon.config import Config
 from vision_daemon.log import RateLimitFilter, RedactTokens
@@ -95,6 +99,25 @@ def _bounded_protocol(limits: _Limits) -> type[H11Protocol]:
     return BoundedH11
 
 
+WS_ABORT_AFTER_S = 5.0  # after the app is done with a WebSocket, its peer's time to read the rest
+
+
+class _AbortingWebSocket(WebSocketsSansIOProtocol):
+    """Once the app has finished with a connection (the daemon already gave a peer that does not
+    read its few seconds to take what was owed), the socket gets WS_ABORT_AFTER_S more to drain,
+    then is aborted: what is still unsent is dropped with it."""
+
+    async def run_asgi(self) -> None:
+        try:
+            await super().run_asgi()
+        finally:
+            self.loop.call_later(WS_ABORT_AFTER_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
+
+
 class _Server(uvicorn.Server):
     # The daemon owns the one set of signal handlers; uvicorn must not install its own.
     def capture_signals(self) -> Any:
@@ -138,7 +161,7 @@ class HttpServer:
             app,
             log_config=None,
             access_log=False,  # paths and query strings (tokens) stay out of the log
-            ws="websockets-sansio",
+            ws=_AbortingWebSocket,
             # A WebSocket message over this is refused (close 1009) before it is read.
             ws_max_size=self.config.max_message_bytes,
             # No permessage-deflate: a 16 KB compressed message would inflate to
