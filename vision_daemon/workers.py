@@ -62,6 +62,9 @@ class WorkerThread:
                 loop.call_soon_threadsafe(_settle, fut, result, error)
             except RuntimeError:  # the loop closed while this call ran (abandoned at shutdown)
                 return
+            # Nothing of a finished call stays alive while the thread waits for the next one: its
+            # frames may be views of a client's shared memory, unmapped with the last view.
+            del item, fn, args, fut, result, error
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -316,6 +319,8 @@ class WorkerPool:
                 if outcome.error == E_DETECTOR:
                     worker.stats.errors += 1
                 self._reports.put(Report(job, outcome))
+            # Likewise the reported batch, while this task waits for the next one.
+            del jobs, job
 
     async def _restart(self, worker: Worker) -> bool:
         if worker.abandoned >= MAX_ABANDONED_THREADS:

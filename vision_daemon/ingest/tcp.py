@@ -234,6 +234,9 @@ class Connection(PeerSink):
             self.ingest.forget(self)
             if self.shm is not None:  # unmapped now, or by the last worker still reading a slot
                 self.shm.close()
+                # Its streams keep this connection for stream_grace_s: they must not keep the
+                # mapping too (the views hold it while they live; nothing else does).
+                self.shm = None
 
     # ---- input --------------------------------------------------------------------------------
     def handle(self, body: bytes) -> bool:
@@ -274,6 +277,7 @@ class Connection(PeerSink):
                     )
                 msg = self.shm.frame(msg)
             except p.ProtocolError as exc:
+                exc.frame_id = msg.frame_id  # a refused frame: received, dropped as invalid
                 self.pipeline.refuse_message(exc)
                 self.error(exc.code, exc.message, msg.frame_id)
                 return False
