@@ -280,12 +280,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", default="yolov8n_int8_openvino_model")
     ap.add_argument("--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "models"))
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="default: 1 for transport, 2 (the daemon's) for ws-model",
+    )
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 6])
     ap.add_argument("--kinds", nargs="+", choices=("ws", "tcp"), default=["ws", "tcp"])
     ap.add_argument("--seconds", type=float, default=20.0, help="ws-model: per client count")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
+    args.workers = args.workers or (1 if args.part == "transport" else 2)
     summary = transport(args) if args.part == "transport" else ws_model(args)
     emit(summary, args.json_out)
 
