@@ -150,6 +150,12 @@ async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[s
     }
 
 
+def fairness(stats: dict[str, Any]) -> float | None:
+    """Frames processed by the least served stream over the most served one (1 = equal turns)."""
+    done = [s["processed"] for s in stats["streams"].values()]
+    return round(min(done) / max(done), 3) if done and max(done) else None
+
+
 def emit(summary: dict[str, Any], json_out: str | None) -> None:
     """Print the summary; with --json-out also append it as one JSON line."""
     print(json.dumps(summary, indent=2))
@@ -217,6 +223,7 @@ def main() -> None:
         "sent": result["sent"],
         "results": len(rtts),
         "mean_batch": stats["mean_batch_size"],
+        "fairness": fairness(stats),
     }
     emit(summary, args.json_out)
 

@@ -53,7 +53,7 @@ def test_hello_welcome_and_raw_png_encodings() -> None:
     """v1 hello gets a welcome with limits; raw BGR and PNG frames decode like JPEG."""
 
     async def scenario() -> None:
-        async with running_daemon(lambda: SlowDetector(0.0)) as d:
+        async with running_daemon(lambda: SlowDetector(0.0), serve_default="fifo") as d:
             c = await connect(d, client_name="t")
             assert c.welcome is not None and c.welcome["type"] == "welcome"
             assert c.welcome["version"] == 1 and c.welcome["limits"]["queue_depth"] == 2
@@ -99,7 +99,9 @@ def test_full_queue_drops_oldest_and_notifies() -> None:
         import threading
 
         gate = threading.Event()
-        async with running_daemon(lambda: SlowDetector(0.0, hang=gate), workers=1) as d:
+        async with running_daemon(
+            lambda: SlowDetector(0.0, hang=gate), workers=1, serve_default="fifo"
+        ) as d:
             c = await connect(d, dropped_notices=True)
             img = jpeg()
             await c.send_frame("cam", 0, img)  # taken by the worker, which then blocks
@@ -145,7 +147,7 @@ def test_skip_frames_and_max_fps_options() -> None:
             # asserted here: the exact policy is tested with an injected clock in test_units.
             assert 3 <= th["processed"] <= 10, th["processed"]
             assert th["dropped_by_reason"]["throttled"] == 30 - th["processed"]
-            assert th["options"] == {"skip_frames": 1, "max_fps": 5.0}
+            assert th["options"] == {"skip_frames": 1, "max_fps": 5.0, "serve": "latest"}
 
     run(scenario())
 
@@ -154,7 +156,9 @@ def test_frames_older_than_max_age_drop_as_stale() -> None:
     """A frame that waited past max_frame_age_ms is dropped as stale instead of processed late."""
 
     async def scenario() -> None:
-        async with running_daemon(lambda: SlowDetector(0.3), workers=1, max_frame_age_ms=100) as d:
+        async with running_daemon(
+            lambda: SlowDetector(0.3), workers=1, max_frame_age_ms=100, serve_default="fifo"
+        ) as d:
             c = await connect(d, dropped_notices=True)
             img = jpeg()
             await c.send_frame("cam", 0, img)

@@ -147,7 +147,7 @@ def test_half_closed_socket_is_released_and_its_frames_accounted() -> None:
     """A peer that sends frames then shuts down its write side: each frame ends processed or dropped."""
 
     async def scenario() -> None:
-        async with running_daemon(lambda: SlowDetector(0.1), workers=1) as d:
+        async with running_daemon(lambda: SlowDetector(0.1), workers=1, serve_default="fifo") as d:
             c = await connect(d, dropped_notices=True)
             for i in range(5):
                 await c.send_frame("half", i, IMG)

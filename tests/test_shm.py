@@ -126,7 +126,12 @@ async def daemon_with(
     """A daemon with a Unix socket and (unless overridden) one worker running `detector`; its
     hang is released on the way out, so shutdown never waits on it."""
     det = detector or RecordingDetector()
-    settings: dict[str, Any] = {"unix_socket": str(tmp_path / "d.sock"), "workers": 1}
+    # fifo: these tests follow every frame a slot carries (latest would supersede queued ones)
+    settings: dict[str, Any] = {
+        "unix_socket": str(tmp_path / "d.sock"),
+        "workers": 1,
+        "serve_default": "fifo",
+    }
     try:
         async with running_daemon(lambda: det, **{**settings, **overrides}) as d:
             yield d

@@ -71,7 +71,10 @@ def frame(name: str, fid: int, image: bytes = b"\xff\xd8\xff" + b"x" * 100) -> p
 
 
 def make_pipeline(**overrides: Any) -> tuple[Pipeline, Clock, Scheduler, Reports]:
-    cfg = load_config(overrides={"log_dir": "", **overrides}, environ={})
+    """A pipeline on a hand-moved clock; streams serve fifo unless `serve_default` says (these
+    tests follow every queued frame; tests/test_serve.py covers `latest`)."""
+    settings = {"log_dir": "", "serve_default": "fifo", **overrides}
+    cfg = load_config(overrides=settings, environ={})
     clock = Clock()
     reports = Reports()
     scheduler = Scheduler(cfg.max_in_flight_per_stream, cfg.max_frame_age_ms / 1000, reports, clock)

@@ -213,6 +213,12 @@ class Config:
         1000.0, "streams", "frames older than this when a worker would take them drop as stale"
     )
     max_in_flight_per_stream: int = _f(1, "streams", "frames of one stream in inference at once")
+    serve_default: str = _f(
+        "latest",
+        "streams",
+        "which queued frame a stream's turn serves unless its client says: latest (older ones "
+        "drop as superseded) or fifo (oldest first)",
+    )
     # [limits]
     max_message_bytes: int = _f(16 * 1024 * 1024, "limits", "largest accepted message")
     max_image_pixels: int = _f(7680 * 4320, "limits", "largest decoded image (width*height)")
@@ -278,6 +284,7 @@ class Config:
             (self.queue_depth >= 1, "queue_depth must be >= 1"),
             (self.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
             (self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be >= 1"),
+            (self.serve_default in ("latest", "fifo"), "serve_default must be latest or fifo"),
             (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32, >= 32"),
             (0 <= self.conf <= 1 and 0 <= self.iou <= 1, "conf and iou must be in 0..1"),
             (self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),

@@ -9,6 +9,7 @@ to the counters. Workers and the scheduler hand their verdicts back on the `Repo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -75,6 +76,8 @@ class Pipeline:
         if stream is not None:
             return stream
         cfg = self.config
+        if not options.serve:  # the client named no policy: the daemon's default
+            options = dataclasses.replace(options, serve=cfg.serve_default)
         existing = self.streams.get(name)
         if existing is not None and existing.detached_at is None:
             return f"stream {name!r} is in use by another connection ({existing.peer})"

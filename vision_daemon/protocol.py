@@ -20,6 +20,7 @@ HEADER_SIZE = HEADER.size
 # fullmatch, not match + "$": "$" also matches before a trailing newline ("cam\n").
 STREAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 ENCODINGS = ("jpeg", "png", "raw", "shm")
+SERVE_POLICIES = ("latest", "fifo")  # which queued frame a stream's turn serves
 
 # Shared-memory ingest (docs/PROTOCOL.md, "Shared-memory frames"): a POSIX shm segment's name as
 # it appears in /dev/shm (no slash, no leading dot), its header, and the bounds on its ring.
@@ -77,9 +78,12 @@ class StreamOptions:
 
     skip_frames: int = 1  # process every Nth received frame (1 = all)
     max_fps: float = 0.0  # time-based throttle, 0 = off
+    # "latest": a turn serves the newest queued frame, older ones drop as superseded; "fifo":
+    # the oldest first. "" = the daemon's `serve_default`.
+    serve: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"skip_frames": self.skip_frames, "max_fps": self.max_fps}
+        return {"skip_frames": self.skip_frames, "max_fps": self.max_fps, "serve": self.serve}
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +246,10 @@ def parse_options(raw: Any) -> StreamOptions:
         or not 0 <= max_fps <= 1000  # also refuses NaN
     ):
         raise ProtocolError(E_INVALID, "max_fps must be a number in 0..1000 (0 = no limit)")
-    return StreamOptions(skip_frames=skip, max_fps=float(max_fps))
+    serve = _opt(raw, "serve", "")
+    if serve not in SERVE_POLICIES and not (serve == "" and raw.get("serve") is None):
+        raise ProtocolError(E_INVALID, "serve must be latest or fifo")
+    return StreamOptions(skip_frames=skip, max_fps=float(max_fps), serve=serve)
 
 
 def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:

@@ -14,7 +14,8 @@ from vision_daemon.streams import Job, Reports, Stream
 
 
 class Scheduler:
-    """Round-robin over streams that have a queued frame and room in flight.
+    """Round-robin over streams that have a queued frame and room in flight; a turn serves the
+    stream's newest frame (`latest`, older ones drop as superseded) or its oldest (`fifo`).
 
     Runs on the event loop only. A stream is in `_ready` at most once; after a frame is taken it
     goes to the back of the line, so a 30 fps camera gets the same turns as a 5 fps one.
@@ -84,6 +85,10 @@ class Scheduler:
                 skipped.append(stream)
                 continue
             job = None
+            if stream.options.serve != "fifo":  # the pipeline resolved "" to serve_default
+                # Freshest-frame service: the newest queued frame is the one worth analysing.
+                while len(stream.queue) > 1:
+                    self._reports.drop_untaken(stream.pop(), "superseded")
             while stream.queue:
                 candidate = stream.pop()
                 if now - candidate.received_at > self._max_age:

@@ -62,6 +62,8 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
             except ValueError:
                 msg = f"query parameter {key} must be a number"
                 raise p.ProtocolError(p.E_INVALID, msg) from None
+    if query.get("serve") is not None:
+        raw["serve"] = query["serve"]
     notices = query.get("dropped_notices", "false").lower()
     if notices not in ("1", "0", "true", "false"):
         raise p.ProtocolError(p.E_INVALID, "query parameter dropped_notices must be true or false")
