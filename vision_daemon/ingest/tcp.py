@@ -305,7 +305,12 @@ class Connection(PeerSink):
             self.error(exc.code, exc.message)
             return False
         self.lossless = True
-        log.info(
+        log_limited(  # a peer reconnecting in a loop must not flood the log
+            log,
+            self.ingest._log_limit,
+            "shm:" + peer_host(self.peer),
+            time.monotonic(),
+            logging.INFO,
             "%s mapped shared memory %s: %d slots of %d bytes",
             self.peer,
             ring.name,
