@@ -137,7 +137,17 @@ def drive_daemon(
 async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
     """vision-stress's simulated cameras (one connection each, absolute schedules spread across
     the period, each starting at a different frame) fed with the ceiling's own JPEGs."""
-    spec = LoadSpec("127.0.0.1", tcp, None, args.fps, args.duration, "video", None, prefix="cam")
+    spec = LoadSpec(
+        "127.0.0.1",
+        tcp,
+        None,
+        args.fps,
+        args.duration,
+        "video",
+        None,
+        prefix="cam",
+        rate_advice=getattr(args, "rate_aware", False),
+    )
     results = await run_load(spec, args.streams, 1, lambda _: None, frames=jpegs)
     return {
         "samples": [(t, rtt) for r in results for _, t, rtt in r.samples],  # (send time, rtt ms)
@@ -185,6 +195,9 @@ def main() -> None:
     ap.add_argument("--video", default=str(VIDEO))
     ap.add_argument("--max-batch", type=int, default=1)
     ap.add_argument("--ceiling-s", type=float, default=20.0)
+    ap.add_argument(
+        "--rate-aware", action="store_true", help="the cameras follow the daemon's rate advice"
+    )
     ap.add_argument("daemon_args", nargs="*", help="extra vision-daemon flags after --")
     args = ap.parse_args()
 
@@ -224,6 +237,7 @@ def main() -> None:
         "results": len(rtts),
         "mean_batch": stats["mean_batch_size"],
         "fairness": fairness(stats),
+        "rate_aware": args.rate_aware,
     }
     emit(summary, args.json_out)
 

@@ -70,6 +70,7 @@ def summarize(tally: Tally) -> dict[str, Any]:
         "send_fps": round(tally.sent / tally.send_elapsed, 2) if tally.send_elapsed else 0.0,
         "avg_fps": round(tally.results / tally.elapsed, 2) if tally.elapsed else 0.0,
         "latency_ms": lat,
+        "advised_fps": tally.advised_fps,
     }
 
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bench-out", default=None, help="append one summary row to this CSV file")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument(
+        "--rate-advice",
+        action="store_true",
+        help="send at the rate the daemon advises (never above --fps)",
+    )
     return ap
 
 
@@ -164,6 +170,7 @@ async def run_source(
         unix_socket_of(args),
         args.transport,
         args.api_port,
+        rate_advice=getattr(args, "rate_advice", False),
     )
     tally = tally or Tally(stream_name(args, source))
     return await stream(endpoint, tally, feed, pacer, stop=stop, hooks=hooks)

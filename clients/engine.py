@@ -101,6 +101,7 @@ class Endpoint:
     transport: str = "tcp"  # tcp | unix | shm | ws (clients.transports.TRANSPORTS)
     api_port: int = 8000  # transport ws: the control-plane port serving /ingest
     shm_slots: int = 4  # transport shm: slots in the ring (frames the daemon may hold at once)
+    rate_advice: bool = False  # send at the rate the daemon advises (never above the schedule's)
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Tally:
     send_elapsed: float = 0.0  # seconds from the schedule's start to the last send
     elapsed: float = 0.0  # ... to the end of the tail
     closed_by_server: bool = False  # the connection ended without the daemon's bye
+    advised_fps: float | None = None  # the last rate the daemon advised (rate_advice)
 
     def progress(self) -> dict[str, Any]:
         """The live view's counters."""
@@ -173,10 +175,14 @@ async def stream(
         token=endpoint.token,
         client_name=endpoint.client_name,
         dropped_notices=True,
+        rate_advice=endpoint.rate_advice,
+        options=_advice_options(endpoint, pacer),
     )
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection
-    reader = asyncio.create_task(_read(client, tally, in_flight, zero, pacer.clock, hooks, done))
+    reader = asyncio.create_task(
+        _read(client, tally, in_flight, zero, pacer, hooks, done, endpoint.rate_advice)
+    )
     try:
         try:
             await _send(client, tally, feed, pacer, in_flight, stop, done, hooks, first)
@@ -235,19 +241,36 @@ async def _send(
         tally.sent += 1
 
 
+def _advice_options(endpoint: Endpoint, pacer: Pacer) -> dict[str, Any] | None:
+    """With rate advice, the hello says the schedule's own rate: the stream's demand."""
+    if not endpoint.rate_advice or not pacer.period:
+        return None
+    return {"source_fps": round(1.0 / pacer.period, 3)}
+
+
 async def _read(
     client: Client,
     tally: Tally,
     in_flight: dict[int, float],
     zero: float,
-    clock: Callable[[], float],
+    pacer: Pacer,
     hooks: Hooks,
     done: asyncio.Event,
+    follow_advice: bool = False,
 ) -> None:
-    """The reader: results, drop notices and errors, until the daemon says bye or closes."""
+    """The reader: results, drop notices, errors and rate advice, until the daemon says bye or
+    closes."""
+    clock = pacer.clock
+    own = 1.0 / pacer.period if pacer.period else 0.0
     async for msg in client.messages():
         now = clock()
         kind = msg.get("type")
+        if kind == "rate" and follow_advice and own:
+            fps = msg.get("fps")
+            if isinstance(fps, int | float) and fps > 0:
+                pacer.set_fps(min(own, float(fps)))  # never faster than asked for
+                tally.advised_fps = float(fps)
+            continue
         if kind == "result":
             frame_id = msg.get("frame_id", -1)
             sent_at = in_flight.pop(frame_id, None)

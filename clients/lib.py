@@ -159,6 +159,7 @@ def hello_message(
     streams: dict[str, dict[str, Any]] | None = None,
     dropped_notices: bool = False,
     shm: dict[str, Any] | None = None,
+    rate_advice: bool = False,
 ) -> dict[str, Any]:
     """A v1 hello (the same map on every transport)."""
     msg: dict[str, Any] = {
@@ -167,7 +168,13 @@ def hello_message(
         "client": client_name,
         "dropped_notices": dropped_notices,
     }
-    extra = {"token": token, "options": options, "streams": streams, "shm": shm}
+    extra = {
+        "token": token,
+        "options": options,
+        "streams": streams,
+        "shm": shm,
+        "rate_advice": rate_advice,
+    }
     msg.update({k: v for k, v in extra.items() if v})
     return msg
 

@@ -219,6 +219,16 @@ class Pacer:
         self.end = end
         self.slot = 0
         self.skipped = 0
+        # Slot k is due at anchor + (k - anchor_slot) * period; set_fps moves the anchor.
+        self.anchor, self.anchor_slot = self.start, 0
+
+    def set_fps(self, fps: float) -> None:
+        """Change the rate from the next slot on (server-advised rates); no burst, no gap."""
+        if fps <= 0 or self.period == 0:
+            return
+        self.anchor = max(self.due_time(self.slot), self.clock())
+        self.anchor_slot = self.slot
+        self.period = 1.0 / fps
 
     async def wait(self) -> int | None:
         """Sleep until the next slot is due and return how many slots were skipped to get there;
@@ -227,13 +237,13 @@ class Pacer:
             self.slot += 1
             return 0
         now = self.clock()
-        behind = math.floor((now - self.start) / self.period)
+        behind = self.anchor_slot + math.floor((now - self.anchor) / self.period)
         missed = 0
         if behind > self.slot:  # a whole slot late: jump to the current one
             missed = behind - self.slot
             self.slot = behind
             self.skipped += missed
-        due = self.start + self.slot * self.period
+        due = self.due_time(self.slot)
         if self.end is not None and due >= self.end:
             return None
         if due > now:
@@ -242,4 +252,4 @@ class Pacer:
         return missed
 
     def due_time(self, slot: int) -> float:
-        return self.start + slot * self.period
+        return self.anchor + (slot - self.anchor_slot) * self.period

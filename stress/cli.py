@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second per camera")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds (per step with capacity)")
     add_daemon_args(ap, api="control-plane HTTP port, polled for /stats (0 = don't)")
+    ap.add_argument(
+        "--rate-advice",
+        action="store_true",
+        help="each camera sends at the rate the daemon advises (never above --fps)",
+    )
     ap.add_argument("--source", choices=["synthetic", "video", "folder"], default="synthetic")
     ap.add_argument("--video", default=None, help="video file for --source video")
     ap.add_argument("--folder", default=None, help="image folder for --source folder")
@@ -286,6 +291,7 @@ def spec_from(args: argparse.Namespace) -> LoadSpec:
         unix_socket=unix_socket_of(args),
         transport=args.transport,
         api_port=args.api_port,
+        rate_advice=args.rate_advice,
     )
 
 

@@ -41,6 +41,7 @@ class LoadSpec:
     unix_socket: str | None = None  # connect to the daemon's Unix socket instead of host:port
     transport: str = "tcp"  # tcp | unix | shm | ws (clients.transports.TRANSPORTS)
     api_port: int = 8000  # transport ws: the control-plane port
+    rate_advice: bool = False  # each camera slows to the rate the daemon advises
 
 
 def encode_frames(src: Source, quality: int) -> list[bytes]:
@@ -101,6 +102,7 @@ async def run_stream(
         spec.unix_socket,
         spec.transport,
         spec.api_port,
+        rate_advice=spec.rate_advice,
     )
     await stream(endpoint, tally, feed, pacer, start=start)
 

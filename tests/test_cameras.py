@@ -68,7 +68,12 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
             await wait_for(lambda: stats(d)["streams"]["clip"]["processed"] >= 5)
             s = stats(d)["streams"]["clip"]
             assert s["dropped_by_reason"]["throttled"] > 0  # 10 fps file, analysed at 5
-            assert s["options"] == {"skip_frames": 1, "max_fps": 5.0, "serve": "latest"}
+            assert s["options"] == {
+                "skip_frames": 1,
+                "max_fps": 5.0,
+                "serve": "latest",
+                "source_fps": 0.0,
+            }
             assert accounted(d)
 
     run(main())

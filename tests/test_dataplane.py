@@ -147,7 +147,12 @@ def test_skip_frames_and_max_fps_options() -> None:
             # asserted here: the exact policy is tested with an injected clock in test_units.
             assert 3 <= th["processed"] <= 10, th["processed"]
             assert th["dropped_by_reason"]["throttled"] == 30 - th["processed"]
-            assert th["options"] == {"skip_frames": 1, "max_fps": 5.0, "serve": "latest"}
+            assert th["options"] == {
+                "skip_frames": 1,
+                "max_fps": 5.0,
+                "serve": "latest",
+                "source_fps": 0.0,
+            }
 
     run(scenario())
 

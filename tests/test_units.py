@@ -46,6 +46,7 @@ class FakeSink:
         self.peer = peer
         self.results: list[dict[str, Any]] = []
         self.drops: list[tuple[str, int, str]] = []
+        self.advice: list[tuple[str, float]] = []
         self.errors: list[tuple[str, int | None]] = []
         self.done = 0
         self.full = False
@@ -64,6 +65,9 @@ class FakeSink:
 
     def frame_done(self) -> None:
         self.done += 1
+
+    def advise(self, stream: str, fps: float) -> None:
+        self.advice.append((stream, fps))
 
 
 def frame(name: str, fid: int, image: bytes = b"\xff\xd8\xff" + b"x" * 100) -> p.Frame:

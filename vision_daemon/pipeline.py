@@ -21,6 +21,7 @@ from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub
+from vision_daemon.rates import Advisor, ServiceTime
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
 from vision_daemon.streams import Job, Outcome, QueueBudget, Report, Reports, Sink, Stream
@@ -54,6 +55,8 @@ class Pipeline:
         self.streams_evicted = 0  # detached streams removed early to make room for new ones
         self.last_latency_ms: float | None = None
         self._log_limit = RateLimiter()
+        self.service = ServiceTime()  # what a frame costs a worker: the capacity estimate
+        self.advisor = Advisor()
 
     # ---- admission ----------------------------------------------------------------------------
     def count_error(self, code: str) -> None:
@@ -226,6 +229,7 @@ class Pipeline:
             return
         now = self.clock()
         timings = dict(outcome.timings)
+        self.service.observe(timings.get("decode_ms", 0.0) + timings.get("infer_ms", 0.0))
         timings["queue_ms"] = (job.taken_at - job.received_at) * 1000
         timings["total_ms"] = (now - job.received_at) * 1000
         self.last_latency_ms = timings["total_ms"]
@@ -288,6 +292,37 @@ class Pipeline:
             self._route(report)
         return len(items)
 
+    def advise(self) -> None:
+        """Tell streams whose fair share of the estimated capacity changed (vision_daemon/rates).
+
+        A stream's demand is the `source_fps` its client declared, else (a client that follows
+        advice without saying its rate) as much as it can get, else (one that does not follow
+        advice) the rate it sends at; `max_fps` caps each.
+        """
+        now = self.clock()
+        demands: dict[str, float] = {}
+        for s in self.streams.values():
+            if s.detached_at is not None or s.sink is None:
+                continue
+            if s.options.source_fps > 0:
+                demand = s.options.source_fps
+            elif getattr(s.sink, "rate_advice", False):
+                demand = 0.0  # unknown: all it can get
+            else:
+                demand = s.counts.recv_window.rate(now)
+            if s.options.max_fps > 0:
+                demand = min(demand, s.options.max_fps) if demand else s.options.max_fps
+            demands[s.name] = demand
+        capacity = self.service.capacity_fps(self.config.workers)
+        for name, fps in self.advisor.advise(now, capacity, demands).items():
+            stream = self.streams[name]
+            stream.advised_fps = fps
+            if stream.sink is not None:
+                try:
+                    stream.sink.advise(name, fps)
+                except Exception:  # a sink failing must not stop the others' advice
+                    log.exception("advising stream %s failed", name)
+
     def expire(self) -> None:
         """Streams whose sink closed leave after stream_grace_s."""
         now = self.clock()
@@ -310,6 +345,7 @@ class Pipeline:
             self.drain()
             if self.clock() >= next_expiry:
                 self.expire()
+                self.advise()
                 next_expiry = self.clock() + max(0.05, min(1.0, self.config.stream_grace_s))
 
     def queued(self) -> int:

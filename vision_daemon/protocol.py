@@ -81,9 +81,17 @@ class StreamOptions:
     # "latest": a turn serves the newest queued frame, older ones drop as superseded; "fifo":
     # the oldest first. "" = the daemon's `serve_default`.
     serve: str = ""
+    # The rate the client would send without advice (fps; 0 = not said): its demand in the
+    # server-advised rates (vision_daemon/rates.py).
+    source_fps: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"skip_frames": self.skip_frames, "max_fps": self.max_fps, "serve": self.serve}
+        return {
+            "skip_frames": self.skip_frames,
+            "max_fps": self.max_fps,
+            "serve": self.serve,
+            "source_fps": self.source_fps,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +138,7 @@ class Hello:
     stream_options: dict[str, StreamOptions] = field(default_factory=dict)
     dropped_notices: bool = False
     shm: ShmRing | None = None
+    rate_advice: bool = False  # send `rate` messages with the fps the server will serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +255,17 @@ def parse_options(raw: Any) -> StreamOptions:
         or not 0 <= max_fps <= 1000  # also refuses NaN
     ):
         raise ProtocolError(E_INVALID, "max_fps must be a number in 0..1000 (0 = no limit)")
+    source_fps = _opt(raw, "source_fps", 0.0)
+    if (
+        isinstance(source_fps, bool)
+        or not isinstance(source_fps, int | float)
+        or not 0 <= source_fps <= 1000
+    ):
+        raise ProtocolError(E_INVALID, "source_fps must be a number in 0..1000 (0 = not said)")
     serve = _opt(raw, "serve", "")
     if serve not in SERVE_POLICIES and not (serve == "" and raw.get("serve") is None):
         raise ProtocolError(E_INVALID, "serve must be latest or fifo")
-    return StreamOptions(skip_frames=skip, max_fps=float(max_fps), serve=serve)
+    return StreamOptions(skip, float(max_fps), serve, float(source_fps))
 
 
 def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:
@@ -381,7 +397,12 @@ def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
     if not isinstance(notices, bool):
         raise ProtocolError(E_INVALID, "hello 'dropped_notices' must be a boolean")
     shm = None if obj.get("shm") is None else _parse_shm(obj["shm"])
-    return Hello(version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices, shm)
+    advice = _opt(obj, "rate_advice", False)
+    if not isinstance(advice, bool):
+        raise ProtocolError(E_INVALID, "hello 'rate_advice' must be a boolean")
+    return Hello(
+        version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices, shm, advice
+    )
 
 
 def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:

@@ -59,6 +59,10 @@ class FrameCounts(BaseModel):
 class StreamOptionsModel(BaseModel):
     skip_frames: int
     max_fps: float
+    serve: str = Field(description="latest or fifo: which queued frame a turn serves")
+    source_fps: float = Field(
+        description="the rate the client said it sends unadvised; 0: not said"
+    )
 
 
 class StreamStats(FrameCounts):
@@ -70,6 +74,9 @@ class StreamStats(FrameCounts):
     in_flight: int
     last_frame_age_ms: float | None
     options: StreamOptionsModel
+    advised_fps: float | None = Field(
+        None, description="the rate last advised to this stream (server-advised rates)"
+    )
 
 
 class WorkerStatsModel(BaseModel):

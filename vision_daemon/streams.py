@@ -39,6 +39,10 @@ class Sink(Protocol):
         """Exactly once per submitted frame, after its result or drop: the sink's own tally."""
         ...
 
+    def advise(self, stream: str, fps: float) -> None:
+        """The rate the daemon will serve this stream now (sent only to peers that asked)."""
+        ...
+
 
 @dataclass(slots=True)
 class Job:
@@ -166,6 +170,7 @@ class Stream:
     last_frame_at: float | None = None
     detached_at: float | None = None  # set when its sink closed; removed after a grace
     metric_label: str = ""  # the label this stream's Prometheus series carry
+    advised_fps: float | None = None  # the rate the pipeline last advised (rates.py)
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +225,7 @@ class Stream:
                     else round((now - self.last_frame_at) * 1000, 1)
                 ),
                 "options": self.options.to_dict(),
+                "advised_fps": self.advised_fps,
             }
         )
         return snap

@@ -143,6 +143,9 @@ class Camera:
     def frame_done(self) -> None:
         """Nothing is held per frame outside the pipeline."""
 
+    def advise(self, stream: str, fps: float) -> None:
+        """A camera's rate is its max_fps; the reader does not follow advice (yet)."""
+
     # ---- reader thread -----------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
         with self._lock:

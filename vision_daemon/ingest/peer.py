@@ -35,6 +35,7 @@ class PeerSink:
         # Results and dropped notices are never lost to a full outbox (a shared-memory client
         # learns from them that a slot is free again): past the bound the connection closes.
         self.lossless = False
+        self.rate_advice = False  # the hello asked for `rate` messages
 
     # ---- what a transport provides --------------------------------------------------------------
     def encode(self, msg: dict[str, Any]) -> Any:
@@ -60,6 +61,12 @@ class PeerSink:
 
     def error(self, code: str, message: str, frame_id: int | None = None) -> None:
         self._send(self.encode(p.error_message(code, message, frame_id)))
+
+    def advise(self, stream: str, fps: float) -> None:
+        # Skipped when the outbox is full (never closes a connection): advice repeats on change.
+        if self.rate_advice and len(self.outbox) < self.config.send_buffer_messages:
+            msg = {"type": "rate", "stream_name": stream, "fps": fps}
+            self._send(self.encode(msg), droppable=True)
 
     def frame_done(self) -> None:
         self.pending -= 1

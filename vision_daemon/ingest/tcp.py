@@ -258,6 +258,7 @@ class Connection(PeerSink):
                 return False
             self.hello = msg
             self.notices = msg.dropped_notices or self.shm is not None
+            self.rate_advice = msg.rate_advice
             self._send(self.ingest.welcome)
             return True
         if token and self.hello is None:

@@ -302,6 +302,7 @@ class WsConnection(PeerSink):
         if isinstance(msg, p.Hello):  # the token was checked at the handshake; this one is not
             self.hello = msg
             self.notices = msg.dropped_notices
+            self.rate_advice = msg.rate_advice
             self._send(self.ingest.welcome_bin)
             return True
         if isinstance(msg, p.Bye):
