@@ -10,11 +10,39 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.pipeline import Pipeline
+
+
+class ConnectionTasks:
+    """The tasks serving one ingest's connections: each runs under `run`; at shutdown `aclose`
+    waits for all of them once, with a timeout, then cancels the late ones."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, serving: Awaitable[None]) -> None:
+        """Serve one connection in the current task, tracked until it returns."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await serving
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def aclose(self, timeout: float) -> None:
+        """Each connection's own waits are bounded; this is the backstop."""
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 class PeerSink:

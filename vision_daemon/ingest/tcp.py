@@ -24,7 +24,7 @@ from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
-from vision_daemon.ingest.peer import PeerSink
+from vision_daemon.ingest.peer import ConnectionTasks, PeerSink
 from vision_daemon.ingest.shm import ShmRing
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
@@ -345,7 +345,7 @@ class TcpIngest:
         self.pipeline = pipeline
         self.pending: set[Connection] = set()  # accepted, no valid first message yet
         self.connections: set[Connection] = set()  # authenticated (or legacy, auth off)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = ConnectionTasks()
         self.server: asyncio.Server | None = None
         self.unix_server: asyncio.Server | None = None
         self.unix_path: str | None = None
@@ -407,11 +407,7 @@ class TcpIngest:
     async def aclose(self, timeout: float) -> None:
         """Wait for every connection to deliver what it owes and close (shutdown, last phase)."""
         self.stop_accepting()
-        if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._tasks.aclose(timeout)
 
     def promote(self, conn: Connection) -> bool:
         if len(self.connections) >= self.config.max_connections:
@@ -470,11 +466,4 @@ class TcpIngest:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending.add(conn)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await conn.run()
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        await self._tasks.run(conn.run())

@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.decode import JPEG_MAGIC
-from vision_daemon.ingest.peer import PeerSink
+from vision_daemon.ingest.peer import ConnectionTasks, PeerSink
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.pipeline import Pipeline
 
@@ -327,7 +327,7 @@ class WsIngest:
         self.config = config
         self.pipeline = pipeline
         self.connections: set[WsConnection] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = ConnectionTasks()
         self.started = False
         self.stopping = False
         self.welcome_bin = b""
@@ -350,11 +350,7 @@ class WsIngest:
     async def aclose(self, timeout: float) -> None:
         """Wait for every connection to deliver what it owes and close (shutdown, last phase)."""
         self.stop_accepting()
-        if self._tasks:  # each connection's own waits are bounded; this is the backstop
-            _, late = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._tasks.aclose(timeout)
 
     def forget(self, conn: WsConnection) -> None:
         self.connections.discard(conn)
@@ -401,15 +397,10 @@ class WsIngest:
                 return
         conn = WsConnection(self, websocket, stream, options, notices)
         self.connections.add(conn)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
-            await conn.run()
+            await self._tasks.run(conn.run())
         finally:
             self.connections.discard(conn)
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _refuse(
         self, websocket: WebSocket, browser: bool, code: str, message: str, close: int
