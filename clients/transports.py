@@ -73,28 +73,24 @@ class ShmSlots:
             await self._freed.wait()
         return self.free.popleft()
 
+    def _bytes_of(self, slot: int, n: int, what: str) -> np.ndarray:
+        """The first `n` bytes of a slot as a writable flat array."""
+        if n > self.slot_bytes:
+            raise ClientError(f"{what} does not fit a {self.slot_bytes}-byte slot")
+        buf = self.mem.buf
+        assert buf is not None  # None only after close()
+        return np.frombuffer(buf, np.uint8, n, SHM_HEADER_BYTES + slot * self.slot_bytes)
+
     def view(self, slot: int, shape: tuple[int, int, int]) -> np.ndarray:
         """A writable array over a slot this client holds, to render or decode a frame into
         directly (e.g. `cv2.resize(src, size, dst=view)`): no copy at all on either side."""
         n = shape[0] * shape[1] * shape[2]
-        if n > self.slot_bytes:
-            raise ClientError(f"shape {list(shape)} does not fit a {self.slot_bytes}-byte slot")
-        buf = self.mem.buf
-        assert buf is not None  # None only after close()
-        offset = SHM_HEADER_BYTES + slot * self.slot_bytes
-        return np.frombuffer(buf, np.uint8, n, offset).reshape(shape)
+        return self._bytes_of(slot, n, f"shape {list(shape)}").reshape(shape)
 
     def write(self, slot: int, image: bytes | np.ndarray) -> None:
         """Copy one frame's pixels into a slot this client holds."""
         src = np.frombuffer(image, np.uint8) if isinstance(image, bytes) else image.reshape(-1)
-        if src.nbytes > self.slot_bytes:
-            raise ClientError(
-                f"frame of {src.nbytes} bytes does not fit a {self.slot_bytes}-byte slot"
-            )
-        offset = SHM_HEADER_BYTES + slot * self.slot_bytes
-        buf = self.mem.buf
-        assert buf is not None  # None only after close()
-        np.frombuffer(buf, np.uint8, src.nbytes, offset)[:] = src
+        self._bytes_of(slot, src.nbytes, f"frame of {src.nbytes} bytes")[:] = src
 
     def hand_over(self, stream: str, frame_id: int, slot: int) -> None:
         """The slot is the daemon's until the message that ends this frame."""

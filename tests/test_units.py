@@ -44,6 +44,7 @@ class FakeSink:
 
     def __init__(self, peer: str = "10.0.0.1:5000") -> None:
         self.peer = peer
+        self.rate_advice = False
         self.results: list[dict[str, Any]] = []
         self.drops: list[tuple[str, int, str]] = []
         self.advice: list[tuple[str, float]] = []

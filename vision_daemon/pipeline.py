@@ -306,7 +306,7 @@ class Pipeline:
                 continue
             if s.options.source_fps > 0:
                 demand = s.options.source_fps
-            elif getattr(s.sink, "rate_advice", False):
+            elif s.sink.rate_advice:
                 demand = 0.0  # unknown: all it can get
             else:
                 demand = s.counts.recv_window.rate(now)

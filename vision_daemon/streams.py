@@ -22,6 +22,7 @@ class Sink(Protocol):
     """Where a stream's answers go (a TCP connection today; WebSocket, shm, cameras later)."""
 
     peer: str  # for /stats and log lines; never holds a secret
+    rate_advice: bool  # the peer follows `advise` (else its demand is the rate it sends at)
 
     def result(self, payload: bytes, frame: Frame) -> bool:
         """Queue a packed result of `frame`; False when the sink's outbox is full (it is lost)."""

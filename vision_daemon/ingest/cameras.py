@@ -84,6 +84,7 @@ class Camera:
         self.name = spec.name
         self.url = spec.substream_url or spec.url  # the stream that is analysed
         self.peer = "camera " + redact_url(self.url)  # a Sink's peer: shown in /stats
+        self.rate_advice = False  # the reader keeps its own max_fps (see `advise`)
         self.options = StreamOptions(spec.skip_frames, spec.max_fps)
         self.keyframes_only = spec.keyframes_only == "on" or (
             spec.keyframes_only == "auto" and 0 < spec.max_fps <= 1.0
