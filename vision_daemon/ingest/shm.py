@@ -29,8 +29,9 @@ from vision_daemon import protocol as p
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (shm_open names)
 
 
-def _refuse(message: str) -> p.ProtocolError:
-    return p.ProtocolError(p.E_SHM, message, fatal=True)
+def _refuse(message: str, frame_id: int | None = None) -> p.ProtocolError:
+    """A fatal shm_error; with the frame_id of a refused frame (counted received and dropped)."""
+    return p.ProtocolError(p.E_SHM, message, frame_id=frame_id, fatal=True)
 
 
 class ShmRing:
@@ -96,22 +97,29 @@ class ShmRing:
         ring, slot, shape = self.ring, frame.slot, frame.shape
         assert slot is not None and shape is not None  # parse_message sets both for "shm"
         if not 0 <= slot < ring.slots:
-            raise _refuse(f"slot {slot} is out of range (the ring has {ring.slots} slots)")
+            raise _refuse(
+                f"slot {slot} is out of range (the ring has {ring.slots} slots)", frame.frame_id
+            )
         h, w, c = shape
         if h * w * c > ring.slot_bytes:
             raise _refuse(
-                f"shape {[h, w, c]} needs {h * w * c} bytes; a slot has {ring.slot_bytes}"
+                f"shape {[h, w, c]} needs {h * w * c} bytes; a slot has {ring.slot_bytes}",
+                frame.frame_id,
             )
         if slot in self.held:
             raise _refuse(
                 f"slot {slot} is still the daemon's (frame {self.held[slot][1]}): wait for its "
-                "result or dropped notice before writing it again"
+                "result or dropped notice before writing it again",
+                frame.frame_id,
             )
         key = (frame.stream_name, frame.frame_id)
         if key in self.slot_of:
-            raise _refuse(f"frame {frame.frame_id} of {frame.stream_name} is already in flight")
+            raise _refuse(
+                f"frame {frame.frame_id} of {frame.stream_name} is already in flight",
+                frame.frame_id,
+            )
         if self.map.size() < ring.size:  # fstat: the segment shrank since the hello
-            raise _refuse(f"segment {ring.name!r} shrank below {ring.size} bytes")
+            raise _refuse(f"segment {ring.name!r} shrank below {ring.size} bytes", frame.frame_id)
         offset = p.SHM_HEADER_BYTES + slot * ring.slot_bytes
         pixels: Any = np.frombuffer(self.map, np.uint8, h * w * c, offset).reshape(shape)
         self.held[slot] = key

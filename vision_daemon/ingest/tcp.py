@@ -273,14 +273,12 @@ class Connection(PeerSink):
         if msg.encoding == "shm":
             try:
                 if self.shm is None:
-                    raise p.ProtocolError(
-                        p.E_SHM, "shm frames need a hello that announced a segment", fatal=True
-                    )
+                    why = "shm frames need a hello that announced a segment"
+                    raise p.ProtocolError(p.E_SHM, why, frame_id=msg.frame_id, fatal=True)
                 msg = self.shm.frame(msg)
-            except p.ProtocolError as exc:
-                exc.frame_id = msg.frame_id  # a refused frame: received, dropped as invalid
+            except p.ProtocolError as exc:  # a refused frame: received, dropped as invalid
                 self.pipeline.refuse_message(exc)
-                self.error(exc.code, exc.message, msg.frame_id)
+                self.error(exc.code, exc.message, exc.frame_id)
                 return False
         self.pending += 1
         self._idle.clear()
