@@ -451,8 +451,11 @@ def test_a_peer_that_never_reads_is_aborted_after_the_close_grace() -> None:
 
     async def scenario() -> None:
         async with (
-            running_daemon(big_results, send_buffer_messages=4, idle_timeout_s=0.5) as d,
-            ws_connect(d, "/ingest", max_queue=1) as ws,
+            # The idle time must outlast one frame's round on a loaded machine (CI ran out at 0.5 s).
+            running_daemon(big_results, send_buffer_messages=4, idle_timeout_s=3.0) as d,
+            # close_timeout: this client, its reading paused, would wait 10 s for a close it
+            # cannot see; the test is about the daemon's side.
+            ws_connect(d, "/ingest", max_queue=1, close_timeout=0.5) as ws,
         ):
             await ws.send(pack({"type": "hello", "version": 1}))
             for i in range(60):  # about 9 MB of results it never reads: the buffers fill
