@@ -8,7 +8,7 @@ export VISION_DAEMON_MODEL_DIR ?= $(if $(wildcard ../shared/models),../shared/mo
 # Tests never touch the network; the daemon itself always disables ultralytics' auto-install.
 export YOLO_AUTOINSTALL := False
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast lint format clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,8 +31,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Both tiers: the fast unit tests, then the slow ones (real sockets, models, subprocesses).
-test: lint
+# The dashboard's browser tests drive the system Chromium (Debian package) with Playwright; as
+# root, install it when missing; otherwise those tests skip with one line saying why.
+browser:
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium; fi
+
+# Both tiers: the fast unit tests, then the slow ones (real sockets, models, browsers, subprocesses).
+test: lint browser
 	YOLO_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 # The fast tier only: policies with an injected clock, no sockets; seconds in all.
@@ -40,4 +46,4 @@ test-fast: $(STAMP)
 	YOLO_OFFLINE=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

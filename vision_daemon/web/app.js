@@ -65,6 +65,8 @@ class Dashboard {
 
   start(firstStats) {
     this.showStats(firstStats);
+    setText($("status-stats"), "stats: live");
+    $("status-stats").dataset.state = "ok";
     this.loop.start();
     this.after(STATS_EVERY_MS, () => this.pollStats());
     this.pollHistory();

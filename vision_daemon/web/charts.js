@@ -4,15 +4,19 @@
 const GRID = "rgba(255,255,255,0.08)";
 const AXIS_TEXT = "#8b95a5";
 
-function niceMax(v) {
-  if (!(v > 0)) return 1;
-  const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+const TICKS = 4;
+
+/** A round step (1, 2, 2.5 or 5 times a power of ten) so that TICKS steps cover v. */
+function niceStep(v) {
+  const raw = v > 0 ? v / TICKS : 0.25;
+  const p = 10 ** Math.floor(Math.log10(raw));
+  for (const m of [1, 2, 2.5, 5, 10]) if (raw <= m * p) return m * p;
   return 10 * p;
 }
 
 function fmtTick(v) {
-  return v >= 100 || Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1);
+  if (v >= 100 || Number.isInteger(v)) return v.toFixed(0);
+  return String(Number(v.toFixed(2)));
 }
 
 /**
@@ -42,7 +46,7 @@ export function drawChart(canvas, times, series, unit) {
 
   let max = 0;
   for (const s of series) for (const v of s.values) if (typeof v === "number" && v > max) max = v;
-  const yMax = niceMax(max * 1.1);
+  const yMax = niceStep(max * 1.05) * TICKS;
   const t1 = times.length ? times[times.length - 1] : 0;
   const t0 = times.length ? Math.min(times[0], t1 - 60) : -60;
   const span = Math.max(1, t1 - t0);
@@ -54,8 +58,8 @@ export function drawChart(canvas, times, series, unit) {
   ctx.lineWidth = 1;
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
-  for (let i = 0; i <= 4; i++) {
-    const v = (yMax * i) / 4;
+  for (let i = 0; i <= TICKS; i++) {
+    const v = (yMax * i) / TICKS;
     const yy = Math.round(y(v)) + 0.5;
     ctx.beginPath();
     ctx.moveTo(left, yy);
@@ -79,8 +83,9 @@ export function drawChart(canvas, times, series, unit) {
     ctx.lineWidth = 1.75;
     ctx.beginPath();
     let pen = false;
+    const ok = (v) => typeof v === "number" && Number.isFinite(v);
     s.values.forEach((v, i) => {
-      if (typeof v !== "number" || !Number.isFinite(v)) {
+      if (!ok(v)) {
         pen = false;
         return;
       }
@@ -89,6 +94,13 @@ export function drawChart(canvas, times, series, unit) {
       pen = true;
     });
     ctx.stroke();
+    ctx.fillStyle = s.color;
+    s.values.forEach((v, i) => {
+      // a point with no neighbour draws no line: show it as a dot
+      if (ok(v) && !ok(s.values[i - 1]) && !ok(s.values[i + 1])) {
+        ctx.fillRect(x(times[i]) - 1.5, y(v) - 1.5, 3, 3);
+      }
+    });
     // legend, top row
     ctx.fillStyle = s.color;
     ctx.fillRect(lx + 20, 7, 10, 3);

@@ -21,6 +21,7 @@ function textColor(hex) {
 /**
  * Draw the bitmap, then each detection's box and "label 0.87" above it. The stroke is at least
  * 3 px wide, so the pixel under a box's edge coordinate is always fully the class's colour.
+ * Strokes and labels keep a readable size however small the canvas is shown.
  */
 export function drawFrame(canvas, ctx, bitmap, detections) {
   const w = bitmap.width;
@@ -31,8 +32,10 @@ export function drawFrame(canvas, ctx, bitmap, detections) {
   }
   ctx.drawImage(bitmap, 0, 0);
   if (!detections || !detections.length) return;
-  const lw = Math.max(3, Math.round(Math.max(w, h) / 256));
-  const fontPx = Math.max(11, Math.round(h / 40));
+  const shown = canvas.clientWidth;
+  const scale = shown > 0 ? w / shown : 1; // canvas pixels per CSS pixel
+  const lw = Math.max(3, Math.round(Math.max(w, h) / 256), Math.round(2 * scale));
+  const fontPx = Math.max(11, Math.round(h / 40), Math.round(10 * scale));
   ctx.lineWidth = lw;
   ctx.font = `${fontPx}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
