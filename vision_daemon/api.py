@@ -6,11 +6,15 @@ never walk the pipeline's internals themselves.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
+import mimetypes
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -19,13 +23,21 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from vision_daemon import __version__
+from vision_daemon import protocol as p
 from vision_daemon.config import Config, ConfigError, camera_from_dict
 from vision_daemon.ingest.cameras import CameraManager, CameraRefused
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub, Subscriber
-from vision_daemon.snapshot import CameraStats, SnapshotCache, Stats, StreamStats
+from vision_daemon.pipeline import Pipeline
+from vision_daemon.snapshot import (
+    CameraStats,
+    SnapshotCache,
+    Stats,
+    StreamOptionsModel,
+    StreamStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,20 @@ WS_POLICY_VIOLATION = 1008  # refused token
 WS_TRY_AGAIN_LATER = 1013  # ws_max_subscribers reached
 WS_GOING_AWAY = 1001  # daemon shutting down
 MAX_BODY_BYTES = 64 * 1024  # a request body (POST /cameras) is read up to this, then 413
+# A browser cannot set headers on a WebSocket: the dashboard offers this subprotocol and its
+# token as a second one, "bearer.<base64url of the token>", which stays out of every URL.
+WS_SUBPROTOCOL = "vision-daemon"
+WS_BEARER_PREFIX = "bearer."
+WEB_DIR = Path(__file__).parent / "web"
+# The dashboard's own files only: no inline script or style, no other origin, no framing.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 async def read_json(request: Request) -> Any:
@@ -57,6 +83,7 @@ def create_app(
     ready: Callable[[], tuple[bool, str]],
     cameras: CameraManager | None = None,
     ws_ingest: WsIngest | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FastAPI:
     token = config.auth_token
     # With a token, the generated docs are served by routes below that require it.
@@ -185,6 +212,52 @@ def create_app(
             raise HTTPException(503, "no frame of this camera has been analysed yet")
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
+    @app.get("/stats/history", dependencies=[Auth])
+    async def stats_history() -> Response:
+        """The last stats_history_points summaries, one per stats_history_interval_s, oldest
+        first: total and per-stream processed fps, latency p50 and p99, drops a second, queue."""
+        return Response(cache.history.body(), media_type="application/json")
+
+    @app.get("/streams/{name}/frame.jpg", dependencies=[Auth])
+    async def stream_frame(name: str) -> Response:
+        """The stream's latest analysed frame (its boxes are in the /ws result of the same
+        frame id); 204 until one is kept: a stream is watched from the first request on."""
+        if pipeline is None or name not in pipeline.streams:
+            raise HTTPException(404, "no stream of that name")
+        image = await pipeline.frames.image(name, time.monotonic())
+        if image is None:
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        headers = {
+            "Cache-Control": "no-store",
+            "X-Frame-Id": str(image.frame_id),
+            "X-Frame-Timestamp": repr(image.timestamp),
+        }
+        return Response(image.body, media_type=image.media_type, headers=headers)
+
+    @app.patch("/streams/{name}", response_model=StreamOptionsModel, dependencies=[Auth])
+    async def retune_stream(name: str, request: Request) -> dict[str, Any]:
+        """An operator's skip_frames and/or max_fps for a stream, pushed or pulled: they win over
+        what its client said, for as long as the stream lives."""
+        body = await read_json(request)
+        fields = ("skip_frames", "max_fps")
+        if not isinstance(body, dict) or not body or set(body) - set(fields):
+            raise HTTPException(
+                422, "send a JSON object with skip_frames (1..10000) and/or max_fps (0..1000)"
+            )
+        try:
+            p.parse_options(body)  # the same bounds as a client's hello
+        except p.ProtocolError as exc:
+            raise HTTPException(422, exc.message) from None
+        options = None
+        if pipeline is not None:
+            options = pipeline.retune(name, body.get("skip_frames"), body.get("max_fps"))
+        if options is None:
+            raise HTTPException(404, "no stream of that name")
+        camera = cameras.get(name) if cameras else None
+        if camera is not None:  # its reader applies skip_frames and max_fps itself
+            camera.retune(options)
+        return options.to_dict()
+
     rendered: list[Any] = [0.0, b""]  # (when, body): one rendering per stats_refresh_s
 
     @app.get("/metrics", dependencies=[Auth])
@@ -198,8 +271,15 @@ def create_app(
         """Accept, then check the token; a wrong one is closed with 1008 (False)."""
         # Accept first, then close with a code: closing before accept answers HTTP 403, and a
         # WebSocket client could not tell a wrong token (1008) from a full house (1013).
-        await websocket.accept()
-        if authorized(websocket.headers.get("authorization"), websocket.query_params.get("token")):
+        offered = [
+            x.strip() for x in websocket.headers.get("sec-websocket-protocol", "").split(",")
+        ]
+        await websocket.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None)
+        header = websocket.headers.get("authorization")
+        for x in offered:
+            if x.startswith(WS_BEARER_PREFIX):  # the browser's way to send its token
+                header = "Bearer " + _unbase64url(x[len(WS_BEARER_PREFIX) :])
+        if authorized(header, websocket.query_params.get("token")):
             return True
         refused("ws", websocket.client.host if websocket.client else "?")
         try:
@@ -257,4 +337,42 @@ def create_app(
         finally:
             hub.remove(sub)
 
+    if config.dashboard:
+        files = _web_files(WEB_DIR)
+
+        def web_file(name: str) -> Response:
+            found = files.get(name)
+            if found is None:
+                raise HTTPException(404, "no such dashboard file")
+            body, media_type = found
+            return Response(body, media_type=media_type, headers=DASHBOARD_HEADERS)
+
+        @app.get("/", include_in_schema=False)
+        async def dashboard() -> Response:
+            """The dashboard (static; every figure it shows is fetched with the token)."""
+            return web_file("index.html")
+
+        @app.get("/web/{name}", include_in_schema=False)
+        async def dashboard_file(name: str) -> Response:
+            return web_file(name)
+
     return app
+
+
+def _web_files(web_dir: Path) -> dict[str, tuple[bytes, str]]:
+    """The dashboard's files (a flat directory inside the package, a few kB), read once."""
+    if not web_dir.is_dir():
+        return {}
+    return {
+        f.name: (f.read_bytes(), mimetypes.guess_type(f.name)[0] or "application/octet-stream")
+        for f in sorted(web_dir.iterdir())
+        if f.is_file() and not f.name.startswith(".")
+    }
+
+
+def _unbase64url(text: str) -> str:
+    """A token the dashboard sent as base64url without padding; "" if it does not decode."""
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return ""

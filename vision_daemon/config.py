@@ -270,6 +270,13 @@ class Config:
     stats_refresh_s: float = _f(
         1.0, "stats", "/stats, /streams and /metrics serve a snapshot rebuilt this often"
     )
+    stats_history_points: int = _f(
+        300, "stats", "points /stats/history keeps (the dashboard's charts); 0 = none kept"
+    )
+    stats_history_interval_s: float = _f(
+        2.0, "stats", "one /stats/history point this often (300 x 2 s = the last 10 minutes)"
+    )
+    dashboard: bool = _f(True, "stats", "serve the web dashboard at / (its data needs the token)")
     # [[cameras]]: a list of tables, not a flat setting (see CameraConfig); --camera NAME=URL
     cameras: tuple[CameraConfig, ...] = field(default=(), metadata={"section": "cameras"})
 
@@ -302,6 +309,11 @@ class Config:
                 "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
             ),
             (self.ws_ingest_max_connections >= 0, "ws_ingest_max_connections must be >= 0"),
+            (
+                0 <= self.stats_history_points <= 100_000
+                and 0.1 <= self.stats_history_interval_s <= 3600,
+                "stats_history_points must be 0..100000 and stats_history_interval_s 0.1..3600",
+            ),
             (self.max_shm_mb >= 0, "max_shm_mb must be >= 0 (0 = off)"),
             (
                 self.max_streams >= 1 and self.max_streams_per_connection >= 1,

@@ -30,7 +30,7 @@ from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.scheduler import Scheduler
-from vision_daemon.snapshot import Components, Snapshot, SnapshotCache
+from vision_daemon.snapshot import Components, History, Snapshot, SnapshotCache
 from vision_daemon.streams import Reports
 from vision_daemon.workers import WorkerPool, in_daemon_thread
 
@@ -60,7 +60,11 @@ class Daemon:
         )
         self.ws_ingest = WsIngest(config, self.pipeline)
         self.components.ws_ingest = self.ws_ingest
-        self.stats = SnapshotCache(self.components, config.stats_refresh_s)
+        self.stats = SnapshotCache(
+            self.components,
+            config.stats_refresh_s,
+            History(config.stats_history_points, config.stats_history_interval_s),
+        )
         self.metrics.watch(self.stats.data)
         self.stopping = False
         self._failed: str | None = None  # a background task that ended with an exception
@@ -125,6 +129,7 @@ class Daemon:
                 self.ready,
                 self.cameras,
                 ws_ingest=self.ws_ingest,
+                pipeline=self.pipeline,
             )
             await self.http.start(app)
             stack.push_async_callback(self._guard, "control plane", self.http.stop)

@@ -20,7 +20,7 @@ from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
-from vision_daemon.outputs import Hub
+from vision_daemon.outputs import Hub, LatestFrames
 from vision_daemon.rates import Advisor, ServiceTime
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
@@ -40,11 +40,13 @@ class Pipeline:
         hub: Hub,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        frames: LatestFrames | None = None,
     ) -> None:
         self.config = config
         self.reports = reports
         self.scheduler = scheduler
         self.hub = hub
+        self.frames = frames if frames is not None else LatestFrames()
         self.metrics = metrics
         self.clock = clock
         self.streams: dict[str, Stream] = {}
@@ -127,6 +129,7 @@ class Pipeline:
     def _remove(self, stream: Stream) -> None:
         del self.streams[stream.name]
         self.metrics.release(stream.metric_label)
+        self.frames.forget(stream.name)
 
     def submit(
         self,
@@ -173,6 +176,22 @@ class Pipeline:
         it is refused, or None."""
         stream = self._stream_for(sink, name, options)
         return stream if isinstance(stream, str) else None
+
+    def retune(
+        self, name: str, skip_frames: int | None = None, max_fps: float | None = None
+    ) -> p.StreamOptions | None:
+        """An operator's skip_frames and max_fps for a stream (PATCH /streams/{name}): they win
+        over what its client says, for as long as the stream lives. None: no such stream."""
+        stream = self.streams.get(name)
+        if stream is None:
+            return None
+        if skip_frames is not None:
+            stream.overrides["skip_frames"] = skip_frames
+        if max_fps is not None:
+            stream.overrides["max_fps"] = max_fps
+        stream.set_options(stream.options)
+        log.info("stream %s retuned by an operator: %s", name, stream.overrides)
+        return stream.options
 
     def count_gated(
         self, sink: Sink, name: str, options: p.StreamOptions, reasons: dict[str, int]
@@ -252,6 +271,7 @@ class Pipeline:
                 self.metrics.results_dropped.inc()
             if self.hub.subscribers:  # encoded once for every subscriber
                 self.hub.publish(frame.stream_name, json.dumps(msg, allow_nan=False), now)
+            self.frames.keep(frame, now)  # after /ws: its boxes are out before it can be fetched
         finally:
             job.ended = True
             job.sink.frame_done()

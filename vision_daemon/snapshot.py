@@ -10,8 +10,10 @@ received = processed + dropped by reason + queued + in flight.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -268,12 +270,64 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
     }
 
 
+class History:
+    """/stats/history: the last `points` summaries of the snapshot, one per `interval_s` (the
+    dashboard's charts). A bounded deque; a point holds every stream, and streams are bounded by
+    max_streams. Its JSON is encoded once per new point, however many read it."""
+
+    def __init__(self, points: int = 300, interval_s: float = 2.0) -> None:
+        self.interval_s = interval_s
+        self.points: deque[dict[str, Any]] = deque(maxlen=points)
+        self._last_at = float("-inf")
+        self._last_dropped = 0
+        self._body: bytes | None = None
+
+    def offer(self, data: dict[str, Any], now: float, wall: float) -> None:
+        """Record a point from a snapshot's data if `interval_s` has passed since the last one."""
+        if self.points.maxlen == 0 or now - self._last_at < self.interval_s * 0.95:
+            return  # (5% slack: the refreshes that feed it jitter)
+        elapsed = now - self._last_at
+        dropped = data["dropped_frames"]
+        rate = (dropped - self._last_dropped) / elapsed if self.points else 0.0
+        self._last_at, self._last_dropped = now, dropped
+        totals = data["totals"]["latency_ms"]["total"]
+        self.points.append(
+            {
+                "t": round(wall, 3),
+                "fps": data["fps"],
+                "p50_ms": totals["p50"],
+                "p99_ms": totals["p99"],
+                "dropped_per_s": round(max(0.0, rate), 3),
+                "queue": data["queue_size"],
+                "streams": {
+                    name: {
+                        "fps": st["processed_fps"],
+                        "p50_ms": st["latency_ms"]["total"]["p50"],
+                        "p99_ms": st["latency_ms"]["total"]["p99"],
+                        "queue": st["queue_depth"],
+                    }
+                    for name, st in data["streams"].items()
+                },
+            }
+        )
+        self._body = None
+
+    def body(self) -> bytes:
+        if self._body is None:
+            doc = {"interval_s": self.interval_s, "points": list(self.points)}
+            self._body = json.dumps(doc, allow_nan=False).encode()
+        return self._body
+
+
 class SnapshotCache:
     """Holds the latest snapshot; `refresh` rebuilds it, `run` does so every `interval_s`."""
 
-    def __init__(self, components: Components, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, components: Components, interval_s: float = 1.0, history: History | None = None
+    ) -> None:
         self.components = components
         self.interval_s = interval_s
+        self.history = history if history is not None else History()
         self._proc = psutil.Process()
         psutil.cpu_percent(None)  # prime: later calls measure since the previous one
         self._latest: Snapshot | None = None
@@ -281,8 +335,10 @@ class SnapshotCache:
     def refresh(self) -> Snapshot:
         data = build(self.components, self._proc)
         model = Stats.model_validate(data)
-        snap = Snapshot(data, model, model.model_dump_json().encode(), time.monotonic())
+        now = time.monotonic()
+        snap = Snapshot(data, model, model.model_dump_json().encode(), now)
         self._latest = snap
+        self.history.offer(data, now, time.time())
         return snap
 
     def latest(self) -> Snapshot:

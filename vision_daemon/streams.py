@@ -8,6 +8,7 @@ pipeline), and workers and the scheduler hand their verdicts back as `Report` va
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -172,15 +173,18 @@ class Stream:
     detached_at: float | None = None  # set when its sink closed; removed after a grace
     metric_label: str = ""  # the label this stream's Prometheus series carry
     advised_fps: float | None = None  # the rate the pipeline last advised (rates.py)
+    # skip_frames and max_fps an operator set (PATCH /streams/{name}): they win over the client's
+    overrides: dict[str, Any] = field(default_factory=dict)
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)
-        self.gate = Gate(self.options)
+        self.set_options(self.options)
 
     def set_options(self, options: StreamOptions) -> None:
-        self.options = options
-        self.gate = Gate(options)
+        """The client's options, with the operator's overrides on top; the gate starts afresh."""
+        self.options = dataclasses.replace(options, **self.overrides) if self.overrides else options
+        self.gate = Gate(self.options)
 
     @property
     def peer(self) -> str | None:

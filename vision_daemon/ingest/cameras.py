@@ -22,8 +22,6 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-import cv2
-
 from vision_daemon.config import CameraConfig, Config
 from vision_daemon.ingest.sources import (
     Grab,
@@ -36,6 +34,7 @@ from vision_daemon.ingest.sources import (
     source_error,
 )
 from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.outputs import encode_jpeg
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.stats import Window
@@ -93,6 +92,7 @@ class Camera:
         self._loop = loop
         self._max_bytes = max_bytes
         self._gate = Gate(self.options)  # reader thread only
+        self._new_gate: Gate | None = None  # an operator's new options, for the reader to take
         self._stop = threading.Event()
         self.closed = False  # set on the event loop: no more submits
         self._lock = threading.Lock()  # guards everything below, shared with the reader
@@ -146,6 +146,13 @@ class Camera:
 
     def advise(self, stream: str, fps: float) -> None:
         """A camera's rate is its max_fps; the reader does not follow advice (yet)."""
+
+    def retune(self, options: StreamOptions) -> None:
+        """An operator changed skip_frames or max_fps (PATCH /streams): the reader's gate
+        applies them from its next frame."""
+        with self._lock:
+            self.options = options
+            self._new_gate = Gate(options)
 
     # ---- reader thread -----------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
@@ -269,6 +276,9 @@ class Camera:
         counted as read reaches the stream as received."""
         now = grab.captured_at
         frame_id, self._seq = self._seq, self._seq + 1
+        if self._new_gate is not None:
+            with self._lock:
+                self._gate, self._new_gate = self._new_gate or self._gate, None
         reason = self._gate.admit(now)
         vf = grab.video_frame
         if reason is None and vf is not None and vf.width * vf.height > self._max_pixels:
@@ -347,7 +357,7 @@ class Camera:
         if frame.pixels is None:
             body = frame.image  # MJPEG and snapshot cameras: the camera's own JPEG
         else:
-            body = await asyncio.to_thread(_encode_jpeg, frame.pixels)
+            body = await asyncio.to_thread(encode_jpeg, frame.pixels)
         with self._lock:
             self._snapshot_jpeg = (frame.frame_id, body)
         return body
@@ -404,8 +414,8 @@ class Camera:
                 "decode_ms": decode["mean"],
                 "quality": grade(self.state, reconnects_h + stalls_h, share),
                 "options": {
-                    "skip_frames": self.spec.skip_frames,
-                    "max_fps": self.spec.max_fps,
+                    "skip_frames": self.options.skip_frames,
+                    "max_fps": self.options.max_fps,
                     "rtsp_transport": self.spec.rtsp_transport,
                     "keyframes_only": self.spec.keyframes_only,
                     "decode_threads": self.spec.decode_threads,
@@ -499,10 +509,3 @@ class CameraManager:
 
     def get(self, name: str) -> Camera | None:
         return self.cameras.get(name)
-
-
-def _encode_jpeg(pixels: Any) -> bytes:
-    ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise RuntimeError("JPEG encoding of a camera frame failed")
-    return bytes(buf.tobytes())

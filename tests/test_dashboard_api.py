@@ -1,0 +1,293 @@
+"""The dashboard's side of the control plane: the latest analysed frame of a stream, the stats
+history ring, an operator's skip_frames and max_fps, the token as a WebSocket subprotocol, and the
+static files with their Content-Security-Policy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from tests.conftest import collect, connect, jpeg, run, running_daemon, stats, until
+from tests.test_cameras import short_video
+from vision_daemon import api
+from vision_daemon.config import CameraConfig
+from vision_daemon.lifecycle import Daemon
+from vision_daemon.outputs import LatestFrames
+from vision_daemon.protocol import Frame
+from vision_daemon.snapshot import History
+
+TOKEN = "dash-s3cret"
+
+
+# ---- fast: the policies -----------------------------------------------------------------------
+def test_latest_frames_keeps_nothing_until_watched_and_lets_go_after() -> None:
+    """A frame is kept only while someone asked for its stream in the last watch_s, and at most
+    one per stream; the stored JPEG bytes are served as they are, with the frame's id."""
+    frames = LatestFrames(watch_s=10.0)
+    one, two = jpeg(value=10), jpeg(value=200)
+    frames.keep(Frame("cam", 1, 0.0, one, "jpeg"), now=0.0)
+    assert frames.kept == 0  # no one looks: nothing held
+    assert run(frames.image("cam", now=1.0)) is None  # the first request starts watching
+    frames.keep(Frame("cam", 2, 0.0, one, "jpeg"), now=2.0)
+    frames.keep(Frame("cam", 3, 0.0, two, "jpeg"), now=3.0)
+    image = run(frames.image("cam", now=4.0))
+    assert frames.kept == 1 and image is not None
+    assert (image.frame_id, image.body, image.media_type) == (3, two, "image/jpeg")
+    frames.keep(Frame("cam", 4, 0.0, one, "jpeg"), now=14.5)  # past 4 + 10 s: let go
+    assert frames.kept == 0
+
+
+def test_latest_frames_copies_a_shared_memory_view_and_encodes_pixels() -> None:
+    """A shared-memory view is copied when kept (its slot goes back to the client, which
+    overwrites it); pixels are served as a JPEG of the same size."""
+    ring = np.zeros((48, 64, 3), dtype=np.uint8)
+    ring[:] = 200
+    view = ring.view()
+    view.flags.writeable = False
+    frames = LatestFrames()
+    run(frames.image("shm", now=0.0))
+    frames.keep(Frame("shm", 7, 0.0, b"", "shm", (48, 64, 3), pixels=view, slot=0), now=0.5)
+    ring[:] = 0  # the client reuses the slot
+    image = run(frames.image("shm", now=1.0))
+    assert image is not None and image.media_type == "image/jpeg" and image.frame_id == 7
+    decoded = cv2.imdecode(np.frombuffer(image.body, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (48, 64, 3) and abs(float(decoded.mean()) - 200) < 3
+
+
+def history_data(dropped: int, fps: float, streams: tuple[str, ...] = ("a",)) -> dict[str, Any]:
+    """The fields of a snapshot's data that a history point reads."""
+    latency = {"total": {"p50": 10.0, "p99": 30.0}}
+    return {
+        "dropped_frames": dropped,
+        "fps": fps,
+        "queue_size": 1,
+        "totals": {"latency_ms": latency},
+        "streams": {
+            n: {"processed_fps": fps, "latency_ms": latency, "queue_depth": 1} for n in streams
+        },
+    }
+
+
+def test_history_is_spaced_bounded_and_counts_drops_per_second() -> None:
+    """One point per interval however often it is offered, at most `points` kept (the oldest
+    go), drops as a rate over the interval, every stream in each point."""
+    history = History(points=3, interval_s=2.0)
+    for i, t in enumerate([0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]):
+        history.offer(history_data(dropped=10 * i, fps=float(i)), now=t, wall=1000 + t)
+    doc = json.loads(history.body())
+    assert doc["interval_s"] == 2.0 and [p["t"] for p in doc["points"]] == [1004, 1006, 1008]
+    assert doc["points"][-1]["dropped_per_s"] == 5.0  # 20 drops over 2 s
+    assert doc["points"][-1]["streams"]["a"] == {
+        "fps": 7.0,
+        "p50_ms": 10.0,
+        "p99_ms": 30.0,
+        "queue": 1,
+    }
+    assert json.loads(History(points=0).body())["points"] == []
+
+
+# ---- slow: a real daemon, real HTTP and WebSocket clients ----------------------------------------
+@asynccontextmanager
+async def http(d: Daemon, token: str | None = TOKEN) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=10
+    ) as h:
+        yield h
+
+
+@pytest.mark.slow
+def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
+    """GET /streams/{name}/frame.jpg: 204 until the stream is watched and a frame analysed, then
+    the exact JPEG bytes of the latest analysed frame with X-Frame-Id; raw pixels come back as
+    a JPEG; 404 for no such stream and 401 without the token."""
+
+    async def main() -> None:
+        async with running_daemon(auth_token=TOKEN) as d, http(d) as h:
+            c = await connect(d, token=TOKEN)
+            images = [jpeg(value=v) for v in (30, 90, 150, 210)]
+            await c.send_frame("cam", 0, images[0])
+            await collect(c, 1)
+            first = await h.get("/streams/cam/frame.jpg")
+            assert first.status_code == 204 and first.content == b""  # now watched
+            for i, image in enumerate(images[1:], start=1):
+                await c.send_frame("cam", i, image)
+                await collect(c, 1)
+            r = await h.get("/streams/cam/frame.jpg")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+            assert r.headers["x-frame-id"] == "3" and r.content == images[3]
+            assert r.headers["cache-control"] == "no-store"
+            pixels = np.full((40, 60, 3), 120, dtype=np.uint8)
+            await c.send_image("raw", 0, pixels.tobytes(), "raw", pixels.shape)
+            await collect(c, 1)
+            assert (await h.get("/streams/raw/frame.jpg")).status_code == 204
+            await c.send_image("raw", 1, pixels.tobytes(), "raw", pixels.shape)
+            await collect(c, 1)
+            r = await h.get("/streams/raw/frame.jpg")
+            decoded = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+            assert r.headers["x-frame-id"] == "1" and decoded.shape == (40, 60, 3)
+            assert (await h.get("/streams/nope/frame.jpg")).status_code == 404
+            async with http(d, token=None) as anon:
+                assert (await anon.get("/streams/cam/frame.jpg")).status_code == 401
+            await c.close()
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_stats_history_is_a_bounded_ring_behind_the_token() -> None:
+    """GET /stats/history holds at most stats_history_points points, one per interval, with
+    each stream's fps and latency; it needs the token."""
+
+    async def main() -> None:
+        settings = {"stats_history_points": 4, "stats_history_interval_s": 0.1}
+        async with running_daemon(auth_token=TOKEN, **settings) as d, http(d) as h:
+            c = await connect(d, token=TOKEN)
+            for i in range(20):
+                await c.send_frame("cam", i, jpeg())
+                await collect(c, 1)
+            await until(lambda: len(d.stats.history.points) == 4, what="four points")
+            await asyncio.sleep(0.3)  # more intervals pass: still four, the newest
+            doc = (await h.get("/stats/history")).json()
+            assert doc["interval_s"] == 0.1 and len(doc["points"]) == 4
+            times = [p["t"] for p in doc["points"]]
+            assert times == sorted(times) and times[-1] - times[0] >= 0.25
+            assert any(p["streams"].get("cam", {}).get("fps", 0) > 0 for p in doc["points"])
+            async with http(d, token=None) as anon:
+                assert (await anon.get("/stats/history")).status_code == 401
+            await c.close()
+
+    run(main())
+
+
+def settled(s: dict[str, Any], received: int) -> bool:
+    """A stream has received this many frames and holds none."""
+    return bool(s["received"] == received and s["queue_depth"] == 0 and s["in_flight"] == 0)
+
+
+@pytest.mark.slow
+def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
+    """PATCH /streams/{name} sets skip_frames over what the client said (every other frame is
+    then dropped as skipped); bad bodies get 422, no stream 404, no token 401."""
+
+    async def main() -> None:
+        async with running_daemon(auth_token=TOKEN) as d, http(d) as h:
+            c = await connect(d, token=TOKEN)
+            await c.send_frame("cam", 0, jpeg())
+            await collect(c, 1)
+            r = await h.patch("/streams/cam", json={"skip_frames": 2})
+            assert r.status_code == 200 and r.json()["skip_frames"] == 2
+            for i in range(1, 11):  # one at a time: none superseded or over the queue
+                await c.send_frame("cam", i, jpeg())
+                await until(lambda i=i: settled(stats(d)["streams"]["cam"], i + 1))  # type: ignore[misc]
+            s = stats(d)["streams"]["cam"]
+            assert s["processed"] == 6
+            assert {k: v for k, v in s["dropped_by_reason"].items() if v} == {"skipped": 5} and s[
+                "options"
+            ]["skip_frames"] == 2
+            for body in ({"skip_frames": 0}, {"max_fps": -1}, {"serve": "fifo"}, [], {}):
+                r = await h.patch("/streams/cam", json=body)
+                assert r.status_code == 422, body
+                assert isinstance(r.json()["detail"], str)
+            assert (await h.patch("/streams/nope", json={"max_fps": 1})).status_code == 404
+            async with http(d, token=None) as anon:
+                r = await anon.patch("/streams/cam", json={"max_fps": 1})
+                assert r.status_code == 401
+            await c.close()
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
+    """A camera's reader applies an operator's max_fps from its next frame: /cameras shows it
+    and frames are throttled (counted) where none were before."""
+    clip = short_video(tmp_path / "clip.avi", frames=20, fps=20.0)
+    spec = CameraConfig(name="clip", url=str(clip), loop=True, max_fps=0)
+
+    async def main() -> None:
+        async with running_daemon(auth_token=TOKEN, cameras=(spec,)) as d, http(d) as h:
+            await until(lambda: stats(d)["streams"].get("clip", {}).get("processed", 0) > 5, 15)
+            assert stats(d)["streams"]["clip"]["dropped_by_reason"]["throttled"] == 0
+            r = await h.patch("/streams/clip", json={"max_fps": 2})
+            assert r.status_code == 200 and r.json()["max_fps"] == 2.0
+            assert (await h.get("/cameras/clip")).json()["options"]["max_fps"] == 2.0
+            await until(
+                lambda: stats(d)["streams"]["clip"]["dropped_by_reason"].get("throttled", 0) > 10,
+                15,
+                "throttled frames",
+            )
+
+    run(main())
+
+
+def bearer(token: str) -> str:
+    return "bearer." + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+
+
+@pytest.mark.slow
+def test_a_browser_sends_its_token_as_a_websocket_subprotocol() -> None:
+    """/ws takes the token as subprotocol bearer.<base64url> beside vision-daemon (a browser
+    cannot set headers, and a URL would put it in logs); a wrong one is closed with 1008."""
+
+    async def main() -> None:
+        async with running_daemon(auth_token=TOKEN) as d:
+            url = f"ws://127.0.0.1:{d.api_port}/ws"
+            protocols: Any = ["vision-daemon", bearer(TOKEN)]
+            async with websockets.connect(url, subprotocols=protocols, proxy=None) as ws:
+                assert ws.subprotocol == "vision-daemon"
+                await until(lambda: stats(d)["ws"]["subscribers"] == 1)
+                c = await connect(d, token=TOKEN)
+                await c.send_frame("cam", 5, jpeg())
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert (msg["stream_name"], msg["frame_id"]) == ("cam", 5)
+                await c.close()
+            for wrong in (bearer("nope"), "bearer.%%%"):
+                protocols = ["vision-daemon", wrong]
+                async with websockets.connect(url, subprotocols=protocols, proxy=None) as ws:
+                    with pytest.raises(websockets.ConnectionClosed) as closed:
+                        await asyncio.wait_for(ws.recv(), 10)
+                    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_dashboard_files_are_served_with_a_strict_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/ serves index.html and /web/<name> the other files of the package's web directory, each
+    with a Content-Security-Policy allowing only the daemon's origin; nothing else is served,
+    and dashboard = false turns it off."""
+    (tmp_path / "index.html").write_text("<!doctype html><script src='/web/app.js'></script>")
+    (tmp_path / "app.js").write_text("console.log('hi')")
+    monkeypatch.setattr(api, "WEB_DIR", tmp_path)
+
+    async def main() -> None:
+        async with running_daemon(auth_token=TOKEN) as d, http(d, token=None) as h:
+            index = await h.get("/")
+            assert index.status_code == 200 and index.headers["content-type"].startswith(
+                "text/html"
+            )
+            csp = index.headers["content-security-policy"]
+            assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+            assert index.headers["referrer-policy"] == "no-referrer"
+            script = await h.get("/web/app.js")
+            assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+            for path in ("/web/nope.js", "/web/..%2Fapi.py", "/web/%2E%2E%2Fapi.py"):
+                assert (await h.get(path)).status_code == 404, path
+        async with running_daemon(dashboard=False) as d, http(d, token=None) as h:
+            assert (await h.get("/")).status_code == 404
+
+    run(main())
