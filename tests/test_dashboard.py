@@ -154,6 +154,7 @@ def daemon() -> Iterator[LiveDaemon]:
             "auth_token": TOKEN,
             "cameras": (camera,),
             "stats_refresh_s": 0.5,
+            "stats_history_interval_s": 0.5,
         }
     )
     live.start()
@@ -372,8 +373,13 @@ def test_large_view_draws_and_changes_the_streams_options(
             page.fill("#detail-maxfps", "3")
             page.click("#detail-apply")
             page.wait_for_selector("#detail-msg:text('Applied')")
-            options = h.get(f"/streams/{STREAM}").json()["options"]
-            assert (options["skip_frames"], options["max_fps"]) == (2, 3.0)
+
+            def options() -> tuple[int, float]:
+                o = h.get(f"/streams/{STREAM}").json()["options"]
+                return o["skip_frames"], o["max_fps"]
+
+            # /streams serves the snapshot, rebuilt every stats_refresh_s
+            poll(lambda: options() == (2, 3.0), 10, "the new options in /streams")
         finally:
             h.patch(f"/streams/{STREAM}", json={"skip_frames": 1, "max_fps": 5.0})
     page.fill("#detail-skip", "0")
