@@ -14,8 +14,9 @@ import os
 import shutil
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,8 +27,9 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import ROOT, VIDEO, running_daemon, shared_model
+from tests.conftest import ROOT, VIDEO, connect, jpeg, running_daemon, shared_model
 from vision_daemon.config import CameraConfig
+from vision_daemon.lifecycle import Daemon
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 try:
@@ -56,6 +58,7 @@ class LiveDaemon:
     """A daemon on its own event loop in a thread, and the test's own /ws subscriber on it."""
 
     settings: dict[str, Any]
+    load: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None  # runs beside the daemon
     results: OrderedDict[int, list[dict[str, Any]]] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     port: int = 0
@@ -97,15 +100,18 @@ class LiveDaemon:
             self.port = d.api_port
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            collector = asyncio.create_task(self._collect())
+            tasks = [asyncio.create_task(self._collect())]
+            if self.load is not None:
+                tasks.append(asyncio.create_task(self.load(d)))
             self._up.set()
             await self._stop.wait()
-            collector.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def _collect(self) -> None:
         """Every result of the stream, by frame id (the last KEEP_RESULTS), from our own /ws."""
         url = f"ws://127.0.0.1:{self.port}/ws?stream={quote(STREAM)}"
-        auth = {"Authorization": f"Bearer {TOKEN}"}
+        auth = {"Authorization": f"Bearer {TOKEN}"} if self.settings.get("auth_token") else {}
         while True:
             try:
                 async with websockets.connect(url, additional_headers=auth) as ws:
@@ -125,9 +131,9 @@ class LiveDaemon:
             return self.results.get(frame_id)
 
     def http(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
-        )
+        token = self.settings.get("auth_token")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=10)
 
 
 def poll(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -169,6 +175,48 @@ def daemon() -> Iterator[LiveDaemon]:
                 )
 
             poll(processing, 120, "the camera's first processed frame")
+        yield live
+    finally:
+        live.stop()
+
+
+MANY = 64
+
+
+async def push_many(d: Daemon) -> None:
+    """MANY pushed streams at 2 fps, 8 a connection; the replies are read and ignored."""
+    image = jpeg()
+
+    async def one_connection(names: list[str]) -> None:
+        client = await connect(d)
+
+        async def drain() -> None:
+            async for _ in client.messages():
+                pass
+
+        reader = asyncio.create_task(drain())
+        try:
+            for frame_id in range(10**9):
+                for name in names:
+                    await client.send_frame(name, frame_id, image)
+                await asyncio.sleep(0.5)
+        finally:
+            reader.cancel()
+            await client.close()
+
+    names = [f"cam{i:02d}" for i in range(MANY)]
+    async with asyncio.TaskGroup() as group:
+        for k in range(0, MANY, 8):
+            group.create_task(one_connection(names[k : k + 8]))
+
+
+@pytest.fixture(scope="module")
+def many() -> Iterator[LiveDaemon]:
+    live = LiveDaemon({"stats_refresh_s": 0.5}, load=push_many)  # the none detector, no token
+    live.start()
+    try:
+        with live.http() as h:
+            poll(lambda: len(h.get("/stats").json()["streams"]) == MANY, 30, f"{MANY} streams")
         yield live
     finally:
         live.stop()
@@ -217,20 +265,27 @@ def b64(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-@pytest.fixture
-def session(browser: Browser, daemon: LiveDaemon) -> Iterator[Session]:
+@contextmanager
+def open_dashboard(browser: Browser, live: LiveDaemon) -> Iterator[Session]:
+    """A fresh browser context (its own sessionStorage) on the daemon's dashboard."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    s = Session(page, daemon.base)
+    s = Session(page, live.base)
     page.on("request", lambda r: s.urls.append(r.url))
     page.on("websocket", lambda ws: s.urls.append(ws.url))
     page.on("pageerror", lambda e: s.errors.append(str(e)))
     page.set_default_timeout(30_000)
-    page.goto(daemon.base + "/")
+    page.goto(live.base + "/")
     try:
         yield s
     finally:
         context.close()
+
+
+@pytest.fixture
+def session(browser: Browser, daemon: LiveDaemon) -> Iterator[Session]:
+    with open_dashboard(browser, daemon) as s:
+        yield s
 
 
 TILE = f'.tile[data-stream="{STREAM}"]'
@@ -432,3 +487,55 @@ def test_no_request_leaves_the_daemons_origin(session: Session) -> None:
     assert any(urlsplit(u).path == "/ws" for u in session.urls), session.urls
     assert any(urlsplit(u).path.endswith("/frame.jpg") for u in session.urls)
     session.check_origin_and_errors()
+
+
+def test_sixty_four_streams_page_and_fetch_only_tiles_on_screen(
+    browser: Browser, many: LiveDaemon
+) -> None:
+    """With 64 pushed streams the grid pages them, only tiles on screen fetch frames, each with one
+    request in flight, and the running page adds or removes no DOM nodes."""
+    with open_dashboard(browser, many) as s:  # no token on this daemon: no sign-in
+        page = s.page
+        page.wait_for_selector(".tile canvas[data-frame-id]")
+        assert page.locator(".tile").count() == MANY
+        assert page.locator(".tile:not([hidden])").count() == 16
+        in_flight: dict[str, set[Any]] = {}  # requests seen starting, by stream
+        most: Counter[str] = Counter()
+        fetched: list[str] = []
+
+        def stream_of(r: Any) -> str | None:
+            path = urlsplit(r.url).path
+            return path.split("/")[2] if path.endswith("/frame.jpg") else None
+
+        def started(r: Any) -> None:
+            if (name := stream_of(r)) is not None:
+                fetched.append(name)
+                in_flight.setdefault(name, set()).add(r)
+                most[name] = max(most[name], len(in_flight[name]))
+
+        def ended(r: Any) -> None:
+            if (name := stream_of(r)) is not None:
+                in_flight.get(name, set()).discard(r)
+
+        page.on("request", started)
+        page.on("requestfinished", ended)
+        page.on("requestfailed", ended)
+        page.evaluate(
+            """() => { window.nodesChanged = []; new MutationObserver((ms) => {
+                for (const m of ms) window.nodesChanged.push(m.target.id || m.target.className);
+            }).observe(document.body, { subtree: true, childList: true }); }"""
+        )
+        page.wait_for_timeout(3000)  # a window to watch, not a synchronisation
+        on_screen = page.evaluate(
+            """() => [...document.querySelectorAll('.tile:not([hidden])')].filter((t) => {
+                const r = t.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight;
+            }).map((t) => t.dataset.stream)"""
+        )
+        assert fetched and set(fetched) <= set(on_screen), (set(fetched), on_screen)
+        assert max(most.values()) == 1, most
+        assert page.evaluate("window.nodesChanged") == []  # text nodes change in place
+        page.click("#page-next")
+        page.wait_for_selector('.tile[data-stream="cam16"] canvas[data-frame-id]')
+        assert page.is_hidden('.tile[data-stream="cam00"]')
+        s.shot("sixty-four")
+        s.check_origin_and_errors()

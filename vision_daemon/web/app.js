@@ -7,14 +7,11 @@ import { Detail } from "./detail.js";
 import { FrameLoop } from "./frames.js";
 import { Grid } from "./grid.js";
 import { Panels } from "./panels.js";
+import { setText } from "./dom.js";
 
 const STATS_EVERY_MS = 1000;
 const HISTORY_EVERY_MS = 2000;
 const $ = (id) => document.getElementById(id);
-
-function setText(node, text) {
-  if (node.textContent !== text) node.textContent = text;
-}
 
 class Dashboard {
   constructor(onRefused) {

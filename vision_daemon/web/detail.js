@@ -4,7 +4,17 @@
 import { AuthError, detail, request } from "./api.js";
 import { FrameView } from "./frames.js";
 import { Facts } from "./panels.js";
-import { confirmClick, el, fmtAge, fmtInt, fmtMs, fmtNum, fmtReasons, Text } from "./dom.js";
+import {
+  confirmClick,
+  el,
+  fmtAge,
+  fmtInt,
+  fmtMs,
+  fmtNum,
+  fmtReasons,
+  setText,
+  Text,
+} from "./dom.js";
 
 const DETAIL_INTERVAL_MS = 100;
 const STAGES = ["queue", "decode", "infer", "total"];
@@ -88,7 +98,10 @@ export class Detail {
     const c = (stats.cameras || {})[this.name];
     this.remove.hidden = !c;
     const state = c ? `${c.state} \u00b7 ${c.quality}` : s ? (s.connected ? "connected" : "disconnected") : "gone";
-    if (this.state.textContent !== state) this.state.textContent = state;
+    setText(this.state, state);
+    // Twice per analysed frame at most: fresh without asking for the same frame over and over.
+    const fps = s ? s.processed_fps : 0;
+    this.view.intervalMs = Math.max(DETAIL_INTERVAL_MS, fps > 0 ? Math.min(1000, 500 / fps) : 0);
     const v = this.view.canvas.dataset;
     this.facts.set({
       received: s ? fmtInt(s.received) : "\u2013",

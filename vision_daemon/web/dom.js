@@ -27,6 +27,16 @@ export class Text {
   }
 }
 
+/** Set an element's text, changing its one text node in place (no child nodes replaced). */
+export function setText(node, text) {
+  const first = node.firstChild;
+  if (first && first.nodeType === Node.TEXT_NODE && first === node.lastChild) {
+    if (first.data !== text) first.data = text;
+  } else if (node.textContent !== text) {
+    node.textContent = text;
+  }
+}
+
 const DASH = "\u2013";
 
 export function fmtInt(n) {

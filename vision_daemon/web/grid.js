@@ -2,9 +2,10 @@
 // tiles on screen (IntersectionObserver) fetch frames.
 
 import { FrameView } from "./frames.js";
-import { el, fmtInt, fmtMs, fmtNum, Text } from "./dom.js";
+import { el, fmtInt, fmtMs, fmtNum, setText, Text } from "./dom.js";
 
-// Frame requests a second for the whole grid, shared by the visible tiles (each gets at most 4/s).
+// Frame requests a second for the whole grid, shared by the visible tiles (each gets at most 4/s,
+// and none asks more often than its stream's frames are analysed).
 const GRID_REQUESTS_PER_S = 40;
 const TILE_MIN_INTERVAL_MS = 250;
 
@@ -36,6 +37,8 @@ class Tile {
     this.view = new FrameView(canvas, name, TILE_MIN_INTERVAL_MS, (_, dets) => this.drawn(dets));
     this.onPage = false;
     this.visible = false;
+    this.shareMs = TILE_MIN_INTERVAL_MS; // the grid's budget divided among the active tiles
+    this.frameMs = 0; // the stream's time between analysed frames: no point asking sooner
     this.el.addEventListener("click", () => onOpen(name));
     this.el.addEventListener("keydown", (e) => {
       if (e.key === "Enter" || e.key === " ") {
@@ -57,8 +60,15 @@ class Tile {
     this.objects.set(parts.length ? parts.join(", ") : "nothing detected");
   }
 
+  throttle() {
+    this.view.intervalMs = Math.max(this.shareMs, this.frameMs);
+  }
+
   update(stream, camera) {
     if (stream) {
+      const fps = stream.processed_fps;
+      this.frameMs = fps > 0 ? Math.min(2000, 1000 / fps) : 0;
+      this.throttle();
       this.fps.set(`${fmtNum(stream.processed_fps)} fps`);
       this.latency.set(`p50 ${fmtMs(stream.latency_ms.total.p50)} ms`);
       this.dropped.set(`${fmtInt(stream.dropped)} dropped`);
@@ -141,8 +151,8 @@ export class Grid {
       tile.el.hidden = !tile.onPage;
     });
     this.empty.hidden = this.names.length > 0;
-    this.count.textContent = `${this.names.length} stream${this.names.length === 1 ? "" : "s"}`;
-    this.pageLabel.textContent = `page ${this.page + 1} / ${pages}`;
+    setText(this.count, `${this.names.length} stream${this.names.length === 1 ? "" : "s"}`);
+    setText(this.pageLabel, `page ${this.page + 1} / ${pages}`);
     this.prev.disabled = this.page === 0;
     this.next.disabled = this.page >= pages - 1;
     this.activate();
@@ -154,7 +164,8 @@ export class Grid {
     const interval = Math.max(TILE_MIN_INTERVAL_MS, (1000 * active.length) / GRID_REQUESTS_PER_S);
     for (const t of this.tiles.values()) {
       t.view.active = t.onPage && t.visible;
-      t.view.intervalMs = interval;
+      t.shareMs = interval;
+      t.throttle();
     }
     this.loop.refreshWanted();
   }

@@ -11,6 +11,7 @@ import {
   fmtPct,
   fmtReasons,
   KeyedTable,
+  setText,
   Text,
 } from "./dom.js";
 
@@ -37,15 +38,15 @@ export { Facts };
 export class Panels {
   constructor({ summary, streams, workers, modelFacts, cameras, modelLine, onRemoveCamera }) {
     this.summary = new Facts(summary, [
-      ["fps", "processed fps"],
+      ["fps", "fps out"],
       ["received", "received"],
       ["processed", "processed"],
       ["dropped", "dropped"],
-      ["p50", "latency p50 ms"],
-      ["p99", "latency p99 ms"],
-      ["queue", "queued frames"],
-      ["busy", "workers busy"],
-      ["subscribers", "/ws subscribers"],
+      ["p50", "p50 ms"],
+      ["p99", "p99 ms"],
+      ["queue", "queued"],
+      ["busy", "busy"],
+      ["subscribers", "/ws clients"],
       ["cpu", "CPU / RAM"],
     ]);
     this.streams = new KeyedTable(
@@ -150,6 +151,6 @@ export class Panels {
     const line = m
       ? `${m.name} \u00b7 ${m.backend} \u00b7 ${m.device}${s.ready ? "" : ` \u00b7 ${s.ready_reason}`}`
       : "no model";
-    if (this.modelLine.textContent !== line) this.modelLine.textContent = line;
+    setText(this.modelLine, line);
   }
 }
