@@ -130,7 +130,7 @@ export class Panels {
       queue: fmtInt(s.queue_size),
       busy: `${s.workers_busy} / ${s.workers.length}`,
       subscribers: `${fmtInt(ws.subscribers)} / ${fmtInt(ws.max_subscribers)}`,
-      cpu: `${fmtNum(s.cpu, 0)}% / ${fmtNum(s.ram, 0)}%`,
+      cpu: `${fmtNum(s.cpu, 0)} / ${fmtNum(s.ram, 0)}%`,
     });
     this.streams.update(s.streams);
     const workers = {};
