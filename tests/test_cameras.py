@@ -73,6 +73,7 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
                 "max_fps": 5.0,
                 "serve": "latest",
                 "source_fps": 0.0,
+                "motion_gate": 0.0,
             }
             assert accounted(d)
 

@@ -152,6 +152,7 @@ def test_skip_frames_and_max_fps_options() -> None:
                 "max_fps": 5.0,
                 "serve": "latest",
                 "source_fps": 0.0,
+                "motion_gate": 0.0,
             }
 
     run(scenario())

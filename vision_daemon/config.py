@@ -41,6 +41,7 @@ class CameraConfig:
     fps: float = 0.0  # the rate the camera is set to (0 = as the stream declares it)
     rtsp_transport: str = "tcp"  # tcp or udp
     keyframes_only: str = "auto"  # decode only keyframes: on, off, auto (on when max_fps <= 1)
+    motion_gate: float = -1.0  # motion gating share (0 = off; -1 = the daemon's motion_gate)
     decode_threads: int = 1  # FFmpeg decoder threads (1 is cheapest per camera; 0 = FFmpeg picks)
     loop: bool = False  # files: start again at the end
     open_timeout_s: float = 10.0  # connecting and the first frame
@@ -63,6 +64,10 @@ class CameraConfig:
                 "max_fps and fps must be 0 (off) or 0.001..1000",
             ),
             (self.skip_frames <= 100_000, "skip_frames must be <= 100000"),
+            (
+                0 <= self.motion_gate <= 1 or self.motion_gate == -1,
+                "motion_gate must be in 0..1 (0 = off)",
+            ),
             (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
             (
                 self.keyframes_only in ("auto", "on", "off"),
@@ -219,6 +224,16 @@ class Config:
         "which queued frame a stream's turn serves unless its client says: latest (older ones "
         "drop as superseded) or fifo (oldest first)",
     )
+    motion_gate: float = _f(
+        0.0,
+        "streams",
+        "motion gating unless a stream says: a frame whose 64-pixel-wide grey thumbnail changed "
+        "in less than this share of pixels since the last analysed frame reuses its detections "
+        "(counted as unchanged); 0 = off, e.g. 0.005",
+    )
+    motion_refresh_s: float = _f(
+        5.0, "streams", "a motion-gated stream is analysed at least this often, changed or not"
+    )
     # [limits]
     max_message_bytes: int = _f(16 * 1024 * 1024, "limits", "largest accepted message")
     max_image_pixels: int = _f(7680 * 4320, "limits", "largest decoded image (width*height)")
@@ -292,6 +307,10 @@ class Config:
             (self.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
             (self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be >= 1"),
             (self.serve_default in ("latest", "fifo"), "serve_default must be latest or fifo"),
+            (
+                0 <= self.motion_gate <= 1 and 0 < self.motion_refresh_s <= 3600,
+                "motion_gate must be in 0..1 (0 = off) and motion_refresh_s in 0..3600",
+            ),
             (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32, >= 32"),
             (0 <= self.conf <= 1 and 0 <= self.iou <= 1, "conf and iou must be in 0..1"),
             (self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),

@@ -36,6 +36,12 @@ class Metrics:
         self.processed = Counter(
             "vision_daemon_frames_processed", "Frames processed", ["stream"], registry=r
         )
+        self.unchanged = Counter(
+            "vision_daemon_frames_unchanged",
+            "Frames processed by reusing the last detections (motion gating; part of processed)",
+            ["stream"],
+            registry=r,
+        )
         self.dropped = Counter(
             "vision_daemon_frames_dropped",
             "Frames dropped by reason",
@@ -92,7 +98,7 @@ class Metrics:
         if label == OTHER or label not in self._labelled:
             return
         self._labelled.discard(label)
-        for counter in (self.received, self.processed):
+        for counter in (self.received, self.processed, self.unchanged):
             try:
                 counter.remove(label)
             except KeyError:

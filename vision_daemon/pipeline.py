@@ -83,6 +83,8 @@ class Pipeline:
         cfg = self.config
         if not options.serve:  # the client named no policy: the daemon's default
             options = dataclasses.replace(options, serve=cfg.serve_default)
+        if options.motion_gate < 0:  # nor a motion gate
+            options = dataclasses.replace(options, motion_gate=cfg.motion_gate)
         existing = self.streams.get(name)
         if existing is not None and existing.detached_at is None:
             return f"stream {name!r} is in use by another connection ({existing.peer})"
@@ -95,7 +97,15 @@ class Pipeline:
             existing.set_options(options)
             stream = existing
         else:
-            stream = Stream(name, options, cfg.queue_depth, cfg.stats_window_s, self.budget, sink)
+            stream = Stream(
+                name,
+                options,
+                cfg.queue_depth,
+                cfg.stats_window_s,
+                self.budget,
+                sink,
+                motion_refresh_s=cfg.motion_refresh_s,
+            )
             stream.metric_label = self.metrics.label_for(name)
             self.streams[name] = stream
             log_limited(
@@ -255,6 +265,10 @@ class Pipeline:
         job.stream.counts.on_processed(now, timings)
         self.totals.on_processed(now, timings)
         self.metrics.on_processed(job.stream.metric_label, timings)
+        if outcome.reused:
+            job.stream.counts.unchanged += 1
+            self.totals.unchanged += 1
+            self.metrics.unchanged.labels(job.stream.metric_label).inc()
         msg = {
             "type": "result",
             "stream_name": frame.stream_name,
@@ -264,6 +278,8 @@ class Pipeline:
             "timestamp": frame.timestamp,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
+        if outcome.reused:  # the detections of the stream's last analysed frame (motion gating)
+            msg["reused"] = True
         try:
             if not job.sink.result(p.pack(msg), frame):
                 job.stream.counts.results_dropped += 1

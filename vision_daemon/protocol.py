@@ -84,6 +84,10 @@ class StreamOptions:
     # The rate the client would send without advice (fps; 0 = not said): its demand in the
     # server-advised rates (vision_daemon/rates.py).
     source_fps: float = 0.0
+    # Motion gating (vision_daemon/motion.py): a frame whose thumbnail changed in less than this
+    # share of its pixels since the last analysed frame reuses that frame's detections. 0 = off;
+    # -1 = the daemon's `motion_gate`.
+    motion_gate: float = -1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +95,7 @@ class StreamOptions:
             "max_fps": self.max_fps,
             "serve": self.serve,
             "source_fps": self.source_fps,
+            "motion_gate": self.motion_gate,
         }
 
 
@@ -265,7 +270,14 @@ def parse_options(raw: Any) -> StreamOptions:
     serve = _opt(raw, "serve", "")
     if serve not in SERVE_POLICIES and not (serve == "" and raw.get("serve") is None):
         raise ProtocolError(E_INVALID, "serve must be latest or fifo")
-    return StreamOptions(skip, float(max_fps), serve, float(source_fps))
+    gate = _opt(raw, "motion_gate", -1.0)
+    if (
+        isinstance(gate, bool)
+        or not isinstance(gate, int | float)
+        or not (0 <= gate <= 1 or gate == -1)
+    ):
+        raise ProtocolError(E_INVALID, "motion_gate must be a share in 0..1 (0 = off)")
+    return StreamOptions(skip, float(max_fps), serve, float(source_fps), float(gate))
 
 
 def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:

@@ -53,6 +53,11 @@ class FrameCounts(BaseModel):
     dropped: int
     dropped_by_reason: dict[str, int]
     results_dropped: int = Field(description="processed, but the client's send buffer was full")
+    unchanged: int = Field(
+        0,
+        description="processed without inference: the frame barely differed from the last "
+        "analysed one, whose detections it reused (motion gating; part of processed)",
+    )
     received_fps: float = Field(description="over the last stats_window_s")
     processed_fps: float
     latency_ms: Latency
@@ -64,6 +69,9 @@ class StreamOptionsModel(BaseModel):
     serve: str = Field(description="latest or fifo: which queued frame a turn serves")
     source_fps: float = Field(
         description="the rate the client said it sends unadvised; 0: not said"
+    )
+    motion_gate: float = Field(
+        description="changed-pixel share under which a frame reuses the last detections; 0: off"
     )
 
 
@@ -107,6 +115,7 @@ class CameraOptionsModel(BaseModel):
     max_fps: float
     rtsp_transport: str
     keyframes_only: str
+    motion_gate: float = Field(description="-1: the daemon's motion_gate")
     decode_threads: int
     loop: bool
     stall_timeout_s: float

@@ -100,6 +100,7 @@ class Counts:
     processed: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     results_dropped: int = 0  # processed, but the client was not reading (send buffer full)
+    unchanged: int = 0  # processed by reusing the last detections (motion gating)
     recv_window: Window = field(init=False)
     proc_window: Window = field(init=False)
     stages: dict[str, Window] = field(init=False)
@@ -129,6 +130,7 @@ class Counts:
             "dropped": sum(self.dropped.values()),
             "dropped_by_reason": {r: self.dropped.get(r, 0) for r in DROP_REASONS},
             "results_dropped": self.results_dropped,
+            "unchanged": self.unchanged,
             "received_fps": round(self.recv_window.rate(now), 2),
             "processed_fps": round(self.proc_window.rate(now), 2),
             "latency_ms": {

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vision_daemon.detectors.base import Detection
+from vision_daemon.motion import MotionGate
 from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.stats import Counts
 
@@ -66,6 +67,7 @@ class Outcome:
     error: str | None = None  # protocol error code
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    reused: bool = False  # motion gating: the last analysed frame's detections, no inference
 
 
 @dataclass(slots=True)
@@ -175,7 +177,9 @@ class Stream:
     advised_fps: float | None = None  # the rate the pipeline last advised (rates.py)
     # skip_frames and max_fps an operator set (PATCH /streams/{name}): they win over the client's
     overrides: dict[str, Any] = field(default_factory=dict)
+    motion_refresh_s: float = 5.0
     gate: Gate = field(init=False)
+    motion: MotionGate | None = field(init=False)  # set when options.motion_gate > 0
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)
@@ -185,6 +189,8 @@ class Stream:
         """The client's options, with the operator's overrides on top; the gate starts afresh."""
         self.options = dataclasses.replace(options, **self.overrides) if self.overrides else options
         self.gate = Gate(self.options)
+        gate = self.options.motion_gate
+        self.motion = MotionGate(gate, self.motion_refresh_s) if gate > 0 else None
 
     @property
     def peer(self) -> str | None:

@@ -26,8 +26,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from vision_daemon.decode import DecodeFailure, decode
 from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, ModelInfo
+from vision_daemon.motion import MotionGate, thumbnail
 from vision_daemon.protocol import E_DECODE, E_DETECTOR
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import WorkerStats
@@ -116,14 +119,28 @@ def process(
     contended: bool,
     pass_hint: bool = True,
 ) -> list[Outcome]:
-    """Runs in the worker's thread: decode every frame, then one detector call for the batch."""
+    """Runs in the worker's thread: decode every frame, then one detector call for the batch.
+
+    A frame of a motion-gated stream that barely changed since the stream's last analysed frame
+    takes that frame's detections instead (`reused`) and is left out of the call."""
     outcomes = [Outcome() for _ in jobs]
     images = []
     ok: list[int] = []
+    gated: dict[int, tuple[MotionGate, np.ndarray]] = {}  # analysed frames of gated streams
     for i, job in enumerate(jobs):
         t0 = time.perf_counter()
         try:
-            images.append(decode(job.frame, max_pixels))
+            image = decode(job.frame, max_pixels)
+            gate = job.stream.motion
+            if gate is not None:
+                thumb = thumbnail(image)
+                reused = gate.reuse(thumb, time.monotonic())
+                if reused is not None:
+                    outcomes[i].detections, outcomes[i].reused = reused, True
+                    outcomes[i].timings["decode_ms"] = (time.perf_counter() - t0) * 1000
+                    continue
+                gated[i] = (gate, thumb)
+            images.append(image)
             ok.append(i)
         except DecodeFailure as exc:
             outcomes[i].error, outcomes[i].message = exc.code, exc.message
@@ -148,9 +165,13 @@ def process(
                 outcomes[i].error, outcomes[i].message = E_DETECTOR, message
             return outcomes
         infer_ms = (time.perf_counter() - t0) * 1000
+        now = time.monotonic()
         for i, dets in zip(ok, clean, strict=True):
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
+            if i in gated:
+                gate, thumb = gated[i]
+                gate.analysed(thumb, dets, now)
     return outcomes
 
 
