@@ -38,6 +38,7 @@ export class Detail {
     this.facts = new Facts($("detail-facts"), [
       ["received", "received"],
       ["processed", "processed"],
+      ["unchanged", "of which unchanged (motion gate)"],
       ["dropped", "dropped"],
       ["reasons", "dropped by reason"],
       ["fps", "fps in / out"],
@@ -106,12 +107,17 @@ export class Detail {
     this.facts.set({
       received: s ? fmtInt(s.received) : "\u2013",
       processed: s ? fmtInt(s.processed) : "\u2013",
+      unchanged: s && typeof s.unchanged === "number" ? fmtInt(s.unchanged) : "\u2013",
       dropped: s ? fmtInt(s.dropped) : "\u2013",
       reasons: s ? fmtReasons(s.dropped_by_reason) : "\u2013",
       fps: s ? `${fmtNum(s.received_fps)} / ${fmtNum(s.processed_fps)}` : "\u2013",
       queue: s ? `${fmtInt(s.queue_depth)} / ${fmtInt(s.in_flight)}` : "\u2013",
       age: s && s.last_frame_age_ms != null ? `${fmtMs(s.last_frame_age_ms)} ms` : "\u2013",
-      options: s ? `${s.options.skip_frames} / ${fmtNum(s.options.max_fps)}` : "\u2013",
+      options: s
+        ? `${s.options.skip_frames} / ${fmtNum(s.options.max_fps)}${
+            s.options.motion_gate > 0 ? ` \u00b7 motion gate ${s.options.motion_gate}` : ""
+          }`
+        : "\u2013",
       advised: s && s.advised_fps != null ? fmtNum(s.advised_fps) : "\u2013",
       peer: s && s.peer ? s.peer : "\u2013",
       camera: c ? `${c.source} ${c.url}${c.width ? ` (${c.width}x${c.height})` : ""}` : "pushed",
