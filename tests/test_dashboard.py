@@ -234,12 +234,18 @@ def browser() -> Iterator[Browser]:
 
 @dataclass
 class Session:
-    """A page on the dashboard, with every URL it requested and every uncaught page error."""
+    """A page on the dashboard, with every URL it requested and every page or console error."""
 
     page: Page
     origin: str
     urls: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def console(self, kind: str, text: str) -> None:
+        """Console errors count (a CSP violation among them), but not an HTTP error status: the
+        page expects 401 for a wrong token and 404 for a camera whose stream is not up yet."""
+        if kind == "error" and not text.startswith("Failed to load resource"):
+            self.errors.append(text)
 
     def sign_in(self, token: str) -> None:
         self.page.fill("#token", token)
@@ -274,6 +280,7 @@ def open_dashboard(browser: Browser, live: LiveDaemon) -> Iterator[Session]:
     page.on("request", lambda r: s.urls.append(r.url))
     page.on("websocket", lambda ws: s.urls.append(ws.url))
     page.on("pageerror", lambda e: s.errors.append(str(e)))
+    page.on("console", lambda m: s.console(m.type, m.text))
     page.set_default_timeout(30_000)
     page.goto(live.base + "/")
     try:
