@@ -212,14 +212,19 @@ def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
 @pytest.mark.slow
 def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
     """A camera's reader applies an operator's max_fps from its next frame: /cameras shows it
-    and frames are throttled (counted) where none were before."""
+    and frames are throttled (counted) where none were before; a camera not streaming yet
+    answers 204 for its frame."""
     clip = short_video(tmp_path / "clip.avi", frames=20, fps=20.0)
     spec = CameraConfig(name="clip", url=str(clip), loop=True, max_fps=0)
+    dead = CameraConfig(name="dead", url="rtsp://127.0.0.1:9/none", retry_initial_s=30)
 
     async def main() -> None:
-        async with running_daemon(auth_token=TOKEN, cameras=(spec,)) as d, http(d) as h:
+        async with running_daemon(auth_token=TOKEN, cameras=(spec, dead)) as d, http(d) as h:
+            # A camera attaches its stream when added: one that never streamed answers "no frame yet".
+            assert (await h.get("/streams/dead/frame.jpg")).status_code == 204
             await until(lambda: stats(d)["streams"].get("clip", {}).get("processed", 0) > 5, 15)
             assert stats(d)["streams"]["clip"]["dropped_by_reason"]["throttled"] == 0
+            assert (await h.get("/streams/clip/frame.jpg")).status_code in (200, 204)
             r = await h.patch("/streams/clip", json={"max_fps": 2})
             assert r.status_code == 200 and r.json()["max_fps"] == 2.0
             assert (await h.get("/cameras/clip")).json()["options"]["max_fps"] == 2.0
