@@ -6,10 +6,13 @@ averages away sensor noise and JPEG blocks), and the share of thumbnail pixels t
 than PIXEL_DELTA grey levels. Under the stream's `motion_gate` share the frame is `unchanged`: it
 reuses the last detections. The comparison is always against the last frame analysed, so a slow
 drift adds up until it is analysed again, and `refresh_s` bounds how old reused detections get.
+Each refresh falls at a random 80-100% of `refresh_s`: still cameras started together would
+otherwise all need the detector in the same instant, every `refresh_s`, and drop frames then.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -53,14 +56,14 @@ class MotionGate:
         self._lock = threading.Lock()
         self._ref: np.ndarray | None = None
         self._detections: list[Any] = []
-        self._at = float("-inf")
+        self._expires = float("-inf")  # reuse nothing from this time on
 
     def reuse(self, thumb: np.ndarray, now: float) -> list[Any] | None:
         """The last detections if this frame is unchanged and they are fresh enough, else None
         (the frame must be analysed)."""
         with self._lock:
-            ref, detections, at = self._ref, self._detections, self._at
-        if ref is None or now - at >= self.refresh_s:
+            ref, detections, expires = self._ref, self._detections, self._expires
+        if ref is None or now >= expires:
             return None
         if changed_share(thumb, ref) >= self.threshold:
             return None
@@ -68,5 +71,6 @@ class MotionGate:
 
     def analysed(self, thumb: np.ndarray, detections: Sequence[Any], now: float) -> None:
         """A frame was analysed: it is the new reference."""
+        expires = now + self.refresh_s * random.uniform(0.8, 1.0)
         with self._lock:
-            self._ref, self._detections, self._at = thumb, list(detections), now
+            self._ref, self._detections, self._expires = thumb, list(detections), expires
