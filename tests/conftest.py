@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -84,6 +85,16 @@ async def running_daemon(
         yield daemon
     finally:
         await daemon.shutdown()
+
+
+@asynccontextmanager
+async def api(d: Daemon, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the daemon's control plane (Bearer token when given)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=5
+    ) as h:
+        yield h
 
 
 async def connect(daemon: Daemon, **kw: Any) -> DaemonClient:

@@ -7,22 +7,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import collect, connect, jpeg, run, running_daemon, stats, until
+from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, until
 from tests.test_cameras import short_video
-from vision_daemon import api
+from vision_daemon import api as api_module
 from vision_daemon.config import CameraConfig
-from vision_daemon.lifecycle import Daemon
 from vision_daemon.outputs import LatestFrames
 from vision_daemon.protocol import Frame
 from vision_daemon.snapshot import History
@@ -98,15 +94,6 @@ def test_history_is_spaced_bounded_and_counts_drops_per_second() -> None:
 
 
 # ---- slow: a real daemon, real HTTP and WebSocket clients ----------------------------------------
-@asynccontextmanager
-async def http(d: Daemon, token: str | None = TOKEN) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=10
-    ) as h:
-        yield h
-
-
 @pytest.mark.slow
 def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
     """GET /streams/{name}/frame.jpg: 204 until the stream is watched and a frame analysed, then
@@ -114,7 +101,7 @@ def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
     a JPEG; 404 for no such stream and 401 without the token."""
 
     async def main() -> None:
-        async with running_daemon(auth_token=TOKEN) as d, http(d) as h:
+        async with running_daemon(auth_token=TOKEN) as d, api(d, TOKEN) as h:
             c = await connect(d, token=TOKEN)
             images = [jpeg(value=v) for v in (30, 90, 150, 210)]
             await c.send_frame("cam", 0, images[0])
@@ -138,7 +125,7 @@ def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
             decoded = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
             assert r.headers["x-frame-id"] == "1" and decoded.shape == (40, 60, 3)
             assert (await h.get("/streams/nope/frame.jpg")).status_code == 404
-            async with http(d, token=None) as anon:
+            async with api(d) as anon:
                 assert (await anon.get("/streams/cam/frame.jpg")).status_code == 401
             await c.close()
 
@@ -152,7 +139,7 @@ def test_stats_history_is_a_bounded_ring_behind_the_token() -> None:
 
     async def main() -> None:
         settings = {"stats_history_points": 4, "stats_history_interval_s": 0.1}
-        async with running_daemon(auth_token=TOKEN, **settings) as d, http(d) as h:
+        async with running_daemon(auth_token=TOKEN, **settings) as d, api(d, TOKEN) as h:
             c = await connect(d, token=TOKEN)
             for i in range(20):
                 await c.send_frame("cam", i, jpeg())
@@ -164,7 +151,7 @@ def test_stats_history_is_a_bounded_ring_behind_the_token() -> None:
             times = [p["t"] for p in doc["points"]]
             assert times == sorted(times) and times[-1] - times[0] >= 0.25
             assert any(p["streams"].get("cam", {}).get("fps", 0) > 0 for p in doc["points"])
-            async with http(d, token=None) as anon:
+            async with api(d) as anon:
                 assert (await anon.get("/stats/history")).status_code == 401
             await c.close()
 
@@ -182,7 +169,7 @@ def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
     then dropped as skipped); bad bodies get 422, no stream 404, no token 401."""
 
     async def main() -> None:
-        async with running_daemon(auth_token=TOKEN) as d, http(d) as h:
+        async with running_daemon(auth_token=TOKEN) as d, api(d, TOKEN) as h:
             c = await connect(d, token=TOKEN)
             await c.send_frame("cam", 0, jpeg())
             await collect(c, 1)
@@ -201,7 +188,7 @@ def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
                 assert r.status_code == 422, body
                 assert isinstance(r.json()["detail"], str)
             assert (await h.patch("/streams/nope", json={"max_fps": 1})).status_code == 404
-            async with http(d, token=None) as anon:
+            async with api(d) as anon:
                 r = await anon.patch("/streams/cam", json={"max_fps": 1})
                 assert r.status_code == 401
             await c.close()
@@ -219,7 +206,7 @@ def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
     dead = CameraConfig(name="dead", url="rtsp://127.0.0.1:9/none", retry_initial_s=30)
 
     async def main() -> None:
-        async with running_daemon(auth_token=TOKEN, cameras=(spec, dead)) as d, http(d) as h:
+        async with running_daemon(auth_token=TOKEN, cameras=(spec, dead)) as d, api(d, TOKEN) as h:
             # A camera attaches its stream when added: one that never streamed answers "no frame yet".
             assert (await h.get("/streams/dead/frame.jpg")).status_code == 204
             await until(lambda: stats(d)["streams"].get("clip", {}).get("processed", 0) > 5, 15)
@@ -277,10 +264,10 @@ def test_dashboard_files_are_served_with_a_strict_policy(
     and dashboard = false turns it off."""
     (tmp_path / "index.html").write_text("<!doctype html><script src='/web/app.js'></script>")
     (tmp_path / "app.js").write_text("console.log('hi')")
-    monkeypatch.setattr(api, "WEB_DIR", tmp_path)
+    monkeypatch.setattr(api_module, "WEB_DIR", tmp_path)
 
     async def main() -> None:
-        async with running_daemon(auth_token=TOKEN) as d, http(d, token=None) as h:
+        async with running_daemon(auth_token=TOKEN) as d, api(d) as h:
             index = await h.get("/")
             assert index.status_code == 200 and index.headers["content-type"].startswith(
                 "text/html"
@@ -292,7 +279,7 @@ def test_dashboard_files_are_served_with_a_strict_policy(
             assert script.status_code == 200 and "javascript" in script.headers["content-type"]
             for path in ("/web/nope.js", "/web/..%2Fapi.py", "/web/%2E%2E%2Fapi.py"):
                 assert (await h.get(path)).status_code == 404, path
-        async with running_daemon(dashboard=False) as d, http(d, token=None) as h:
+        async with running_daemon(dashboard=False) as d, api(d) as h:
             assert (await h.get("/")).status_code == 404
 
     run(main())

@@ -13,8 +13,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import cv2
@@ -29,6 +28,7 @@ from clients.lib import ClientError, DaemonClient
 from tests.conftest import (
     SlowDetector,
     accounted,
+    api,
     collect,
     connect,
     jpeg,
@@ -44,16 +44,6 @@ TOKEN = "s3cret-token"
 
 
 # ---- helpers over the public surface ------------------------------------------------------------
-
-
-@asynccontextmanager
-async def api(d: Any, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the daemon's control plane (Bearer token when given)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=5
-    ) as h:
-        yield h
 
 
 async def poll(

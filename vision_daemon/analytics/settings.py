@@ -80,9 +80,7 @@ class TrackingConfig:
             (_between(self.match_thresh, 0.01, 1), "match_thresh must be 0.01..1"),
             (_labels_ok(self.new_object_classes), _LABELS_HELP.format("new_object_classes")),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"bad [tracking]: {message}")
+        _first_failure(checks, "[tracking]")
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,7 @@ class LineConfig:
             (len(set(self.points)) == 2, "points must be two different points"),
             *_common_checks(self.anchor, self.classes, self.min_distance_px),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"bad {label}: {message}")
+        _first_failure(checks, label)
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,7 @@ class ZoneConfig:
                 f"loiter_s must be 0 (off) or 0.1..{MAX_LOITER_S:.0f}",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"bad {label}: {message}")
+        _first_failure(checks, label)
 
 
 @dataclass(frozen=True)
@@ -354,3 +348,10 @@ def _area(polygon: Sequence[Point]) -> float:
         polygon[i][0] * polygon[(i + 1) % n][1] - polygon[(i + 1) % n][0] * polygon[i][1]
         for i in range(n)
     )
+
+
+def _first_failure(checks: list[tuple[bool, str]], what: str) -> None:
+    """Raise the first failed check as a one-line ConfigError naming `what`."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"bad {what}: {message}")
