@@ -251,33 +251,35 @@ def parse_options(raw: Any) -> StreamOptions:
     if not isinstance(raw, dict):
         raise ProtocolError(E_INVALID, "stream options must be a map")
     skip = _opt(raw, "skip_frames", 1)
-    max_fps = _opt(raw, "max_fps", 0.0)
     if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 10_000:
         raise ProtocolError(E_INVALID, "skip_frames must be an integer in 1..10000")
-    if (
-        isinstance(max_fps, bool)
-        or not isinstance(max_fps, int | float)
-        or not 0 <= max_fps <= 1000  # also refuses NaN
-    ):
-        raise ProtocolError(E_INVALID, "max_fps must be a number in 0..1000 (0 = no limit)")
-    source_fps = _opt(raw, "source_fps", 0.0)
-    if (
-        isinstance(source_fps, bool)
-        or not isinstance(source_fps, int | float)
-        or not 0 <= source_fps <= 1000
-    ):
-        raise ProtocolError(E_INVALID, "source_fps must be a number in 0..1000 (0 = not said)")
+    max_fps = _number_opt(
+        raw, "max_fps", 0.0, 1000, "max_fps must be a number in 0..1000 (0 = no limit)"
+    )
+    source_fps = _number_opt(
+        raw, "source_fps", 0.0, 1000, "source_fps must be a number in 0..1000 (0 = not said)"
+    )
     serve = _opt(raw, "serve", "")
     if serve not in SERVE_POLICIES and not (serve == "" and raw.get("serve") is None):
         raise ProtocolError(E_INVALID, "serve must be latest or fifo")
-    gate = _opt(raw, "motion_gate", -1.0)
+    gate = _number_opt(
+        raw, "motion_gate", -1.0, 1, "motion_gate must be a share in 0..1 (0 = off)", unset=-1.0
+    )
+    return StreamOptions(skip, max_fps, serve, source_fps, gate)
+
+
+def _number_opt(
+    raw: dict[str, Any], key: str, default: float, top: float, message: str, unset: float = 0.0
+) -> float:
+    """An optional number in 0..top (or exactly `unset`); NaN, booleans and strings refused."""
+    value = _opt(raw, key, default)
     if (
-        isinstance(gate, bool)
-        or not isinstance(gate, int | float)
-        or not (0 <= gate <= 1 or gate == -1)
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (0 <= value <= top or value == unset)  # also refuses NaN
     ):
-        raise ProtocolError(E_INVALID, "motion_gate must be a share in 0..1 (0 = off)")
-    return StreamOptions(skip, float(max_fps), serve, float(source_fps), float(gate))
+        raise ProtocolError(E_INVALID, message)
+    return float(value)
 
 
 def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:
