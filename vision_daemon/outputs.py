@@ -131,6 +131,18 @@ def encode_jpeg(pixels: Any) -> bytes:
     return bytes(buf.tobytes())
 
 
+async def as_image(frame: Frame) -> tuple[bytes, str]:
+    """A frame as an image to serve, with its media type: JPEG or PNG bytes as they were sent,
+    pixels (decoded by a camera, raw, or a shared-memory copy) encoded to JPEG off the loop."""
+    if frame.pixels is None and frame.encoding != "raw":
+        png = frame.image.startswith(b"\x89PNG")
+        return frame.image, "image/png" if png else "image/jpeg"
+    pixels = frame.pixels
+    if pixels is None:
+        pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+    return await asyncio.to_thread(encode_jpeg, pixels), "image/jpeg"
+
+
 @dataclass(frozen=True)
 class FrameImage:
     """A kept frame as the dashboard fetches it."""
@@ -188,14 +200,7 @@ class LatestFrames:
         cached = self._images.get(stream)
         if cached is not None and cached.frame_id == frame.frame_id:
             return cached
-        if frame.pixels is None and frame.encoding != "raw":
-            png = frame.image.startswith(b"\x89PNG")
-            body, media_type = frame.image, "image/png" if png else "image/jpeg"
-        else:
-            pixels = frame.pixels
-            if pixels is None:
-                pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
-            body, media_type = await asyncio.to_thread(encode_jpeg, pixels), "image/jpeg"
+        body, media_type = await as_image(frame)
         image = FrameImage(frame.frame_id, frame.timestamp, body, media_type)
         if stream in self._watched:  # not forgotten while it was encoded
             self._images[stream] = image

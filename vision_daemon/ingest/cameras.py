@@ -34,7 +34,7 @@ from vision_daemon.ingest.sources import (
     source_error,
 )
 from vision_daemon.log import RateLimiter, log_limited
-from vision_daemon.outputs import encode_jpeg
+from vision_daemon.outputs import as_image
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.stats import Window
@@ -354,10 +354,7 @@ class Camera:
             return None
         if cached is not None and cached[0] == frame.frame_id:
             return cached[1]
-        if frame.pixels is None:
-            body = frame.image  # MJPEG and snapshot cameras: the camera's own JPEG
-        else:
-            body = await asyncio.to_thread(encode_jpeg, frame.pixels)
+        body, _ = await as_image(frame)  # MJPEG and snapshot cameras: the camera's own JPEG
         with self._lock:
             self._snapshot_jpeg = (frame.frame_id, body)
         return body
