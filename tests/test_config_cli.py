@@ -26,13 +26,21 @@ from vision_daemon.config import (
 
 def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> None:
     """configs/default.toml holds every Config field with the code's default, and its commented
-    [[cameras]] example lists every camera setting with its default and loads when uncommented."""
+    [[cameras]] example lists every camera setting with its default and loads when uncommented,
+    as does its analytics example ([tracking], [[lines]], [[zones]])."""
     text = (ROOT / "configs" / "default.toml").read_text()
     values = read_toml(ROOT / "configs" / "default.toml")
     defaults = Config()
     assert set(values) == set(FIELDS)
     for name, value in values.items():
         assert value == getattr(defaults, name), name
+    tables = text[text.index("# [tracking]") : text.index("# Cameras the daemon pulls")]
+    uncommented = tmp_path / "analytics.toml"
+    uncommented.write_text("\n".join(line.removeprefix("# ") for line in tables.splitlines()))
+    analytics = load_config(uncommented, environ={}).analytics
+    assert analytics.tracking.new_object_classes == ("person",)
+    assert [line.name for line in analytics.lines_of("walk")] == ["mid"]
+    assert [zone.name for zone in analytics.zones_of("walk")] == ["door"]
     example = text[text.index("# [[cameras]]") :]
     uncommented = tmp_path / "cameras.toml"
     uncommented.write_text("\n".join(line.removeprefix("# ") for line in example.splitlines()))

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-
-class ConfigError(Exception):
-    """A bad configuration value; the message is one line that says what to fix."""
+from vision_daemon.analytics.counting import EVENT_TYPES
+from vision_daemon.analytics.settings import AnalyticsConfig, analytics_from_toml
+from vision_daemon.checks import NAME_RE, between
+from vision_daemon.checks import ConfigError as ConfigError  # raised by every settings check
 
 
 def _f(default: Any, section: str, help: str, env: str | None = None) -> Any:
@@ -24,7 +23,8 @@ def _f(default: Any, section: str, help: str, env: str | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
-CAMERA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")  # = a stream name
+CAMERA_NAME_RE = NAME_RE  # = a stream name
+ANALYTICS_TABLES = {"tracking", "lines", "zones"}
 CAMERA_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
 MAX_URL_CHARS = 2048
 
@@ -60,7 +60,7 @@ class CameraConfig:
             (self.skip_frames >= 1, "skip_frames must be >= 1"),
             (0 <= self.decode_threads <= 16, "decode_threads must be 0..16"),
             (
-                all(r == 0 or _between(r, 0.001, 1000) for r in (self.max_fps, self.fps)),
+                all(r == 0 or between(r, 0.001, 1000) for r in (self.max_fps, self.fps)),
                 "max_fps and fps must be 0 (off) or 0.001..1000",
             ),
             (self.skip_frames <= 100_000, "skip_frames must be <= 100000"),
@@ -74,13 +74,13 @@ class CameraConfig:
                 "keyframes_only must be auto, on or off",
             ),
             (
-                _between(self.open_timeout_s, 0.01, 3600)
-                and _between(self.stall_timeout_s, 0.01, 3600),
+                between(self.open_timeout_s, 0.01, 3600)
+                and between(self.stall_timeout_s, 0.01, 3600),
                 "open_timeout_s and stall_timeout_s must be 0.01..3600",
             ),
             (
-                _between(self.retry_initial_s, 0.01, 3600)
-                and _between(self.retry_max_s, self.retry_initial_s, 3600),
+                between(self.retry_initial_s, 0.01, 3600)
+                and between(self.retry_max_s, self.retry_initial_s, 3600),
                 "retry_initial_s must be 0.01..3600 and <= retry_max_s <= 3600",
             ),
         ]
@@ -101,11 +101,6 @@ _URL_HELP = (
     f"(at most {MAX_URL_CHARS} characters)"
 )
 CAMERA_FIELDS = {f.name: f for f in dataclasses.fields(CameraConfig)}
-
-
-def _between(value: float, low: float, high: float) -> bool:
-    """low <= value <= high, and a finite number (NaN and infinity are refused)."""
-    return math.isfinite(value) and low <= value <= high
 
 
 def _octal_mode(text: str) -> bool:
@@ -292,8 +287,55 @@ class Config:
         2.0, "stats", "one /stats/history point this often (300 x 2 s = the last 10 minutes)"
     )
     dashboard: bool = _f(True, "stats", "serve the web dashboard at / (its data needs the token)")
+    # [analytics]
+    track: bool = _f(
+        False,
+        "analytics",
+        "track objects on every stream (each detection gains track_id); a stream's `track` "
+        "option overrides; a stream with [[lines]] or [[zones]] is always tracked",
+    )
+    event_snapshots: bool = _f(
+        False, "analytics", "attach a JPEG of the frame (base64) to each event"
+    )
+    event_snapshot_max_kb: int = _f(
+        64, "analytics", "largest event snapshot; a frame is scaled down until it fits"
+    )
+    # [outputs]
+    mqtt_url: str = _f(
+        "",
+        "outputs",
+        "send events and retained counts to this broker, mqtt://[user:pass@]host[:port] ('' = off)",
+        env="VISION_DAEMON_MQTT_URL",
+    )
+    mqtt_topic_prefix: str = _f("vision-daemon", "outputs", "first level of every MQTT topic")
+    mqtt_qos: int = _f(0, "outputs", "MQTT QoS of events and counts: 0, 1 or 2")
+    mqtt_queue: int = _f(
+        1000, "outputs", "events held for the broker while it is away; past it the oldest drop"
+    )
+    webhook_urls: list[str] = _f(  # noqa: RUF009 - _f returns a field(default_factory=...)
+        [],
+        "outputs",
+        "POST each event as JSON to these http(s) URLs ([] = off)",
+        env="VISION_DAEMON_WEBHOOK_URLS",
+    )
+    webhook_secret: str = _f(
+        "",
+        "outputs",
+        "sign webhook bodies with HMAC-SHA256 under this secret ('' = unsigned)",
+        env="VISION_DAEMON_WEBHOOK_SECRET",
+    )
+    webhook_events: list[str] = _f(  # noqa: RUF009 - _f returns a field(default_factory=...)
+        [], "outputs", "event types sent to webhooks ([] = all)"
+    )
+    webhook_queue: int = _f(256, "outputs", "events queued per webhook; past it the oldest drop")
+    webhook_timeout_s: float = _f(5.0, "outputs", "one webhook request's time limit")
+    webhook_max_attempts: int = _f(5, "outputs", "tries per event (backoff doubles, 0.5 s to 30 s)")
     # [[cameras]]: a list of tables, not a flat setting (see CameraConfig); --camera NAME=URL
     cameras: tuple[CameraConfig, ...] = field(default=(), metadata={"section": "cameras"})
+    # [tracking], [[lines]], [[zones]]: tables (vision_daemon/analytics/settings.py)
+    analytics: AnalyticsConfig = field(
+        default_factory=AnalyticsConfig, metadata={"section": "analytics tables"}
+    )
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -376,6 +418,24 @@ class Config:
                 self.ws_queue >= 1 and self.metrics_max_streams >= 0,
                 "ws_queue must be >= 1 and metrics_max_streams >= 0",
             ),
+            (
+                1 <= self.event_snapshot_max_kb <= 4096,
+                "event_snapshot_max_kb must be 1..4096",
+            ),
+            (self.mqtt_qos in (0, 1, 2), "mqtt_qos must be 0, 1 or 2"),
+            (
+                1 <= self.mqtt_queue <= 1_000_000 and 1 <= self.webhook_queue <= 1_000_000,
+                "mqtt_queue and webhook_queue must be 1..1000000",
+            ),
+            (
+                between(self.webhook_timeout_s, 0.1, 300) and 1 <= self.webhook_max_attempts <= 100,
+                "webhook_timeout_s must be 0.1..300 and webhook_max_attempts 1..100",
+            ),
+            (len(self.webhook_urls) <= 16, "at most 16 webhook_urls"),
+            (
+                set(self.webhook_events) <= set(EVENT_TYPES),
+                f"webhook_events must be among {', '.join(EVENT_TYPES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -383,7 +443,7 @@ class Config:
 
 
 # The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.
-FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "cameras"}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("cameras", "analytics")}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -431,6 +491,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for section, table in data.items():
+        if section in ANALYTICS_TABLES:
+            continue  # read below, all three together
         if section == "cameras":
             if not isinstance(table, list):
                 raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
@@ -443,6 +505,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             if f is None or f.metadata["section"] != section:
                 raise ConfigError(f"config file {path}: unknown setting [{section}] {key}")
             values[key] = _coerce(key, value)
+    if ANALYTICS_TABLES & data.keys():
+        values["analytics"] = analytics_from_toml(data)
     return values
 
 

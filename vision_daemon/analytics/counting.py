@@ -19,6 +19,7 @@ from vision_daemon.analytics.settings import LineConfig, ZoneConfig
 from vision_daemon.analytics.tracking import Track
 
 EventType = Literal["enter", "exit", "cross", "loiter", "new_object"]
+EVENT_TYPES: tuple[str, ...] = ("enter", "exit", "cross", "loiter", "new_object")
 
 
 @dataclass(frozen=True, slots=True)

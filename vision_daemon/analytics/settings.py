@@ -29,12 +29,11 @@ and "out" downwards; list the points the other way round to swap them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vision_daemon.config import CAMERA_NAME_RE, ConfigError
+from vision_daemon.checks import NAME_RE, ConfigError, between
 
 ANCHORS = ("bottom_center", "center")
 MAX_ZONES_PER_STREAM = 16
@@ -46,8 +45,6 @@ MAX_LABEL_CHARS = 64
 MAX_HYSTERESIS_PX = 1000.0
 MAX_LOITER_S = 7 * 24 * 3600.0
 
-# Zone and line names follow the stream-name rule (they end up in MQTT topics and metric labels).
-NAME_RE = CAMERA_NAME_RE
 
 Point = tuple[float, float]
 
@@ -66,18 +63,18 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
-            (_between(self.timeout_s, 0.01, 3600), "timeout_s must be 0.01..3600"),
+            (between(self.timeout_s, 0.01, 3600), "timeout_s must be 0.01..3600"),
             (
-                self.frame_interval_s == 0 or _between(self.frame_interval_s, 0.001, 60),
+                self.frame_interval_s == 0 or between(self.frame_interval_s, 0.001, 60),
                 "frame_interval_s must be 0 (estimate) or 0.001..60",
             ),
             (
-                _between(self.low_thresh, 0, 1)
-                and _between(self.high_thresh, self.low_thresh, 1)
-                and _between(self.new_thresh, 0, 1),
+                between(self.low_thresh, 0, 1)
+                and between(self.high_thresh, self.low_thresh, 1)
+                and between(self.new_thresh, 0, 1),
                 "low_thresh, high_thresh and new_thresh must be 0..1 with low <= high",
             ),
-            (_between(self.match_thresh, 0.01, 1), "match_thresh must be 0.01..1"),
+            (between(self.match_thresh, 0.01, 1), "match_thresh must be 0.01..1"),
             (_labels_ok(self.new_object_classes), _LABELS_HELP.format("new_object_classes")),
         ]
         _first_failure(checks, "[tracking]")
@@ -132,7 +129,7 @@ class ZoneConfig:
             (abs(_area(self.polygon)) > 0, "polygon must enclose an area (not all on one line)"),
             *_common_checks(self.anchor, self.classes, self.min_distance_px),
             (
-                self.loiter_s == 0 or _between(self.loiter_s, 0.1, MAX_LOITER_S),
+                self.loiter_s == 0 or between(self.loiter_s, 0.1, MAX_LOITER_S),
                 f"loiter_s must be 0 (off) or 0.1..{MAX_LOITER_S:.0f}",
             ),
         ]
@@ -236,11 +233,6 @@ _LINE_FIELDS = {*_COMMON, "points"}
 _ZONE_FIELDS = {*_COMMON, "polygon", "loiter_s"}
 
 
-def _between(value: float, low: float, high: float) -> bool:
-    """low <= value <= high, and a finite number (NaN and infinity are refused)."""
-    return math.isfinite(value) and low <= value <= high
-
-
 def _labels_ok(labels: tuple[str, ...]) -> bool:
     return len(labels) <= MAX_CLASSES and all(
         isinstance(x, str) and 1 <= len(x) <= MAX_LABEL_CHARS for x in labels
@@ -257,7 +249,7 @@ def _name_checks(stream: str, name: str) -> list[tuple[bool, str]]:
 
 def _coordinates_ok(points: Sequence[Point]) -> bool:
     return all(
-        len(p) == 2 and all(_between(c, -MAX_COORDINATE, MAX_COORDINATE) for c in p) for p in points
+        len(p) == 2 and all(between(c, -MAX_COORDINATE, MAX_COORDINATE) for c in p) for p in points
     )
 
 
@@ -268,7 +260,7 @@ def _common_checks(
         (anchor in ANCHORS, f"anchor must be one of {', '.join(ANCHORS)}"),
         (_labels_ok(classes), _LABELS_HELP.format("classes")),
         (
-            _between(min_distance_px, 0, MAX_HYSTERESIS_PX),
+            between(min_distance_px, 0, MAX_HYSTERESIS_PX),
             f"min_distance_px must be 0..{MAX_HYSTERESIS_PX:.0f}",
         ),
     ]
@@ -332,7 +324,7 @@ def _points(label: str, key: str, value: Any, least: int, most: int) -> tuple[Po
             not isinstance(p, list | tuple)
             or len(p) != 2
             or not all(isinstance(c, int | float) and not isinstance(c, bool) for c in p)
-            or not all(_between(float(c), -MAX_COORDINATE, MAX_COORDINATE) for c in p)
+            or not all(between(float(c), -MAX_COORDINATE, MAX_COORDINATE) for c in p)
         ):
             raise ConfigError(f"bad {label}: {shape} (|x|, |y| <= {MAX_COORDINATE:.0f})")
         points.append((float(p[0]), float(p[1])))
