@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 import logging
@@ -24,6 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from vision_daemon import __version__
 from vision_daemon import protocol as p
+from vision_daemon.analytics import line_from_dict, zone_from_dict
+from vision_daemon.checks import NAME_RE
 from vision_daemon.config import Config, ConfigError, camera_from_dict
 from vision_daemon.ingest.cameras import CameraManager, CameraRefused
 from vision_daemon.ingest.ws import WsIngest
@@ -258,6 +261,73 @@ def create_app(
             camera.retune(options)
         return options.to_dict()
 
+    def analytics_of(name: str) -> dict[str, Any]:
+        assert pipeline is not None
+        lines, zones = pipeline.geometry_of(name)
+        stream = pipeline.streams.get(name)
+        analysis = stream.analysis if stream is not None else None
+        return {
+            "stream": name,
+            "tracked": analysis is not None,
+            "lines": [dataclasses.asdict(c) for c in lines],
+            "zones": [dataclasses.asdict(c) for c in zones],
+            "counts": analysis.counts() if analysis is not None else None,
+            "events": dict(analysis.events) if analysis is not None else {},
+        }
+
+    @app.get("/analytics", dependencies=[Auth])
+    async def analytics() -> dict[str, Any]:
+        """Every tracked stream's counts: live tracks, zone occupancy, enters, exits and dwell,
+        line crossings by direction and label, and events by type."""
+        if pipeline is None:
+            return {}
+        return {
+            name: analytics_of(name)
+            for name, stream in pipeline.streams.items()
+            if stream.analysis is not None
+        }
+
+    @app.get("/streams/{name}/analytics", dependencies=[Auth])
+    async def stream_analytics(name: str) -> dict[str, Any]:
+        """One stream's lines and zones (the config's, or those an operator set) and counts."""
+        if pipeline is None or (
+            name not in pipeline.streams and not any(pipeline.geometry_of(name))
+        ):
+            raise HTTPException(404, "no stream of that name, and no lines or zones for it")
+        return analytics_of(name)
+
+    @app.put("/streams/{name}/analytics", dependencies=[Auth])
+    async def set_stream_analytics(name: str, request: Request) -> dict[str, Any]:
+        """Replace a stream's lines and zones (a JSON object with `lines` and `zones`, each a
+        list of [[lines]] / [[zones]] tables without `stream`). The stream need not exist yet;
+        a live one's tracks end and its counts start again from zero."""
+        if pipeline is None:
+            raise HTTPException(503, "analytics are not available in this daemon")
+        if not NAME_RE.fullmatch(name):
+            raise HTTPException(422, "bad stream name")
+        body = await read_json(request)
+        if not isinstance(body, dict) or set(body) - {"lines", "zones"}:
+            raise HTTPException(422, "send a JSON object with lines and/or zones (lists)")
+        items: dict[str, list[Any]] = {}
+        for key in ("lines", "zones"):
+            raw = body.get(key, [])
+            if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+                raise HTTPException(422, f"{key} must be a list of objects")
+            if any(i.get("stream", name) != name for i in raw):
+                raise HTTPException(422, f"{key} must not name another stream")
+            items[key] = [{**i, "stream": name} for i in raw]
+        if name not in pipeline.geometry and len(pipeline.geometry) >= config.max_streams:
+            raise HTTPException(
+                409, f"lines and zones are set for max_streams={config.max_streams} streams"
+            )
+        try:
+            lines = tuple(line_from_dict(i) for i in items["lines"])
+            zones = tuple(zone_from_dict(i) for i in items["zones"])
+            pipeline.set_geometry(name, lines, zones)
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return analytics_of(name)
+
     rendered: list[Any] = [0.0, b""]  # (when, body): one rendering per stats_refresh_s
 
     @app.get("/metrics", dependencies=[Auth])
@@ -308,8 +378,13 @@ def create_app(
         stream: Annotated[list[str] | None, Query()] = None,
         every: Annotated[int, Query(ge=1)] = 1,
         max_fps: Annotated[float, Query(ge=0)] = 0.0,
+        kind: Annotated[list[str] | None, Query()] = None,
     ) -> None:
         if not await accept_ws(websocket):
+            return
+        kinds = frozenset(kind or ("result",))
+        if not kinds <= {"result", "event"}:
+            await websocket.close(code=WS_POLICY_VIOLATION, reason="kind must be result or event")
             return
         client = websocket.client
         host = client.host if client else "?"
@@ -319,6 +394,7 @@ def create_app(
             every=every,
             min_interval_s=1.0 / max_fps if max_fps > 0 else 0.0,
             peer=f"{host}:{client.port}" if client else "",
+            kinds=kinds,
         )
         if not hub.add(sub):
             why = "daemon shutting down" if hub.closed else "ws_max_subscribers reached"

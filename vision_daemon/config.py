@@ -42,6 +42,7 @@ class CameraConfig:
     rtsp_transport: str = "tcp"  # tcp or udp
     keyframes_only: str = "auto"  # decode only keyframes: on, off, auto (on when max_fps <= 1)
     motion_gate: float = -1.0  # motion gating share (0 = off; -1 = the daemon's motion_gate)
+    track: str = "auto"  # tracking: on, off, auto (= the daemon's track)
     decode_threads: int = 1  # FFmpeg decoder threads (1 is cheapest per camera; 0 = FFmpeg picks)
     loop: bool = False  # files: start again at the end
     open_timeout_s: float = 10.0  # connecting and the first frame
@@ -69,6 +70,7 @@ class CameraConfig:
                 "motion_gate must be in 0..1 (0 = off)",
             ),
             (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
+            (self.track in ("auto", "on", "off"), "track must be auto, on or off"),
             (
                 self.keyframes_only in ("auto", "on", "off"),
                 "keyframes_only must be auto, on or off",
@@ -525,6 +527,9 @@ def load_config(
         if var and env.get(var):
             values[name] = _coerce(name, env[var])
     for name, value in (overrides or {}).items():
+        if name == "analytics":  # tracking, lines and zones given as an AnalyticsConfig
+            values["analytics"] = value
+            continue
         if name == "cameras":  # --camera adds to the file's cameras
             values["cameras"] = (*values.get("cameras", ()), *value)
             continue

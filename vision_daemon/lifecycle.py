@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from vision_daemon import __version__
+from vision_daemon import __version__, analytics
 from vision_daemon import protocol as p
 from vision_daemon.api import create_app
 from vision_daemon.config import Config
@@ -171,6 +171,8 @@ class Daemon:
             cfg.workers,
             time.perf_counter() - t0,
         )
+        if cfg.track or cfg.analytics.lines or cfg.analytics.zones:
+            await asyncio.to_thread(analytics.preload)  # not at the first tracked frame
         self.pool.start()
         await self.ingest.start(self.welcome())
         self.ws_ingest.start(self.welcome())  # WS /ingest is served from here on

@@ -198,6 +198,79 @@ class _SnapshotGauges(Collector):
             "vision_daemon_ws_subscribers", "Open /ws subscribers", value=snap["ws"]["subscribers"]
         )
         yield from _camera_metrics(snap.get("cameras", {}))
+        yield from _analytics_metrics(snap["streams"])
+        yield from _output_metrics(snap.get("outputs", []))
+
+
+def _analytics_metrics(streams: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """Counts of tracked streams that have their own label (streams past metrics_max_streams
+    are in /stats only: summing zones of different cameras would mean nothing). Zones and lines
+    are at most 16 per stream, and labels are the model's classes."""
+    occupancy = GaugeMetricFamily(
+        "vision_daemon_zone_occupancy",
+        "Tracks inside a zone now",
+        labels=["stream", "zone", "label"],
+    )
+    entered = CounterMetricFamily(
+        "vision_daemon_zone_entries",
+        "Tracks that entered a zone",
+        labels=["stream", "zone", "label"],
+    )
+    exited = CounterMetricFamily(
+        "vision_daemon_zone_exits", "Tracks that left a zone", labels=["stream", "zone", "label"]
+    )
+    crossed = CounterMetricFamily(
+        "vision_daemon_line_crossings",
+        "Tracks that crossed a line, by direction",
+        labels=["stream", "line", "direction", "label"],
+    )
+    events = CounterMetricFamily(
+        "vision_daemon_events", "Analytics events by type", labels=["stream", "type"]
+    )
+    tracks = GaugeMetricFamily("vision_daemon_tracks", "Live tracks", labels=["stream"])
+    for s in streams.values():
+        a, label = s.get("analytics"), s["metric_label"]
+        if a is None or not label or label == OTHER:
+            continue
+        tracks.add_metric([label], a["tracks"])
+        for kind, n in a["events"].items():
+            events.add_metric([label, kind], n)
+        for zone, z in a["zones"].items():
+            for family, key in ((occupancy, "occupancy"), (entered, "entered"), (exited, "exited")):
+                for what, n in z[key].items():
+                    family.add_metric([label, zone, what], n)
+        for line, directions in a["lines"].items():
+            for direction, by_label in directions.items():
+                for what, n in by_label.items():
+                    crossed.add_metric([label, line, direction, what], n)
+    yield from (tracks, events, occupancy, entered, exited, crossed)
+
+
+def _output_metrics(outputs: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each event output's deliveries and losses."""
+    sent = CounterMetricFamily(
+        "vision_daemon_output_sent", "Events (and count updates) delivered", labels=["output"]
+    )
+    dropped = CounterMetricFamily(
+        "vision_daemon_output_dropped",
+        "Events an output could not deliver, by reason",
+        labels=["output", "reason"],
+    )
+    queued = GaugeMetricFamily(
+        "vision_daemon_output_queued", "Events waiting in an output's queue", labels=["output"]
+    )
+    up = GaugeMetricFamily(
+        "vision_daemon_output_connected",
+        "1 while the output's broker or target answers",
+        labels=["output"],
+    )
+    for o in outputs:
+        sent.add_metric([o["name"]], o["sent"])
+        queued.add_metric([o["name"]], o["queued"])
+        up.add_metric([o["name"]], int(bool(o["connected"])))
+        for reason, n in o["dropped"].items():
+            dropped.add_metric([o["name"], reason], n)
+    yield from (sent, dropped, queued, up)
 
 
 CAMERA_STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")

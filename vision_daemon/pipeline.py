@@ -9,14 +9,17 @@ to the counters. Workers and the scheduler hand their verdicts back on the `Repo
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from vision_daemon import protocol as p
+from vision_daemon.analytics import Event, LineConfig, StreamAnalytics, StreamCounts, ZoneConfig
 from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
@@ -24,11 +27,28 @@ from vision_daemon.outputs import Hub, LatestFrames
 from vision_daemon.rates import Advisor, ServiceTime
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
-from vision_daemon.streams import Job, Outcome, QueueBudget, Report, Reports, Sink, Stream
+from vision_daemon.streams import (
+    Analysis,
+    Job,
+    Outcome,
+    QueueBudget,
+    Report,
+    Reports,
+    Sink,
+    Stream,
+)
 
 log = logging.getLogger(__name__)
 
 ERROR_DROP_REASON = {p.E_DETECTOR: "detector_error", p.E_DECODE: "decode_error"}
+
+
+class EventOutput(Protocol):
+    """Where events and counts go besides /ws (MQTT, webhooks): it never blocks or raises."""
+
+    def offer_event(self, event: dict[str, Any]) -> None: ...
+
+    def offer_counts(self, stream: str, counts: dict[str, Any]) -> None: ...
 
 
 class Pipeline:
@@ -41,6 +61,7 @@ class Pipeline:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         frames: LatestFrames | None = None,
+        outputs: Sequence[EventOutput] = (),
     ) -> None:
         self.config = config
         self.reports = reports
@@ -59,6 +80,11 @@ class Pipeline:
         self._log_limit = RateLimiter()
         self.service = ServiceTime()  # what a frame costs a worker: the capacity estimate
         self.advisor = Advisor()
+        self.outputs = list(outputs)
+        # Lines and zones set through the API (PUT /streams/{name}/analytics), by stream: they
+        # replace the config's for that stream, for as long as the daemon runs.
+        self.geometry: dict[str, tuple[tuple[LineConfig, ...], tuple[ZoneConfig, ...]]] = {}
+        self.events_total: Counter[str] = Counter()  # by type, every stream
 
     # ---- admission ----------------------------------------------------------------------------
     def count_error(self, code: str) -> None:
@@ -96,6 +122,7 @@ class Pipeline:
             existing.sink, existing.detached_at = sink, None
             existing.set_options(options)
             stream = existing
+            self._set_analysis(stream)
         else:
             stream = Stream(
                 name,
@@ -108,6 +135,7 @@ class Pipeline:
             )
             stream.metric_label = self.metrics.label_for(name)
             self.streams[name] = stream
+            self._set_analysis(stream)
             log_limited(
                 log,
                 self._log_limit,
@@ -121,6 +149,96 @@ class Pipeline:
             )
         owned[name] = stream
         return stream
+
+    # ---- analytics (issue 18) -----------------------------------------------------------------
+    def _set_analysis(self, stream: Stream) -> None:
+        """Give a stream its tracker, lines and zones, or take them away, as its options, the
+        config and the API say: a stream with lines or zones is always tracked; otherwise its
+        `track` option, else the daemon's `track`. A stream that keeps tracking keeps its
+        tracks and counts (a camera reconnecting)."""
+        cfg = self.config.analytics
+        lines, zones = self.geometry.get(
+            stream.name, (cfg.lines_of(stream.name), cfg.zones_of(stream.name))
+        )
+        track = stream.options.track
+        wanted = bool(lines or zones) or (self.config.track if track is None else track)
+        if not wanted:
+            if stream.analysis is not None:
+                self._publish(stream, *stream.analysis.reset())
+                stream.analysis = None
+            return
+        if stream.analysis is None:
+            stream.analysis = Analysis(
+                StreamAnalytics(stream.name, cfg.tracking, lines, zones),
+                snapshot_max_bytes=(
+                    self.config.event_snapshot_max_kb * 1024 if self.config.event_snapshots else 0
+                ),
+            )
+
+    def set_geometry(
+        self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
+    ) -> None:
+        """An operator's lines and zones for stream `name` (PUT /streams/{name}/analytics); they
+        replace the config's. A live stream starts them afresh: its tracks end and its counts
+        start from zero. Raises ConfigError past the per-stream limits."""
+        StreamAnalytics(name, self.config.analytics.tracking, lines, zones)  # checks the limits
+        self.geometry[name] = (lines, zones)
+        stream = self.streams.get(name)
+        if stream is not None:
+            if stream.analysis is not None:
+                self._publish(stream, *stream.analysis.reset())
+                stream.analysis = None
+            self._set_analysis(stream)
+        log.info(
+            "stream %s: %d lines and %d zones set by an operator", name, len(lines), len(zones)
+        )
+
+    def geometry_of(self, name: str) -> tuple[tuple[LineConfig, ...], tuple[ZoneConfig, ...]]:
+        cfg = self.config.analytics
+        return self.geometry.get(name, (cfg.lines_of(name), cfg.zones_of(name)))
+
+    def _publish(
+        self,
+        stream: Stream,
+        events: Sequence[Event],
+        counts: StreamCounts | None,
+        frame_id: int | None = None,
+        snapshot: bytes | None = None,
+    ) -> None:
+        """A stream's events to /ws subscribers that asked for events and to every output; its
+        counts (when they changed) to the outputs. Times become Unix seconds here."""
+        now = self.clock()
+        wall = time.time() - now  # a monotonic time t happened at wall + t
+        picture = base64.b64encode(snapshot).decode() if snapshot else None
+        for event in events:
+            data = event.to_dict()
+            data["time"] = round(wall + event.time, 3)
+            if frame_id is not None:
+                data["frame_id"] = frame_id
+            if picture is not None:
+                data["snapshot"] = picture
+            if stream.analysis is not None:
+                stream.analysis.events[event.type] += 1
+            self.events_total[event.type] += 1
+            if self.hub.subscribers:
+                self.hub.publish(stream.name, json.dumps({"type": "event", **data}), now, "event")
+            for output in self.outputs:
+                output.offer_event(data)
+        if counts is not None:
+            for output in self.outputs:
+                output.offer_counts(stream.name, dict(counts))
+
+    def tick_analytics(self) -> None:
+        """Streams with no frame for longer than the track timeout: their tracks end now, not at
+        their next frame (exits and zone occupancy stay true while a camera is silent)."""
+        now = self.clock()
+        timeout = self.config.analytics.tracking.timeout_s
+        for stream in self.streams.values():
+            a = stream.analysis
+            if a is None or a.last_at is None or stream.in_flight or stream.queue:
+                continue
+            if now - a.last_at > timeout:
+                self._publish(stream, *a.tick(now))
 
     def _evict_one(self) -> bool:
         """Make room for a new stream: the detached stream that left first goes (counted)."""
@@ -137,6 +255,8 @@ class Pipeline:
         return True
 
     def _remove(self, stream: Stream) -> None:
+        if stream.analysis is not None:  # its live tracks end: their exits are events
+            self._publish(stream, *stream.analysis.reset())
         del self.streams[stream.name]
         self.metrics.release(stream.metric_label)
         self.frames.forget(stream.name)
@@ -288,6 +408,10 @@ class Pipeline:
             if self.hub.subscribers:  # encoded once for every subscriber
                 self.hub.publish(frame.stream_name, json.dumps(msg, allow_nan=False), now)
             self.frames.keep(frame, now)  # after /ws: its boxes are out before it can be fetched
+            if outcome.events or outcome.counts is not None:
+                self._publish(
+                    job.stream, outcome.events, outcome.counts, frame.frame_id, outcome.snapshot
+                )
         finally:
             job.ended = True
             job.sink.frame_done()
@@ -381,6 +505,7 @@ class Pipeline:
             self.drain()
             if self.clock() >= next_expiry:
                 self.expire()
+                self.tick_analytics()
                 self.advise()
                 next_expiry = self.clock() + max(0.05, min(1.0, self.config.stream_grace_s))
 

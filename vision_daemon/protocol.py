@@ -88,6 +88,9 @@ class StreamOptions:
     # share of its pixels since the last analysed frame reuses that frame's detections. 0 = off;
     # -1 = the daemon's `motion_gate`.
     motion_gate: float = -1.0
+    # Tracking (issue 18): True or False; None = the daemon's `track` (a stream with lines or
+    # zones is tracked whatever this says).
+    track: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class StreamOptions:
             "serve": self.serve,
             "source_fps": self.source_fps,
             "motion_gate": self.motion_gate,
+            "track": self.track,
         }
 
 
@@ -265,7 +269,10 @@ def parse_options(raw: Any) -> StreamOptions:
     gate = _number_opt(
         raw, "motion_gate", -1.0, 1, "motion_gate must be a share in 0..1 (0 = off)", unset=-1.0
     )
-    return StreamOptions(skip, max_fps, serve, source_fps, gate)
+    track = raw.get("track")
+    if track is not None and not isinstance(track, bool):
+        raise ProtocolError(E_INVALID, "track must be true or false")
+    return StreamOptions(skip, max_fps, serve, source_fps, gate, track)
 
 
 def _number_opt(

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.streams import Analysis
 from vision_daemon.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class Latency(BaseModel):
     queue: Percentiles = Field(description="time from receipt until a worker took the frame")
     decode: Percentiles
     infer: Percentiles = Field(description="detector call (for the whole batch)")
+    track: Percentiles = Field(
+        default_factory=Percentiles,
+        description="tracking, zones and lines of the frame (tracked streams only)",
+    )
     total: Percentiles = Field(description="receipt to result queued for sending")
 
 
@@ -75,6 +80,24 @@ class StreamOptionsModel(BaseModel):
     )
 
 
+class ZoneCountsModel(BaseModel):
+    occupancy: dict[str, int] = Field(description="tracks inside now, by label")
+    entered: dict[str, int] = Field(description="enters since the stream's analytics began")
+    exited: dict[str, int]
+    dwell_s: dict[str, float] = Field(description="seconds inside, by track ID, for those inside")
+
+
+class AnalyticsStats(BaseModel):
+    """A tracked stream's counts (issue 18)."""
+
+    tracks: int = Field(description="live tracks")
+    zones: dict[str, ZoneCountsModel]
+    lines: dict[str, dict[str, dict[str, int]]] = Field(
+        description="line -> direction (in, out) -> label -> crossings"
+    )
+    events: dict[str, int] = Field(description="events by type")
+
+
 class StreamStats(FrameCounts):
     name: str
     peer: str | None
@@ -86,6 +109,9 @@ class StreamStats(FrameCounts):
     options: StreamOptionsModel
     advised_fps: float | None = Field(
         None, description="the rate last advised to this stream (server-advised rates)"
+    )
+    analytics: AnalyticsStats | None = Field(
+        None, description="tracking, zones and lines; null when the stream is not tracked"
     )
 
 
@@ -192,6 +218,10 @@ class Stats(BaseModel):
     )
     streams: dict[str, StreamStats]
     cameras: dict[str, CameraStats]
+    events: dict[str, int] = Field(description="analytics events by type, every stream")
+    outputs: list[dict[str, Any]] = Field(
+        description="event outputs (MQTT, webhooks): sent, queued, dropped by reason, state"
+    )
 
 
 @dataclass
@@ -207,6 +237,7 @@ class Components:
     pool: WorkerPool | None = None
     model_info: ModelInfo | None = None
     ws_ingest: WsIngest | None = None
+    outputs: Sequence[Any] = ()  # event outputs, each with snapshot()
 
 
 @dataclass(frozen=True)
@@ -272,10 +303,32 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
         "ws": c.hub.snapshot(),
         "streams_evicted": c.pipeline.streams_evicted,
         "streams": {
-            name: {**s.snapshot(now), "metric_label": s.metric_label}
+            name: {
+                **s.snapshot(now),
+                "metric_label": s.metric_label,
+                "analytics": _analytics(s.analysis),
+            }
             for name, s in sorted(streams.items())
         },
         "cameras": c.cameras.health(now) if c.cameras else {},
+        "events": dict(c.pipeline.events_total),
+        "outputs": [o.snapshot() for o in c.outputs],
+    }
+
+
+def _analytics(analysis: Analysis | None) -> dict[str, Any] | None:
+    if analysis is None:
+        return None
+    counts = analysis.counts()
+    zones = {
+        name: {**z, "dwell_s": {str(k): round(v, 3) for k, v in z["dwell_s"].items()}}
+        for name, z in counts["zones"].items()
+    }
+    return {
+        "tracks": counts["tracks"],
+        "zones": zones,
+        "lines": counts["lines"],
+        "events": dict(analysis.events),
     }
 
 

@@ -25,7 +25,7 @@ DROP_REASONS = (
     "internal_error",  # routing its result failed (a bug; logged with a traceback)
 )
 
-STAGES = ("queue_ms", "decode_ms", "infer_ms", "total_ms")
+STAGES = ("queue_ms", "decode_ms", "infer_ms", "track_ms", "total_ms")
 WINDOW_SAMPLES = 4096  # bound per window: memory stays flat however fast frames arrive
 
 

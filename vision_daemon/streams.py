@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vision_daemon.analytics import Event, StreamAnalytics, StreamCounts
 from vision_daemon.detectors.base import Detection
 from vision_daemon.motion import MotionGate
 from vision_daemon.protocol import Frame, StreamOptions
@@ -68,6 +71,49 @@ class Outcome:
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     reused: bool = False  # motion gating: the last analysed frame's detections, no inference
+    events: list[Event] = field(default_factory=list)  # analytics: what this frame caused
+    counts: StreamCounts | None = None  # analytics: the stream's counts, when events changed them
+    snapshot: bytes | None = None  # analytics: the frame as a JPEG for its events (if asked)
+
+
+@dataclass(eq=False)
+class Analysis:
+    """A stream's tracking, lines and zones (issue 18), behind the lock that serialises them: a
+    worker feeds it each analysed frame; the event loop ends idle tracks and reads counts."""
+
+    analytics: StreamAnalytics
+    snapshot_max_bytes: int = 0  # attach a JPEG of at most this size to events (0 = none)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_at: float | None = None  # the time of the last frame (or tick) it saw
+    events: Counter[str] = field(default_factory=Counter)  # by type, counted by the pipeline
+
+    def update(
+        self, detections: Sequence[Detection], t: float
+    ) -> tuple[list[dict[str, Any]], list[Event], StreamCounts | None]:
+        """One analysed frame: its detections with track_id, its events, and the stream's counts
+        if they changed."""
+        with self.lock:
+            tracked, events = self.analytics.update(detections, t)
+            self.last_at = t
+            return tracked, events, self.analytics.counts() if events else None
+
+    def tick(self, now: float) -> tuple[list[Event], StreamCounts | None]:
+        """No frame for longer than the track timeout: end the tracks that timed out."""
+        with self.lock:
+            if not self.analytics.tracker.tracks:
+                return [], None
+            _, events = self.analytics.update([], now)
+            self.last_at = now
+            return events, self.analytics.counts() if events else None
+
+    def counts(self) -> StreamCounts:
+        with self.lock:
+            return self.analytics.counts()
+
+    def reset(self) -> tuple[list[Event], StreamCounts]:
+        """The stream goes: every track ends (exit events); counts are kept."""
+        with self.lock:
+            return self.analytics.reset(), self.analytics.counts()
 
 
 @dataclass(slots=True)
@@ -180,6 +226,7 @@ class Stream:
     motion_refresh_s: float = 5.0
     gate: Gate = field(init=False)
     motion: MotionGate | None = field(init=False)  # set when options.motion_gate > 0
+    analysis: Analysis | None = None  # tracking, lines and zones; set by the pipeline
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)

@@ -24,13 +24,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from vision_daemon.decode import DecodeFailure, decode
 from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, ModelInfo
 from vision_daemon.motion import MotionGate, thumbnail
+from vision_daemon.outputs import snapshot_jpeg
 from vision_daemon.protocol import E_DECODE, E_DETECTOR
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import WorkerStats
@@ -127,10 +128,13 @@ def process(
     images = []
     ok: list[int] = []
     gated: dict[int, tuple[MotionGate, np.ndarray]] = {}  # analysed frames of gated streams
+    decoded: dict[int, np.ndarray] = {}  # images of tracked streams (for event snapshots)
     for i, job in enumerate(jobs):
         t0 = time.perf_counter()
         try:
             image = decode(job.frame, max_pixels)
+            if job.stream.analysis is not None:
+                decoded[i] = image
             gate = job.stream.motion
             if gate is not None:
                 thumb = thumbnail(image)
@@ -172,7 +176,31 @@ def process(
             if i in gated:
                 gate, thumb = gated[i]
                 gate.analysed(thumb, dets, now)
+    for i, job in enumerate(jobs):
+        if job.stream.analysis is not None and outcomes[i].detections is not None:
+            analyse(job, outcomes[i], decoded.get(i))
     return outcomes
+
+
+def analyse(job: Job, outcome: Outcome, image: np.ndarray | None) -> None:
+    """Tracking, lines and zones for one analysed frame, in the worker's thread (off the event
+    loop), timed by the frame's receipt: detections gain track_id, and its events (with a
+    snapshot if the stream wants them) travel back in the outcome."""
+    analysis = job.stream.analysis
+    assert analysis is not None and outcome.detections is not None
+    t0 = time.perf_counter()
+    try:
+        tracked, outcome.events, outcome.counts = analysis.update(
+            outcome.detections, job.received_at
+        )
+        outcome.detections = cast(list[Detection], tracked)
+        if outcome.events and analysis.snapshot_max_bytes and image is not None:
+            outcome.snapshot = snapshot_jpeg(image, analysis.snapshot_max_bytes)
+    except Exception:  # the analytics failing must not cost the frame its detections
+        log.exception(
+            "analytics of stream %s failed on frame %d", job.stream.name, job.frame.frame_id
+        )
+    outcome.timings["track_ms"] = (time.perf_counter() - t0) * 1000
 
 
 def takes_contended(detector: Detector) -> bool:

@@ -16,7 +16,7 @@ from vision_daemon.analytics.settings import (
     zone_from_dict,
 )
 from vision_daemon.analytics.stream import StreamAnalytics, StreamCounts
-from vision_daemon.analytics.tracking import StreamTracker, Track, TrackStep
+from vision_daemon.analytics.tracking import StreamTracker, Track, TrackStep, preload
 
 __all__ = [
     "AnalyticsConfig",
@@ -34,6 +34,7 @@ __all__ = [
     "ZoneCounts",
     "analytics_from_toml",
     "line_from_dict",
+    "preload",
     "tracking_from_dict",
     "zone_from_dict",
 ]

@@ -82,6 +82,13 @@ def _byte_tracker_class() -> Any:
     return BYTETracker
 
 
+def preload() -> None:
+    """Import the tracker library now (seconds; call it in a thread at start-up), so that the
+    first frame of a tracked stream is not the one that waits for the import."""
+    _byte_tracker_class()
+    _boxes(_EMPTY)
+
+
 def _boxes(data: np.ndarray) -> Any:
     from ultralytics.engine.results import Boxes
 
@@ -98,7 +105,9 @@ class StreamTracker:
         self._next_id = 1
         self._tracks: dict[int, Track] = {}  # ours, by our ID
         self._ids: dict[int, int] = {}  # the library's ID -> ours
-        self._lib = self._new_library()
+        # Made at the first frame, not here: the first one imports ultralytics (seconds), which
+        # belongs in a worker's thread, never on the event loop that creates streams.
+        self._lib: Any = None
 
     @property
     def tracks(self) -> Mapping[int, Track]:
@@ -134,6 +143,8 @@ class StreamTracker:
             t = 0.0
         self._now = t
 
+        if self._lib is None:
+            self._lib = self._new_library()
         rows, kept = self._rows(detections)
         for _ in range(steps - 1):
             self._lib.update(_boxes(_EMPTY))
@@ -172,7 +183,7 @@ class StreamTracker:
     def reset(self) -> list[Track]:
         """End every track (the stream went away); returns them. IDs keep counting up."""
         ended = self._end(list(self._tracks.values()), self._now or 0.0)
-        self._lib = self._new_library()
+        self._lib = None
         self._intervals.clear()
         self._now = None
         return ended
@@ -222,7 +233,7 @@ class StreamTracker:
         lib_gone = {lib for lib, ours in self._ids.items() if ours in gone}
         for lib in lib_gone:
             del self._ids[lib]
-        for pool in ("tracked_stracks", "lost_stracks"):
+        for pool in ("tracked_stracks", "lost_stracks") if self._lib is not None else ():
             kept = []
             for st in getattr(self._lib, pool):
                 if st.track_id in lib_gone:

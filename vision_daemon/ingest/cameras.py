@@ -84,7 +84,12 @@ class Camera:
         self.url = spec.substream_url or spec.url  # the stream that is analysed
         self.peer = "camera " + redact_url(self.url)  # a Sink's peer: shown in /stats
         self.rate_advice = False  # the reader keeps its own max_fps (see `advise`)
-        self.options = StreamOptions(spec.skip_frames, spec.max_fps, motion_gate=spec.motion_gate)
+        self.options = StreamOptions(
+            spec.skip_frames,
+            spec.max_fps,
+            motion_gate=spec.motion_gate,
+            track={"on": True, "off": False}.get(spec.track),
+        )
         self.keyframes_only = spec.keyframes_only == "on" or (
             spec.keyframes_only == "auto" and 0 < spec.max_fps <= 1.0
         )
@@ -416,6 +421,7 @@ class Camera:
                     "rtsp_transport": self.spec.rtsp_transport,
                     "keyframes_only": self.spec.keyframes_only,
                     "motion_gate": self.options.motion_gate,
+                    "track": self.spec.track,
                     "decode_threads": self.spec.decode_threads,
                     "loop": self.spec.loop,
                     "stall_timeout_s": self.spec.stall_timeout_s,

@@ -64,10 +64,15 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
                 raise p.ProtocolError(p.E_INVALID, msg) from None
     if query.get("serve") is not None:
         raw["serve"] = query["serve"]
-    notices = query.get("dropped_notices", "false").lower()
-    if notices not in ("1", "0", "true", "false"):
-        raise p.ProtocolError(p.E_INVALID, "query parameter dropped_notices must be true or false")
-    return p.parse_options(raw), notices in ("1", "true")
+    flags = {}
+    for key, default in (("dropped_notices", "false"), ("track", "")):
+        value = query.get(key, default).lower()
+        if value not in ("1", "0", "true", "false", default):
+            raise p.ProtocolError(p.E_INVALID, f"query parameter {key} must be true or false")
+        flags[key] = value
+    if flags["track"]:
+        raw["track"] = flags["track"] in ("1", "true")
+    return p.parse_options(raw), flags["dropped_notices"] in ("1", "true")
 
 
 class WsConnection(PeerSink):

@@ -22,6 +22,24 @@ def encode_jpeg(pixels: Any) -> bytes:
     return bytes(buf.tobytes())
 
 
+def snapshot_jpeg(pixels: Any, max_bytes: int) -> bytes | None:
+    """An event's snapshot: the frame as a JPEG of at most `max_bytes`, at most 640 pixels wide,
+    scaled down further (and its quality lowered) until it fits; None if even 80 pixels wide
+    does not."""
+    height, width = pixels.shape[:2]
+    scale = min(1.0, 640 / max(width, 1))
+    quality = 80
+    while width * scale >= 80:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = pixels if scale == 1.0 else cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok and buf.size <= max_bytes:
+            return bytes(buf.tobytes())
+        scale *= 0.7
+        quality = max(50, quality - 10)
+    return None
+
+
 async def as_image(frame: Frame) -> tuple[bytes, str]:
     """A frame as an image to serve, with its media type: JPEG or PNG bytes as they were sent,
     pixels (decoded by a camera, raw, or a shared-memory copy) encoded to JPEG off the loop."""

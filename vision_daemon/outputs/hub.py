@@ -21,6 +21,7 @@ class Subscriber:
     every: int = 1  # deliver every Nth matching result
     min_interval_s: float = 0.0  # max_fps thinning
     peer: str = ""
+    kinds: frozenset[str] = frozenset({"result"})  # "result" and/or "event"
     queue: deque[str] = field(init=False)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
@@ -32,20 +33,25 @@ class Subscriber:
     def __post_init__(self) -> None:
         self.queue = deque()
 
-    def offer(self, stream: str, text: str, now: float) -> None:
-        if self.streams and stream not in self.streams:
+    def offer(self, stream: str, text: str, now: float, kind: str = "result") -> None:
+        if kind not in self.kinds or (self.streams and stream not in self.streams):
             return
-        self._matched += 1
-        if (self._matched - 1) % self.every:
+        if kind == "result" and not self._thinned_in(now):  # events are never thinned
             return
-        if now - self._last < self.min_interval_s:
-            return
-        self._last = now
         if len(self.queue) >= self.maxlen:
             self.queue.popleft()
             self.dropped += 1
         self.queue.append(text)
         self.event.set()
+
+    def _thinned_in(self, now: float) -> bool:
+        self._matched += 1
+        if (self._matched - 1) % self.every:
+            return False
+        if now - self._last < self.min_interval_s:
+            return False
+        self._last = now
+        return True
 
     closed: bool = False
 
@@ -76,9 +82,9 @@ class Hub:
         self.subscribers.add(sub)
         return True
 
-    def publish(self, stream: str, text: str, now: float) -> None:
+    def publish(self, stream: str, text: str, now: float, kind: str = "result") -> None:
         for sub in self.subscribers:
-            sub.offer(stream, text, now)
+            sub.offer(stream, text, now, kind)
 
     def close(self) -> None:
         """Shutdown: wake every subscriber so its handler closes the socket itself."""
@@ -106,6 +112,7 @@ class Hub:
                 {
                     "peer": s.peer,
                     "streams": sorted(s.streams),
+                    "kinds": sorted(s.kinds),
                     "sent": s.sent,
                     "dropped": s.dropped,
                     "queued": len(s.queue),
