@@ -74,6 +74,7 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
                 "serve": "latest",
                 "source_fps": 0.0,
                 "motion_gate": 0.0,
+                "track": None,
             }
             assert accounted(d)
 

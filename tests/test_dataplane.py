@@ -153,6 +153,7 @@ def test_skip_frames_and_max_fps_options() -> None:
                 "serve": "latest",
                 "source_fps": 0.0,
                 "motion_gate": 0.0,
+                "track": None,
             }
 
     run(scenario())

@@ -78,6 +78,9 @@ class StreamOptionsModel(BaseModel):
     motion_gate: float = Field(
         description="changed-pixel share under which a frame reuses the last detections; 0: off"
     )
+    track: bool | None = Field(
+        None, description="tracking asked by the client (null: the daemon's track setting)"
+    )
 
 
 class ZoneCountsModel(BaseModel):
