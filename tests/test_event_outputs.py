@@ -495,7 +495,9 @@ def test_webhook_posts_signed_compact_json_and_keeps_the_secret_out_of_logs(
 
 
 @pytest.mark.slow
-def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures() -> None:
+def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """500, then 429 with a Retry-After past backoff_max_s, then 200: delivered in order, 2 failures."""
 
     async def main() -> None:
@@ -512,7 +514,13 @@ def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures() -> None
             assert s["failures"] == 2 and s["dropped"] == {} and s["connected"]
             await out.stop()
 
+    caplog.set_level(logging.INFO, logger="vision_daemon.outputs.webhooks")
     run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("webhooks")]
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "delivery failing (HTTP 500); retrying with backoff",  # once, not per attempt
+        "delivering again",
+    ]
 
 
 @pytest.mark.slow
@@ -575,7 +583,9 @@ def test_webhook_event_types_filter() -> None:
 
 
 @pytest.mark.slow
-def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest() -> None:
+def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Refused connections: offers return at once, the oldest go as queue_full, all stays accounted."""
 
     async def main() -> None:
@@ -593,6 +603,9 @@ def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest() -> Non
         await until(lambda: out.snapshot()["failures"] >= 1, what="a refused attempt")
         assert not out.snapshot()["connected"] and out.snapshot()["last_error"]
         assert_accounted(out)
+        await until(lambda: out.snapshot()["failures"] >= 3, what="more refused attempts")
+        failing = [r for r in caplog.records if "delivery failing" in r.getMessage()]
+        assert len(failing) == 1 and failing[0].levelno == logging.WARNING  # once per change
         t0 = time.monotonic()
         await out.stop(timeout_s=0.2)
         assert time.monotonic() - t0 < 0.2 + 1.0

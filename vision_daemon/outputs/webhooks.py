@@ -126,6 +126,7 @@ class WebhookOutput(QueuedOutput):
         self.backoff_max_s = backoff_max_s
         self.event_types = frozenset(event_types)
         self._sending = False  # an event taken from the queue and not yet resolved
+        self._warned = False  # a warning said deliveries fail; cleared by the next success
         self._idle = asyncio.Event()  # the queue is empty and nothing is being sent
         self._idle.set()
         self._client: httpx.AsyncClient | None = None
@@ -225,7 +226,7 @@ class WebhookOutput(QueuedOutput):
         kind = _HEADER_SAFE.sub("_", str(event.get("type", "")))[:64] or "unknown"
         for attempt in range(1, self.max_attempts + 1):
             outcome, retry_after = await self._attempt(body, kind)
-            self.connected = outcome == "sent"
+            self._note(outcome)
             if outcome == "sent":
                 self.sent += 1
                 return
@@ -248,6 +249,18 @@ class WebhookOutput(QueuedOutput):
                 )
                 return
             await asyncio.sleep(self._delay(attempt, retry_after))  # backoff, not synchronisation
+
+    def _note(self, outcome: Outcome) -> None:
+        """connected is whether the last attempt succeeded; a change is logged once."""
+        self.connected = outcome == "sent"
+        if not self.connected and not self._warned:
+            self._warned = True
+            logger.warning(
+                "%s: delivery failing (%s); retrying with backoff", self.name, self.last_error
+            )
+        elif self.connected and self._warned:
+            self._warned = False
+            logger.info("%s: delivering again", self.name)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
