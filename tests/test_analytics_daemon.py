@@ -32,6 +32,7 @@ from tests.conftest import (
     stats,
     until,
 )
+from tests.test_event_outputs import Broker, Subscriber, Target, verify
 from vision_daemon.analytics import AnalyticsConfig, LineConfig, TrackingConfig, ZoneConfig
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 
@@ -331,3 +332,97 @@ async def _real_model_on_vtest_tracks_people_across_the_walkway() -> None:
     crossings = sum(n for side in counts["lines"]["mid"].values() for n in side.values())
     assert 1 <= crossings <= 20, counts
     assert sum(e["type"] == "cross" for e in events) >= crossings - 1  # the last may be in flight
+
+
+LINE_ONLY = AnalyticsConfig(lines=(LineConfig("cam", "mid", ((0.0, 120.0), (320.0, 120.0))),))
+
+
+@pytest.mark.slow
+def test_events_reach_a_real_broker_and_a_signed_webhook_through_the_daemon(
+    tmp_path: Any,
+) -> None:
+    """With --mqtt-url and --webhook-urls, a square crossing the line reaches an MQTT broker
+    (the event on <prefix>/<stream>/events, the count retained on its line topic) and a webhook
+    (signed); /stats and /metrics count the deliveries."""
+    broker = Broker("amqtt", tmp_path)
+    broker.start()
+    try:
+        with Target() as target:
+            sub = Subscriber(broker.port, "vd/#")
+            try:
+                run(_through_outputs(broker.url, target, sub))
+                late = Subscriber(broker.port, "vd/#")  # retained values go to new subscribers
+                try:
+                    run(until(lambda: late.retained().get("vd/cam/lines/mid/out/person") == "1"))
+                    assert late.retained().get("vd/available") == "offline"  # stopped cleanly
+                finally:
+                    late.close()
+            finally:
+                sub.close()
+    finally:
+        broker.kill()
+
+
+async def _through_outputs(url: str, target: Target, sub: Subscriber) -> None:
+    async with running_daemon(
+        lambda: SquareFinder(),
+        workers=1,
+        analytics=LINE_ONLY,
+        mqtt_url=url,
+        mqtt_topic_prefix="vd",
+        webhook_urls=[target.url],
+        webhook_secret="k3y",
+    ) as d:
+        client = await connect(d)
+        try:
+            await play(client, DOWN, 0)
+        finally:
+            await client.close()
+        await until(lambda: sub.latest().get("vd/cam/lines/mid/out/person") == "1", 10, "count")
+        await until(lambda: sub.on("vd/cam/events"), 10, "the MQTT event")
+        await until(lambda: target.requests, 10, "the webhook")
+        (event,) = [json.loads(m) for m in sub.on("vd/cam/events")]
+        assert (event["type"], event["line"], event["direction"]) == ("cross", "mid", "out")
+        headers, body = target.requests[0]
+        assert verify("k3y", headers, body) and json.loads(body) == event
+        assert sub.latest().get("vd/available") == "online"
+        async with api(d) as h:
+            metrics = (await h.get("/metrics")).text
+        sent = {o["name"]: o["sent"] for o in stats(d)["outputs"]}
+        assert sent["mqtt"] >= 1 and sent[f"webhook:127.0.0.1:{target.server_address[1]}"] == 1
+        assert 'vision_daemon_output_sent_total{output="mqtt"}' in metrics
+
+
+@pytest.mark.slow
+def test_a_dead_broker_and_a_dead_webhook_never_slow_the_cameras() -> None:
+    """With the broker and the webhook target both unreachable, every frame is still answered
+    and accounted for, the outputs hold at most their queues and count what they drop, and
+    shutdown stays bounded."""
+
+    async def main() -> None:
+        async with running_daemon(
+            lambda: SquareFinder(),
+            workers=1,
+            analytics=LINE_ONLY,
+            mqtt_url="mqtt://127.0.0.1:9",
+            mqtt_queue=2,
+            webhook_urls=["http://127.0.0.1:9/hook"],
+            webhook_queue=2,
+            webhook_timeout_s=0.2,
+        ) as d:
+            client = await connect(d)
+            try:
+                for lap in range(3):  # three crossings, down and up: six events
+                    answers = await play(client, DOWN + UP, lap * 1000)
+                    assert all(m["type"] == "result" for m in answers)
+            finally:
+                await client.close()
+            s = stats(d)
+            assert s["events"]["cross"] == 6 and accounted(d)
+            for o in s["outputs"]:
+                assert o["connected"] is False and o["queued"] <= 2 and o["in_flight"] <= 1
+                assert o["offered"] == 6 and sum(o["dropped"].values()) >= 3, o
+            started = time.monotonic()
+        assert time.monotonic() - started < 10  # the outputs' stop is bounded
+
+    run(main())

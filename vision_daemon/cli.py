@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides["cameras"] = [camera_from_flag(text) for text in args.camera]
         config = load_config(args.config, overrides)
+        daemon = Daemon(config)
     except ConfigError as exc:
         print(f"vision-daemon: {exc}", file=sys.stderr)
         return 2
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "vision-daemon %s starting: model=%s workers=%d", __version__, config.model, config.workers
     )
     try:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(daemon.run())
     except (StartupError, HttpStartupError, ModelError) as exc:
         log.error("%s", exc)
         return 1

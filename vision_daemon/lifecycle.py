@@ -8,6 +8,7 @@ exactly what started. A failing cleanup is logged and the rest still run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 from vision_daemon import __version__, analytics
 from vision_daemon import protocol as p
 from vision_daemon.api import create_app
-from vision_daemon.config import Config
+from vision_daemon.config import Config, ConfigError
 from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
 from vision_daemon.httpserver import HttpServer
@@ -27,7 +28,7 @@ from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.metrics import Metrics
-from vision_daemon.outputs import Hub
+from vision_daemon.outputs import EventOutput, Hub, MqttOutput, WebhookOutput
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.snapshot import Components, History, Snapshot, SnapshotCache
@@ -35,6 +36,35 @@ from vision_daemon.streams import Reports
 from vision_daemon.workers import WorkerPool, in_daemon_thread
 
 log = logging.getLogger(__name__)
+
+
+def event_outputs(config: Config) -> list[EventOutput]:
+    """The MQTT and webhook outputs the config asks for; a bad URL is a ConfigError (one line)."""
+    outputs: list[EventOutput] = []
+    try:
+        if config.mqtt_url:
+            outputs.append(
+                MqttOutput(
+                    config.mqtt_url,
+                    topic_prefix=config.mqtt_topic_prefix,
+                    qos=config.mqtt_qos,
+                    queue_max=config.mqtt_queue,
+                )
+            )
+        for url in config.webhook_urls:
+            outputs.append(
+                WebhookOutput(
+                    url,
+                    secret=config.webhook_secret or None,
+                    queue_max=config.webhook_queue,
+                    timeout_s=config.webhook_timeout_s,
+                    max_attempts=config.webhook_max_attempts,
+                    event_types=frozenset(config.webhook_events),
+                )
+            )
+    except ValueError as exc:
+        raise ConfigError(f"bad event output: {exc}") from None
+    return outputs
 
 
 class Daemon:
@@ -50,7 +80,10 @@ class Daemon:
         self.scheduler = Scheduler(
             config.max_in_flight_per_stream, config.max_frame_age_ms / 1000, self.reports
         )
-        self.pipeline = Pipeline(config, self.reports, self.scheduler, self.hub, self.metrics)
+        self.outputs = event_outputs(config)
+        self.pipeline = Pipeline(
+            config, self.reports, self.scheduler, self.hub, self.metrics, outputs=self.outputs
+        )
         self.ingest = TcpIngest(config, self.pipeline)
         self.cameras = CameraManager(config, self.pipeline)
         self.http = HttpServer(config)
@@ -60,6 +93,7 @@ class Daemon:
         )
         self.ws_ingest = WsIngest(config, self.pipeline)
         self.components.ws_ingest = self.ws_ingest
+        self.components.outputs = self.outputs
         self.stats = SnapshotCache(
             self.components,
             config.stats_refresh_s,
@@ -141,6 +175,11 @@ class Daemon:
         stack.push_async_callback(
             self._guard, "WebSocket ingest", lambda: self.ws_ingest.aclose(cfg.shutdown_grace_s + 2)
         )
+        # Event outputs stop after the pipeline (its last verdicts may still raise events); each
+        # flushes for at most a second, then counts what is left as dropped.
+        for output in self.outputs:
+            await output.start()
+            stack.push_async_callback(self._guard, output.name, functools.partial(output.stop, 1.0))
         self._spawn(stack, "pipeline", self.pipeline.run(), then=self.pipeline.drain)
         factory = self._factory
         if factory is None:  # a daemon thread: a signal during a long export exits at once

@@ -16,14 +16,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 from vision_daemon import protocol as p
 from vision_daemon.analytics import Event, LineConfig, StreamAnalytics, StreamCounts, ZoneConfig
 from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
-from vision_daemon.outputs import Hub, LatestFrames
+from vision_daemon.outputs import EventOutput, Hub, LatestFrames
 from vision_daemon.rates import Advisor, ServiceTime
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
@@ -41,14 +40,6 @@ from vision_daemon.streams import (
 log = logging.getLogger(__name__)
 
 ERROR_DROP_REASON = {p.E_DETECTOR: "detector_error", p.E_DECODE: "decode_error"}
-
-
-class EventOutput(Protocol):
-    """Where events and counts go besides /ws (MQTT, webhooks): it never blocks or raises."""
-
-    def offer_event(self, event: dict[str, Any]) -> None: ...
-
-    def offer_counts(self, stream: str, counts: dict[str, Any]) -> None: ...
 
 
 class Pipeline:
