@@ -7,6 +7,7 @@ import statistics
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -579,3 +580,26 @@ def test_real_model_tracks_are_stable_and_counts_plausible(vtest_detections: lis
     assert statistics.median(lengths) >= 10, lengths
     assert len(lengths) < len(naive) and statistics.median(lengths) > statistics.median(naive)
     assert 2 <= crossings["in"] + crossings["out"] <= 8, crossings
+
+
+def test_lean_kalman_update_equals_the_librarys() -> None:
+    """The tracker's leaner correction step gives the library's result (to rounding) along
+    tracks built by the library's own initiate and predict, with and without a confidence."""
+    from ultralytics.trackers.utils.kalman_filter import KalmanFilterXYAH
+
+    from vision_daemon.analytics.tracking import _byte_tracker_class
+
+    lean = _byte_tracker_class()(SimpleNamespace(track_buffer=30)).get_kalmanfilter()
+    ref = KalmanFilterXYAH()
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        mean, cov = ref.initiate(rng.uniform([0, 0, 0.3, 20], [700, 500, 2.0, 200]))
+        for step in range(10):
+            mean, cov = ref.predict(mean, cov)
+            measured = mean[:4] + rng.normal(0, [3, 3, 0.02, 3])
+            conf = None if step % 2 else float(rng.uniform(0.2, 1.0))
+            want = ref.update(mean, cov, measured, conf)
+            got = lean.update(mean, cov, measured, conf)
+            assert np.allclose(got[0], want[0], rtol=1e-9, atol=1e-9)
+            assert np.allclose(got[1], want[1], rtol=1e-9, atol=1e-9)
+            mean, cov = want
