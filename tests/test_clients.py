@@ -128,9 +128,11 @@ def test_client_plays_a_folder_in_sorted_order_once(tmp_path: Path) -> None:
             assert rc == 0, err
             summary = json.loads(out)
             # Each image is sent once, in name order; each ends as a result or a server drop
-            # (on a loaded box the daemon may evict one for the next: it says so).
-            assert summary["frames_sent"] == 4
-            assert summary["results"] + summary["server_drops"] == 4 and summary["results"] >= 1
+            # (on a loaded box the daemon may evict one for the next: it says so; and a client
+            # that fell a whole slot behind its 50 fps schedule skips that image: it counts it).
+            sent = summary["frames_sent"]
+            assert sent + summary["skipped_slots"] == 4 and sent >= 1
+            assert summary["results"] + summary["server_drops"] == sent and summary["results"] >= 1
             ids = [json.loads(x)["frame_id"] for x in (tmp_path / "r" / "imgs.jsonl").open()]
             assert ids == sorted(set(ids)) and set(ids) <= {0, 1, 2, 3}
             assert len(ids) == summary["results"]
