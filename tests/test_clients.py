@@ -103,7 +103,7 @@ def test_client_accounts_for_every_frame_and_saves_every_result(tmp_path: Path) 
 
 
 def test_client_plays_a_folder_in_sorted_order_once(tmp_path: Path) -> None:
-    """--mode folder (and legacy 1) sends each image once, in name order, then stops."""
+    """--mode folder (and legacy 1) sends each image at most once, in name order, then stops."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, value in enumerate([30, 90, 150, 210]):
