@@ -35,7 +35,7 @@ from vision_daemon.outputs import snapshot_jpeg
 from vision_daemon.protocol import E_DECODE, E_DETECTOR
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import WorkerStats
-from vision_daemon.streams import Job, Outcome, Report, Reports
+from vision_daemon.streams import Analysis, Job, Outcome, Report, Reports
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +177,20 @@ def process(
                 gate, thumb = gated[i]
                 gate.analysed(thumb, dets, now)
     for i, job in enumerate(jobs):
-        if job.stream.analysis is not None and outcomes[i].detections is not None:
-            analyse(job, outcomes[i], decoded.get(i))
+        analysis = job.stream.analysis  # read once: an operator may replace it meanwhile
+        if analysis is not None and outcomes[i].detections is not None:
+            analyse(job, analysis, outcomes[i], decoded.get(i))
     return outcomes
 
 
-def analyse(job: Job, outcome: Outcome, image: np.ndarray | None) -> None:
+def analyse(job: Job, analysis: Analysis, outcome: Outcome, image: np.ndarray | None) -> None:
     """Tracking, lines and zones for one analysed frame, in the worker's thread (off the event
     loop), timed by the frame's receipt: detections gain track_id, and its events (with a
     snapshot if the stream wants them) travel back in the outcome."""
-    analysis = job.stream.analysis
-    assert analysis is not None and outcome.detections is not None
     t0 = time.perf_counter()
     try:
         tracked, outcome.events, outcome.counts = analysis.update(
-            outcome.detections, job.received_at
+            outcome.detections or [], job.received_at
         )
         outcome.detections = cast(list[Detection], tracked)
         if outcome.events and analysis.snapshot_max_bytes and image is not None:
