@@ -147,20 +147,15 @@ class Pipeline:
         config and the API say: a stream with lines or zones is always tracked; otherwise its
         `track` option, else the daemon's `track`. A stream that keeps tracking keeps its
         tracks and counts (a camera reconnecting)."""
-        cfg = self.config.analytics
-        lines, zones = self.geometry.get(
-            stream.name, (cfg.lines_of(stream.name), cfg.zones_of(stream.name))
-        )
+        lines, zones = self.geometry_of(stream.name)
         track = stream.options.track
         wanted = bool(lines or zones) or (self.config.track if track is None else track)
         if not wanted:
-            if stream.analysis is not None:
-                self._publish(stream, *stream.analysis.reset())
-                stream.analysis = None
+            self._end_analysis(stream)
             return
         if stream.analysis is None:
             stream.analysis = Analysis(
-                StreamAnalytics(stream.name, cfg.tracking, lines, zones),
+                StreamAnalytics(stream.name, self.config.analytics.tracking, lines, zones),
                 snapshot_max_bytes=(
                     self.config.event_snapshot_max_kb * 1024 if self.config.event_snapshots else 0
                 ),
@@ -176,13 +171,18 @@ class Pipeline:
         self.geometry[name] = (lines, zones)
         stream = self.streams.get(name)
         if stream is not None:
-            if stream.analysis is not None:
-                self._publish(stream, *stream.analysis.reset())
-                stream.analysis = None
+            self._end_analysis(stream)
             self._set_analysis(stream)
         log.info(
             "stream %s: %d lines and %d zones set by an operator", name, len(lines), len(zones)
         )
+
+    def _end_analysis(self, stream: Stream) -> None:
+        """The stream's analytics stop (it goes, or is no longer tracked, or gets new lines and
+        zones): its live tracks end, and their zone exits are events."""
+        if stream.analysis is not None:
+            self._publish(stream, *stream.analysis.reset())
+            stream.analysis = None
 
     def geometry_of(self, name: str) -> tuple[tuple[LineConfig, ...], tuple[ZoneConfig, ...]]:
         cfg = self.config.analytics
@@ -246,8 +246,7 @@ class Pipeline:
         return True
 
     def _remove(self, stream: Stream) -> None:
-        if stream.analysis is not None:  # its live tracks end: their exits are events
-            self._publish(stream, *stream.analysis.reset())
+        self._end_analysis(stream)
         del self.streams[stream.name]
         self.metrics.release(stream.metric_label)
         self.frames.forget(stream.name)
