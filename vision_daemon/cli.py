@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         helptext = f"{f.metadata['help']} [{f.metadata['section']}]"
-        if isinstance(f.default, bool):
+        if name == "model":  # repeated: more Triton endpoints (the rest go to `backends`)
+            parser.add_argument(flag, dest=name, action="append", metavar="MODEL", help=helptext)
+        elif isinstance(f.default, bool):
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext
             )
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in FIELDS}
+    models = overrides.pop("model") or []
+    if models:
+        overrides["model"] = models[0]
+    if len(models) > 1:
+        more = overrides.get("backends") or ""  # --backends a,b as well
+        overrides["backends"] = [*models[1:], *(b for b in more.split(",") if b.strip())]
     try:
         overrides["cameras"] = [camera_from_flag(text) for text in args.camera]
         config = load_config(args.config, overrides)

@@ -105,6 +105,11 @@ _URL_HELP = (
 CAMERA_FIELDS = {f.name: f for f in dataclasses.fields(CameraConfig)}
 
 
+def _remote(model: str) -> bool:
+    """A Triton endpoint URL (checked in full when the detector is built)."""
+    return model.startswith(("http://", "grpc://")) and len(model) <= MAX_URL_CHARS
+
+
 def _octal_mode(text: str) -> bool:
     try:
         return 0 <= int(text, 8) <= 0o777
@@ -177,8 +182,25 @@ class Config:
     model: str = _f(
         "yolov8n",
         "model",
-        "model path or name; 'none' = decode only, no detections (transport tests)",
+        "model path or name, or a Triton endpoint http://HOST:PORT/NAME or grpc://HOST:PORT/NAME; "
+        "'none' = decode only, no detections (transport tests)",
     )
+    backends: list[str] = _f(  # noqa: RUF009 - _f returns a field(default_factory=...)
+        [],
+        "model",
+        "more Triton endpoints serving the same model as `model` (each a URL like it); in a "
+        "file also [[backends]] tables with url",
+    )
+    backend_timeout_s: float = _f(
+        5.0, "model", "a Triton call or probe longer than this fails and marks its endpoint down"
+    )
+    backend_probe_s: float = _f(
+        2.0, "model", "how often every Triton endpoint is asked whether its model is ready"
+    )
+    backend_image: str = _f(
+        "jpeg", "model", "how the compact Triton format sends a frame: jpeg or pixels (raw BGR)"
+    )
+    backend_jpeg_quality: int = _f(90, "model", "JPEG quality of frames sent to Triton (1..100)")
     model_dir: str = _f(
         "models", "model", "folder searched for model names", env="VISION_DAEMON_MODEL_DIR"
     )
@@ -426,6 +448,21 @@ class Config:
             ),
             (self.mqtt_qos in (0, 1, 2), "mqtt_qos must be 0, 1 or 2"),
             (
+                not self.backends
+                or (_remote(self.model) and all(_remote(b) for b in self.backends)),
+                "backends need model to be a Triton URL too, and each must be http:// or grpc://",
+            ),
+            (len(self.backends) <= 63, "at most 64 Triton endpoints (model and 63 backends)"),
+            (
+                between(self.backend_timeout_s, 0.1, 300)
+                and between(self.backend_probe_s, 0.1, 3600),
+                "backend_timeout_s must be 0.1..300 and backend_probe_s 0.1..3600",
+            ),
+            (
+                self.backend_image in ("jpeg", "pixels") and 1 <= self.backend_jpeg_quality <= 100,
+                "backend_image must be jpeg or pixels, backend_jpeg_quality 1..100",
+            ),
+            (
                 1 <= self.mqtt_queue <= 1_000_000 and 1 <= self.webhook_queue <= 1_000_000,
                 "mqtt_queue and webhook_queue must be 1..1000000",
             ),
@@ -495,6 +532,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for section, table in data.items():
         if section in ANALYTICS_TABLES:
             continue  # read below, all three together
+        if section == "backends" and isinstance(table, list):  # [[backends]] url = "..."
+            values["backends"] = [_backend_table(path, t) for t in table]
+            continue
         if section == "cameras":
             if not isinstance(table, list):
                 raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
@@ -510,6 +550,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if ANALYTICS_TABLES & data.keys():
         values["analytics"] = analytics_from_toml(data)
     return values
+
+
+def _backend_table(path: str | Path, table: Any) -> str:
+    if not isinstance(table, dict) or set(table) != {"url"} or not isinstance(table["url"], str):
+        raise ConfigError(f"config file {path}: each [[backends]] table holds one url string")
+    return str(table["url"])
 
 
 def load_config(

@@ -23,6 +23,7 @@ from vision_daemon.api import create_app
 from vision_daemon.config import Config, ConfigError
 from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
+from vision_daemon.detectors.triton import Endpoints
 from vision_daemon.httpserver import HttpServer
 from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
@@ -88,6 +89,7 @@ class Daemon:
         self.cameras = CameraManager(config, self.pipeline)
         self.http = HttpServer(config)
         self.pool: WorkerPool | None = None
+        self.backends: Endpoints | None = None  # Triton endpoints, when the model is remote
         self.components = Components(
             self.pipeline, self.hub, self.ingest, self.started_at, self.ready, self.cameras
         )
@@ -136,6 +138,8 @@ class Daemon:
         if down:
             why = {w.id: w.stats.state for w in pool.workers if w.id in down}
             return False, f"worker(s) down: {why}"
+        if self.backends is not None and self.backends.all_down():
+            return False, f"every Triton endpoint is down ({self.backends.why_down()})"
         if not self.ingest.listening:
             return False, "TCP listener not up"
         return True, "ready"
@@ -197,6 +201,10 @@ class Daemon:
             share_cores=cfg.share_cores,
         )
         self.components.pool = self.pool
+        endpoints = getattr(factory, "endpoints", None)
+        if isinstance(endpoints, Endpoints):  # remote inference: probed while the daemon runs
+            self.backends = self.components.backends = endpoints
+            self._spawn(stack, "backend probe", self._probe(endpoints))
         # Registered before loading: a failed load or warm-up still ends the workers' threads.
         stack.push_async_callback(self._guard, "workers", self._stop_workers)
         t0 = time.perf_counter()
@@ -239,6 +247,12 @@ class Daemon:
                 then()
 
         stack.push_async_callback(self._guard, name, stop)
+
+    async def _probe(self, endpoints: Endpoints) -> None:
+        """Every backend_probe_s, ask each endpoint whether its model is ready (in a thread)."""
+        while True:
+            await asyncio.sleep(self.config.backend_probe_s)
+            await in_daemon_thread(endpoints.probe)
 
     def _task_ended(self, name: str, task: asyncio.Future[None]) -> None:
         """A background task must run until shutdown: if it dies, say so and stop the daemon."""

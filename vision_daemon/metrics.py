@@ -200,6 +200,7 @@ class _SnapshotGauges(Collector):
         yield from _camera_metrics(snap.get("cameras", {}))
         yield from _analytics_metrics(snap["streams"])
         yield from _output_metrics(snap.get("outputs", []))
+        yield from _backend_metrics(snap.get("backends", []))
 
 
 def _analytics_metrics(streams: dict[str, dict[str, Any]]) -> Iterator[Metric]:
@@ -271,6 +272,34 @@ def _output_metrics(outputs: list[dict[str, Any]]) -> Iterator[Metric]:
         for reason, n in o["dropped"].items():
             dropped.add_metric([o["name"], reason], n)
     yield from (sent, dropped, queued, up)
+
+
+def _backend_metrics(backends: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each Triton endpoint's state and traffic (at most 64 endpoints, from the config)."""
+    up = GaugeMetricFamily(
+        "vision_daemon_backend_up", "1 while the Triton endpoint answers", labels=["endpoint"]
+    )
+    frames = CounterMetricFamily(
+        "vision_daemon_backend_frames", "Frames a Triton endpoint answered", labels=["endpoint"]
+    )
+    failures = CounterMetricFamily(
+        "vision_daemon_backend_failures",
+        "Calls to a Triton endpoint that failed or timed out",
+        labels=["endpoint"],
+    )
+    wire = CounterMetricFamily(
+        "vision_daemon_backend_bytes",
+        "Tensor bytes sent to (up) and received from (down) a Triton endpoint",
+        labels=["endpoint", "direction"],
+    )
+    for b in backends:
+        url = b["url"]
+        up.add_metric([url], int(b["state"] == "up"))
+        frames.add_metric([url], b["frames"])
+        failures.add_metric([url], b["failures"])
+        wire.add_metric([url, "up"], b["bytes_up"])
+        wire.add_metric([url, "down"], b["bytes_down"])
+    yield from (up, frames, failures, wire)
 
 
 CAMERA_STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")

@@ -39,7 +39,11 @@ from vision_daemon.streams import (
 
 log = logging.getLogger(__name__)
 
-ERROR_DROP_REASON = {p.E_DETECTOR: "detector_error", p.E_DECODE: "decode_error"}
+ERROR_DROP_REASON = {
+    p.E_DETECTOR: "detector_error",
+    p.E_BACKEND: "backend_error",
+    p.E_DECODE: "decode_error",
+}
 
 
 class Pipeline:

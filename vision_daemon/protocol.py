@@ -43,6 +43,7 @@ E_IMAGE_TOO_LARGE = "image_too_large"
 E_UNAUTHORIZED = "unauthorized"
 E_BAD_VERSION = "unsupported_version"
 E_DETECTOR = "detector_error"
+E_BACKEND = "backend_error"  # a remote inference endpoint failed, or every one is down
 E_LIMIT = "limit_exceeded"
 E_HELLO_TIMEOUT = "hello_timeout"
 E_IDLE_TIMEOUT = "idle_timeout"

@@ -225,6 +225,9 @@ class Stats(BaseModel):
     outputs: list[dict[str, Any]] = Field(
         description="event outputs (MQTT, webhooks): sent, queued, dropped by reason, state"
     )
+    backends: list[dict[str, Any]] = Field(
+        description="Triton endpoints (remote models): state, calls, frames, failures, wire bytes"
+    )
 
 
 @dataclass
@@ -241,6 +244,7 @@ class Components:
     model_info: ModelInfo | None = None
     ws_ingest: WsIngest | None = None
     outputs: Sequence[Any] = ()  # event outputs, each with snapshot()
+    backends: Any = None  # Triton endpoints (detectors.triton.Endpoints), with snapshot()
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
         "cameras": c.cameras.health(now) if c.cameras else {},
         "events": dict(c.pipeline.events_total),
         "outputs": [o.snapshot() for o in c.outputs],
+        "backends": c.backends.snapshot() if c.backends is not None else [],
     }
 
 

@@ -18,6 +18,7 @@ DROP_REASONS = (
     "invalid",  # message failed validation (image too large, bad fields)
     "refused",  # stream not admitted (limits, name in use, auth)
     "detector_error",  # the detector raised on this frame
+    "backend_error",  # its Triton endpoint failed or timed out, or every endpoint is down
     "worker_timeout",  # the worker was stuck longer than worker_timeout_s
     "memory_limit",  # queued frames of all streams passed max_queued_mb; the biggest queue paid
     "disconnected",  # the sending connection went away while the frame waited

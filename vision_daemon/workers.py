@@ -29,10 +29,16 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from vision_daemon.decode import DecodeFailure, decode
-from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, ModelInfo
+from vision_daemon.detectors.base import (
+    BackendError,
+    Detection,
+    Detector,
+    DetectorFactory,
+    ModelInfo,
+)
 from vision_daemon.motion import MotionGate, thumbnail
 from vision_daemon.outputs import snapshot_jpeg
-from vision_daemon.protocol import E_DECODE, E_DETECTOR
+from vision_daemon.protocol import E_BACKEND, E_DECODE, E_DETECTOR
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import WorkerStats
 from vision_daemon.streams import Analysis, Job, Outcome, Report, Reports
@@ -163,6 +169,10 @@ def process(
             if len(results) != len(images):
                 raise ValueError(f"{len(results)} results for {len(images)} images")
             clean = [normalise(r) for r in results]
+        except BackendError as exc:  # the remote endpoint, not this frame: dropped, not an error
+            for i in ok:
+                outcomes[i].error, outcomes[i].message = E_BACKEND, str(exc)[:300]
+            return outcomes
         except Exception as exc:
             message = f"detector failed: {type(exc).__name__}: {str(exc)[:200]}"
             for i in ok:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from vision_daemon.config import Config
-from vision_daemon.detectors.base import Detection, Detector, DetectorFactory, ModelError, ModelInfo
+from vision_daemon.detectors.base import (
+    BackendError,
+    Detection,
+    Detector,
+    DetectorFactory,
+    ModelError,
+    ModelInfo,
+)
 
 __all__ = [
+    "BackendError",
     "Detection",
     "Detector",
     "DetectorFactory",
@@ -21,6 +29,10 @@ def load_detector_factory(config: Config) -> DetectorFactory:
         from vision_daemon.detectors.none import NoneDetector
 
         return NoneDetector
+    from vision_daemon.detectors.triton import TritonFactory, is_remote
+
+    if is_remote(config.model):
+        return TritonFactory.from_config(config)
     from vision_daemon.detectors.yolo import YoloFactory
 
     return YoloFactory.from_config(config)

@@ -16,6 +16,10 @@ class ModelError(Exception):
     """The model cannot be found or loaded; the message names what was tried."""
 
 
+class BackendError(Exception):
+    """A remote inference endpoint failed or every one is down: the batch drops as backend_error."""
+
+
 class Detection(TypedDict):
     label: str
     conf: float

@@ -146,6 +146,22 @@ def ensure_export(
     return str(out)
 
 
+def class_ids(wanted: Sequence[str], names: dict[int, str]) -> list[int] | None:
+    """The class ids `classes` names (names or ids); None = all; ModelError for an unknown one."""
+    if not wanted:
+        return None
+    by_name = {v: k for k, v in names.items()}
+    ids = []
+    for w in wanted:
+        if w.isdigit() and int(w) in names:
+            ids.append(int(w))
+        elif w in by_name:
+            ids.append(by_name[w])
+        else:
+            raise ModelError(f"class {w!r} is not in the model's {len(names)} classes")
+    return ids
+
+
 class YoloDetector:
     """One ultralytics YOLO instance; ultralytics is not thread-safe across one instance."""
 
@@ -165,7 +181,7 @@ class YoloDetector:
             ) from None
         names: dict[int, str] = {int(k): str(v) for k, v in self.model.names.items()}
         self._names = names
-        self._classes = self._class_ids(factory.classes, names)
+        self._classes = class_ids(factory.classes, names)
         self.info = ModelInfo(
             name=Path(factory.path).name,
             backend=self._backend(factory.path),
@@ -182,21 +198,6 @@ class YoloDetector:
         return {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt"}.get(
             p.suffix, p.suffix.lstrip(".") or "unknown"
         )
-
-    @staticmethod
-    def _class_ids(wanted: Sequence[str], names: dict[int, str]) -> list[int] | None:
-        if not wanted:
-            return None
-        by_name = {v: k for k, v in names.items()}
-        ids = []
-        for w in wanted:
-            if w.isdigit() and int(w) in names:
-                ids.append(int(w))
-            elif w in by_name:
-                ids.append(by_name[w])
-            else:
-                raise ModelError(f"class {w!r} is not in the model's {len(names)} classes")
-        return ids
 
     def _predict(self, images: Sequence[Image], contended: bool = False) -> list[Any]:
         if self._ov is not None:  # the pool decides which compiled copy fits the load
