@@ -136,7 +136,7 @@ def describe(scheme: str, netloc: str, model: str, timeout_s: float) -> tuple[st
         if not live:
             raise BackendError("the server is not live")
         if not c.is_model_ready(model, **kw):
-            raise ModelError(f"has no model {model!r} ready (it serves: {_served(c, scheme, kw)})")
+            raise ModelError(f"has no model {model!r} ready{_served(c, scheme, kw)}")
         if scheme == "http":
             cfg = c.get_model_config(model)
         else:
@@ -165,15 +165,16 @@ def describe(scheme: str, netloc: str, model: str, timeout_s: float) -> tuple[st
 
 
 def _served(c: Any, scheme: str, kw: dict[str, Any]) -> str:
+    """What the server says it serves, as the end of an error message."""
     try:
         if scheme == "grpc":
             index = c.get_model_repository_index(as_json=True, **kw).get("models", [])
         else:
             index = c.get_model_repository_index()
         names = sorted({str(m.get("name")) for m in index})
-    except Exception:
-        return "unknown"
-    return ", ".join(names[:20]) or "nothing"
+    except Exception:  # pytriton guards the repository index behind a token
+        return "; check the name"
+    return f" (it serves: {', '.join(names[:20]) or 'nothing'})"
 
 
 class Endpoints:
@@ -210,6 +211,10 @@ class Endpoints:
         with self._lock:
             e.in_flight -= 1
             e.failures += 1
+            self._down(e, why)
+
+    def mark_down(self, e: Endpoint, why: str) -> None:
+        with self._lock:
             self._down(e, why)
 
     def _down(self, e: Endpoint, why: str) -> None:
@@ -329,9 +334,17 @@ class TritonDetector:
     def warmup(self) -> None:
         t0 = time.perf_counter()
         blank = np.zeros((self._f.imgsz, self._f.imgsz, 3), dtype=np.uint8)
-        for e in self._f.endpoints.items:
-            if e.up:  # each reachable endpoint once: clients built, first-call costs paid
+        endpoints = self._f.endpoints
+        for e in endpoints.items:
+            if not e.up:
+                continue
+            try:  # each reachable endpoint once: clients built, first-call costs paid
                 self._call(e, [blank])
+            except Exception as exc:
+                self._clients.pop(e.url, None)
+                endpoints.mark_down(e, f"its first call failed: {_first_line(exc)}")
+        if endpoints.all_down():
+            raise ModelError(f"no Triton endpoint answers a call: {endpoints.why_down()}")
         self.info = ModelInfo(
             **{**self.info.__dict__, "warmup_ms": (time.perf_counter() - t0) * 1000}
         )
