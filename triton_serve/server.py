@@ -68,7 +68,11 @@ def busy_port(address: str, ports: dict[str, int]) -> str | None:
 
 
 def served_metadata(meta: dict[str, Any], imgsz: int, batch_size: int) -> str:
-    """The `metadata` config parameter: a Python-literal dict as ultralytics' Triton client reads it."""
+    """The `metadata` config parameter: a Python-literal dict as ultralytics' Triton client reads it.
+
+    batch is what ultralytics warms up with (its predict sends one image per call); no `args`, so
+    ultralytics sees a fixed-size model and letterboxes to imgsz x imgsz.
+    """
     names = meta.get("names") or {}
     keep = {k: meta[k] for k in ("description", "author", "version", "license") if k in meta}
     keep.update(
@@ -86,21 +90,26 @@ class Engine:
     """The compiled OpenVINO model; each inference instance owns one InferRequest."""
 
     def __init__(self, path: Path, imgsz: int) -> None:
-        """Read and compile the model on CPU with a dynamic batch dimension."""
+        """Read and compile the model on CPU for one image of imgsz x imgsz."""
         core = ov.Core()
         model = core.read_model(str(path))
-        model.reshape([-1, 3, imgsz, imgsz])
+        # One image per inference: ultralytics' detect exports hard-code batch 1 in the DFL head's
+        # Reshape, so a dynamic batch dimension fails at run time; a batch runs image by image.
+        model.reshape([1, 3, imgsz, imgsz])
         # LATENCY as ultralytics' own OpenVINO backend, so the float32 model answers as the local one.
         self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         self.imgsz = imgsz
 
     def runner(self) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
-        """A function running one batch [B, 3, S, S] through a private InferRequest."""
+        """A function running a batch [B, 3, S, S] through a private InferRequest."""
         request = self.compiled.create_infer_request()
 
         def run(images: NDArray[np.float32]) -> NDArray[np.float32]:
-            request.infer({0: images})
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            outputs = []
+            for image in images:
+                request.infer({0: np.ascontiguousarray(image[None], dtype=np.float32)})
+                outputs.append(np.array(request.get_output_tensor(0).data[0], dtype=np.float32))
+            return np.stack(outputs)
 
         return run
 
@@ -145,7 +154,7 @@ def fp32_infer_fn(engine: Engine) -> Callable[..., dict[str, NDArray[np.float32]
 
     @batch  # type: ignore[misc]
     def infer(images: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
-        return {"output0": run(np.ascontiguousarray(images, dtype=np.float32))}
+        return {"output0": run(images)}
 
     return infer  # type: ignore[no-any-return]
 
@@ -236,7 +245,7 @@ def serve(args: Any) -> int:
             strict=True,
         )
         add_metadata(triton, name, served_metadata(meta, args.imgsz, 1))
-        add_metadata(triton, fp32_name, served_metadata(meta, args.imgsz, args.max_batch))
+        add_metadata(triton, fp32_name, served_metadata(meta, args.imgsz, 1))
         triton.run()
         print(
             f"serving {name} (compact) and {fp32_name} (float32) on http :{args.http_port}"
