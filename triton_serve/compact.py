@@ -63,7 +63,9 @@ def letterbox(image: Image, size: int) -> tuple[Image, Placement]:
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
     dw, dh = (size - new_w) / 2, (size - new_h) / 2
     if (w, h) != (new_w, new_h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        image = np.asarray(
+            cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8
+        )
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
     padded = cv2.copyMakeBorder(

@@ -74,7 +74,9 @@ def served_metadata(meta: dict[str, Any], imgsz: int, batch_size: int) -> str:
     ultralytics sees a fixed-size model and letterboxes to imgsz x imgsz.
     """
     names = meta.get("names") or {}
-    keep = {k: meta[k] for k in ("description", "author", "version", "license") if k in meta}
+    keep: dict[str, Any] = {
+        k: meta[k] for k in ("description", "author", "version", "license") if k in meta
+    }
     keep.update(
         names={int(k): str(v) for k, v in dict(names).items()},
         stride=int(meta.get("stride", 32)),
@@ -152,7 +154,7 @@ def fp32_infer_fn(engine: Engine) -> Callable[..., dict[str, NDArray[np.float32]
     """One float32-model instance: a batch of letterboxed images -> the raw model output."""
     run = engine.runner()
 
-    @batch  # type: ignore[misc]
+    @batch  # type: ignore[untyped-decorator]
     def infer(images: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
         return {"output0": run(images)}
 
