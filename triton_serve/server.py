@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-import openvino as ov
+import openvino as ov  # type: ignore[import-untyped]
 import yaml
 from numpy.typing import NDArray
 from pytriton.decorators import batch
