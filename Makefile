@@ -8,7 +8,11 @@ export VISION_DAEMON_MODEL_DIR ?= $(if $(wildcard ../shared/models),../shared/mo
 # Tests never touch the network; the daemon itself always disables ultralytics' auto-install.
 export YOLO_AUTOINSTALL := False
 
-.PHONY: install run test test-fast lint format clean browser
+.PHONY: install run test test-fast lint format clean browser triton-venv
+
+# The Triton server (vision-triton) runs in its own virtualenv: pytriton needs numpy<2.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(TRITON_STAMP): requirements-triton.txt
+	test -x $(TRITON_VENV)/bin/python || $(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q -r requirements-triton.txt
+	touch $(TRITON_STAMP)
+
+triton-venv: $(TRITON_STAMP)
 
 run: $(STAMP)
 	$(BIN)/vision-daemon --config configs/default.toml $(ARGS)
@@ -38,7 +50,7 @@ browser:
 		apt-get update -q && apt-get install -y -q chromium; fi
 
 # Both tiers: the fast unit tests, then the slow ones (real sockets, models, browsers, subprocesses).
-test: lint browser
+test: lint browser $(TRITON_STAMP)
 	YOLO_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 # The fast tier only: policies with an injected clock, no sockets; seconds in all.
@@ -46,4 +58,4 @@ test-fast: $(STAMP)
 	YOLO_OFFLINE=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts
+	rm -rf $(VENV) $(TRITON_VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -1,0 +1,310 @@
+"""vision-triton: pure pre/post-processing, then a real Triton server (pytriton) in .venv-triton."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import MODEL_DIR, ROOT, shared_model
+from triton_serve import cli, compact, options
+
+MODEL = "yolov8n_int8_openvino_model"
+SERVED = "yolov8n_int8"
+BUS = Path(cv2.__file__).parents[1] / "ultralytics" / "assets" / "bus.jpg"
+START_S = 90.0
+STOP_S = 20.0
+
+
+def bus_path() -> Path:
+    """ultralytics' bus.jpg, or a skip saying it is missing."""
+    if not BUS.is_file():
+        pytest.skip(f"{BUS} not found: ultralytics' assets are needed")
+    return BUS
+
+
+def test_letterbox_equals_ultralytics() -> None:
+    """compact.letterbox gives exactly ultralytics' LetterBox(640, auto=False) image on bus.jpg."""
+    from ultralytics.data.augment import LetterBox
+
+    image = cv2.imread(str(bus_path()))
+    ours, placement = compact.letterbox(image, 640)
+    theirs = LetterBox(new_shape=(640, 640), auto=False)(image=image)
+    assert ours.shape == theirs.shape == (640, 640, 3)
+    assert np.array_equal(ours, theirs)
+    assert placement == compact.Placement(480 / 810, 640 / 1080, 80, 0)
+
+
+def prediction(rows: list[tuple[float, float, float, float, int, float]]) -> np.ndarray:
+    """A raw [4 + 80, anchors] detect output from (cx, cy, w, h, class, score) rows."""
+    out = np.zeros((84, len(rows)), dtype=np.float32)
+    for i, (cx, cy, w, h, cls, score) in enumerate(rows):
+        out[:4, i] = cx, cy, w, h
+        out[4 + cls, i] = score
+    return out
+
+
+def test_nms_is_class_aware_and_filters_confidence() -> None:
+    """NMS drops an overlapping box of the same class, keeps another class's, drops low scores."""
+    pred = prediction(
+        [
+            (100, 100, 50, 50, 0, 0.9),
+            (102, 101, 50, 50, 0, 0.8),  # same class, IoU ~0.9: suppressed
+            (101, 100, 50, 50, 2, 0.7),  # other class at the same place: kept
+            (300, 300, 20, 20, 0, 0.2),  # below conf 0.25
+            (400, 100, 30, 30, 5, 0.6),
+        ]
+    )
+    dets = compact.nms(pred, conf=0.25, iou=0.7)
+    assert dets[:, 4].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert dets[:, 5].tolist() == [0, 2, 5]
+    assert dets[0, :4].tolist() == [75, 75, 125, 125]
+    assert compact.nms(pred, conf=0.95, iou=0.7).shape == (0, 6)
+    assert len(compact.nms(pred, conf=0.25, iou=0.7, max_det=2)) == 2
+
+
+def test_scale_back_maps_to_the_original_image_and_clips() -> None:
+    """Rows in network pixels go back through padding and gain and are clipped to the image."""
+    placement = compact.Placement(480 / 810, 640 / 1080, 80, 0)
+    dets = np.array([[80, 0, 560, 640, 0.5, 1], [0, 10, 700, 20, 0.4, 2]], dtype=np.float32)
+    out = compact.scale_back(dets, placement, (1080, 810))
+    assert out[0, :4] == pytest.approx([0, 0, 810, 1080], abs=1e-3)
+    assert out[1, 0] == 0 and out[1, 2] == 810
+    assert out[:, 4:].tolist() == dets[:, 4:].tolist()
+
+
+def test_served_name_avoids_what_ultralytics_reads_as_a_file_format() -> None:
+    """The default served name drops .onnx / _openvino_model and dots; export markers are refused."""
+    assert options.served_name("yolov8n_int8_openvino_model") == SERVED
+    assert options.served_name("yolov8n_int8.onnx") == SERVED
+    assert options.served_name("v1.2 model") == "v1_2_model"
+    with pytest.raises(SystemExit):
+        options.parse_args("vision-triton", ["--model", "x", "--name", "x_ncnn_model"])
+
+
+def test_launcher_without_triton_venv_says_how_to_make_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the Triton virtualenv vision-triton prints one line naming `make triton-venv`, exit 2."""
+    monkeypatch.setenv("VISION_TRITON_PYTHON", "/nonexistent/bin/python")
+    assert cli.main(["--model", MODEL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == cli.VENV_HINT and "\n" not in err
+
+
+# ---- real servers -------------------------------------------------------------------------------
+
+
+def triton_python() -> Path:
+    """The Triton virtualenv's python, or a one-line skip."""
+    python = cli.find_python()
+    if python is None:
+        pytest.skip("no .venv-triton: run 'make triton-venv' (make test builds it)")
+    return python
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@dataclass
+class Server:
+    """A running vision-triton launcher and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    http: int
+    grpc: int
+    log: Path
+
+    def output(self) -> str:
+        """Everything the launcher and the server wrote so far."""
+        return self.log.read_text(errors="replace")
+
+
+def start(tmp: Path, *extra: str) -> Server:
+    """Start `python -m triton_serve.cli` on free ports and wait until both models are ready."""
+    triton_python()
+    shared_model(MODEL)
+    http, grpc, metrics = free_ports(3)
+    log = tmp / f"triton-{http}.log"
+    command = [sys.executable, "-m", "triton_serve.cli", "--model-dir", str(MODEL_DIR)]
+    command += ["--model", MODEL, "--http-port", str(http), "--grpc-port", str(grpc)]
+    command += ["--metrics-port", str(metrics), *extra]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, http, grpc, log)
+    deadline = time.monotonic() + START_S
+    ready = [f"http://127.0.0.1:{http}/v2/models/{m}/ready" for m in (SERVED, f"{SERVED}_fp32")]
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vision-triton exited {proc.returncode}:\n{server.output()[-3000:]}")
+        try:
+            if all(httpx.get(url, timeout=1.0).status_code == 200 for url in ready):
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+    stop(server)
+    pytest.fail(f"vision-triton not ready within {START_S} s:\n{server.output()[-3000:]}")
+
+
+def stop(server: Server) -> int:
+    """SIGTERM the launcher and wait for it (bounded); its exit code."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        return server.proc.wait(timeout=STOP_S + 20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One vision-triton for the module's client tests."""
+    running = start(tmp_path_factory.mktemp("triton"))
+    yield running
+    stop(running)
+
+
+@pytest.fixture(scope="module")
+def local() -> np.ndarray:
+    """The local OpenVINO model's bus.jpg detections as rows (x1, y1, x2, y2, conf, class)."""
+    from ultralytics import YOLO
+
+    result = YOLO(str(shared_model(MODEL)), task="detect").predict(str(bus_path()), verbose=False)
+    boxes = result[0].boxes
+    return np.c_[boxes.xyxy.numpy(), boxes.conf.numpy(), boxes.cls.numpy()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_ultralytics_over_triton_matches_local_model(
+    server: Server, local: np.ndarray, scheme: str
+) -> None:
+    """YOLO("<scheme>://.../<served>_fp32") gives the local model's detections exactly."""
+    from ultralytics import YOLO
+
+    port = server.http if scheme == "http" else server.grpc
+    model = YOLO(f"{scheme}://127.0.0.1:{port}/{SERVED}_fp32", task="detect")
+    result = model.predict(str(bus_path()), verbose=False)[0]
+    assert result.names[5] == "bus"
+    boxes = result.boxes
+    remote = np.c_[boxes.xyxy.numpy(), boxes.conf.numpy(), boxes.cls.numpy()]
+    assert remote[:, 5].tolist() == local[:, 5].tolist()
+    # Same preprocessing, the same OpenVINO graph compiled the same way: identical on this machine.
+    np.testing.assert_allclose(remote[:, 4], local[:, 4], atol=1e-4)
+    np.testing.assert_allclose(remote[:, :4], local[:, :4], atol=0.1)
+
+
+def compact_infer(server: Server, scheme: str, **inputs: np.ndarray) -> np.ndarray:
+    """Send one compact request with tritonclient and return its detections."""
+    if scheme == "http":
+        import tritonclient.http as client
+
+        url = f"127.0.0.1:{server.http}"
+    else:
+        import tritonclient.grpc as client  # type: ignore[no-redef]
+
+        url = f"127.0.0.1:{server.grpc}"
+    dtypes = {"image": "UINT8", "pixels": "UINT8", "thresholds": "FP32"}
+    tensors = []
+    for name, array in inputs.items():
+        tensor = client.InferInput(name, list(array.shape), dtypes[name])
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    triton = client.InferenceServerClient(url)
+    try:
+        out = triton.infer(SERVED, tensors).as_numpy("detections")
+    finally:
+        triton.close()
+    assert out is not None and out.dtype == np.float32 and out.shape[1:] == (6,)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_compact_model_matches_local_model(server: Server, local: np.ndarray, scheme: str) -> None:
+    """JPEG bytes or raw pixels to <served> give the local model's labels, boxes and confidences."""
+    jpeg = np.frombuffer(bus_path().read_bytes(), dtype=np.uint8)
+    pixels = cv2.imread(str(bus_path()))
+    for dets in (
+        compact_infer(server, scheme, image=jpeg),
+        compact_infer(server, scheme, pixels=pixels),
+    ):
+        assert dets[:, 5].tolist() == local[:, 5].tolist()
+        # Measured on bus.jpg: identical to the local model (max |diff| 0.0 px and 0.0 conf): the
+        # server reproduces ultralytics' letterbox and NMS. The bounds allow another JPEG decoder.
+        np.testing.assert_allclose(dets[:, :4], local[:, :4], atol=2.0)
+        np.testing.assert_allclose(dets[:, 4], local[:, 4], atol=0.02)
+
+
+@pytest.mark.slow
+def test_compact_thresholds_and_bad_requests(server: Server, local: np.ndarray) -> None:
+    """`thresholds` raises conf; both or neither image input, or undecodable bytes, are errors."""
+    from tritonclient.utils import InferenceServerException
+
+    jpeg = np.frombuffer(bus_path().read_bytes(), dtype=np.uint8)
+    strict = compact_infer(server, "http", image=jpeg, thresholds=np.array([0.5, 0.7], np.float32))
+    assert len(strict) == int((local[:, 4] > 0.5).sum())
+    pixels = cv2.imread(str(bus_path()))
+    for inputs in ({"image": jpeg, "pixels": pixels}, {"image": np.zeros(10, np.uint8)}):
+        with pytest.raises(InferenceServerException):
+            compact_infer(server, "http", **inputs)
+
+
+@pytest.mark.slow
+def test_metadata_parameter_names_the_classes(server: Server) -> None:
+    """Both models' config carries `metadata` with the export's class names."""
+    import ast
+
+    for name in (SERVED, f"{SERVED}_fp32"):
+        config = httpx.get(f"http://127.0.0.1:{server.http}/v2/models/{name}/config").json()
+        meta = ast.literal_eval(config["parameters"]["metadata"]["string_value"])
+        assert meta["names"][0] == "person" and meta["imgsz"] == [640, 640]
+        assert meta["task"] == "detect" and meta["stride"] == 32
+
+
+@pytest.mark.slow
+def test_sigterm_stops_server_and_its_tritonserver(tmp_path: Path) -> None:
+    """SIGTERM to vision-triton: exit 0 within the bound, no tritonserver of it survives."""
+    running = start(tmp_path, "--instances", "1")
+    family = psutil.Process(running.proc.pid).children(recursive=True)
+    tritons = [p for p in family if p.name() == "tritonserver"]
+    assert tritons, "no tritonserver under vision-triton"
+    started = time.monotonic()
+    assert stop(running) == 0, running.output()[-3000:]
+    assert time.monotonic() - started < STOP_S
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, f"left running: {alive}"
+
+
+@pytest.mark.slow
+def test_wrong_model_name_is_one_line_error(tmp_path: Path) -> None:
+    """An unknown --model exits 2 with one line naming the paths tried."""
+    triton_python()
+    command = [sys.executable, "-m", "triton_serve.cli", "--model-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [*command, "--model", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "nope" in lines[0] and str(tmp_path / "nope.onnx") in lines[0]
