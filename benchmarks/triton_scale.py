@@ -12,6 +12,7 @@ with the daemon and the load, as the local workers do.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -35,6 +36,10 @@ SETUPS = (  # name, endpoints, model suffix (compact = the plain name), extra da
     ("float32, 1 endpoint", 1, "_fp32", []),
     ("float32, 2 endpoints", 2, "_fp32", []),
 )
+
+
+async def drive(run: argparse.Namespace, jpegs: list[bytes], tcp: int, *_: int) -> dict[str, Any]:
+    return await load(run, tcp, jpegs)
 
 
 @contextmanager
@@ -72,7 +77,7 @@ def main() -> None:
                 run.daemon_args = [*(f for u in urls[1:] for f in ("--model", u)), *flags]
             else:
                 run.daemon_args = flags
-            result, stats = drive_daemon(run, lambda tcp, _pid, _api: load(run, tcp, jpegs))
+            result, stats = drive_daemon(run, functools.partial(drive, run, jpegs))
         samples = sorted(result["samples"])
         rtts = [r for _, r in samples]
         steady = [t for t, _ in samples if t >= 2.0]

@@ -118,12 +118,12 @@ def test_unreachable_url_and_wrong_model_name_are_one_line_startup_errors(
     """A closed port and a model the server lacks each stop start-up with one line saying so."""
     dead = daemon_cli("--model", f"http://127.0.0.1:{free_port()}/yolov8n")
     assert dead.returncode == 1, dead.stderr
-    lines = [x for x in dead.stderr.splitlines() if "Triton" in x]
+    lines = [x for x in dead.stderr.splitlines() if " ERROR " in x]
     assert len(lines) == 1 and "no Triton endpoint answers" in lines[0], dead.stderr
     assert "Traceback" not in dead.stderr
     wrong = daemon_cli("--model", f"http://127.0.0.1:{server.http_port}/no_such_model")
     assert wrong.returncode == 1, wrong.stderr
-    lines = [x for x in wrong.stderr.splitlines() if "no_such_model" in x]
+    lines = [x for x in wrong.stderr.splitlines() if " ERROR " in x]
     assert len(lines) == 1 and "has no model 'no_such_model' ready" in lines[0], wrong.stderr
     assert "Traceback" not in wrong.stderr
 

@@ -146,5 +146,10 @@ def scale_back(
 def detect_postprocess(
     prediction: Floats, placement: Placement, shape: tuple[int, int], conf: float, iou: float
 ) -> NDArray[np.float32]:
-    """NMS then scaling back: the compact model's answer for one image."""
-    return scale_back(nms(prediction, conf, iou), placement, shape)
+    """NMS then scaling back: the compact model's answer for one image.
+
+    pytriton 0.7 cannot send an empty tensor ("cannot cast view with zeros in shape"), so an image
+    without detections answers one all-zero row: a row with conf 0 is never a detection.
+    """
+    rows = scale_back(nms(prediction, conf, iou), placement, shape)
+    return rows if len(rows) else np.zeros((1, 6), dtype=np.float32)

@@ -60,6 +60,9 @@ def busy_port(address: str, ports: dict[str, int]) -> str | None:
     """The first flag whose port cannot be bound on address (tritonserver would fail on it)."""
     for flag, port in ports.items():
         with socket.socket() as sock:
+            # As servers bind: a port whose last connections linger in TIME_WAIT (a restart on
+            # the same port) is free; one another process listens on is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((address, port))
             except OSError:

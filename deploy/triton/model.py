@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import compact  # type: ignore[import-not-found]  # beside this file in the model's version folder
 import numpy as np
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
-
-import compact  # type: ignore[import-not-found]  # beside this file in the model's version folder
 
 
 class TritonPythonModel:

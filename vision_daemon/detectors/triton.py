@@ -5,8 +5,9 @@ endpoints) sends every batch to one Triton endpoint. The format is the named mod
 
 - compact: inputs `image` (encoded JPEG bytes) or `pixels` (a raw BGR frame), both UINT8, and
   `thresholds`; the server letterboxes, runs the model and applies NMS, and answers `detections`
-  rows (x1, y1, x2, y2, conf, class_id) in the frame's pixels. A frame costs tens of KB on the
-  wire. `vision-triton` serves it under the export's plain name.
+  rows (x1, y1, x2, y2, conf, class_id) in the frame's pixels (one all-zero row when there are
+  none: pytriton cannot send an empty tensor). A frame costs about a hundred KB up instead of
+  4.9 MB. `vision-triton` serves it under the export's plain name.
 - float32: ultralytics' own Triton client (`images` FP32 [3, 640, 640] up, the raw model output
   back), for any ultralytics-compatible model (NVIDIA's container serving an ONNX export, or
   `vision-triton`'s `<NAME>_fp32`). About 4.9 MB up and 2.8 MB back per frame.
@@ -34,11 +35,13 @@ import numpy as np
 
 from vision_daemon.config import Config
 from vision_daemon.detectors.base import BackendError, Detection, Image, ModelError, ModelInfo
+from vision_daemon.detectors.kserve import HttpTriton, adopt
 from vision_daemon.detectors.yolo import class_ids
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "grpc")
+WARMUP_TIMEOUT_S = 60.0  # a server's first calls may load and compile its model instances
 COMPACT, FLOAT32 = "compact", "float32"
 
 
@@ -61,16 +64,32 @@ def parse_url(url: str) -> tuple[str, str, str]:
 
 
 def client(scheme: str, netloc: str, timeout_s: float) -> Any:
-    """A tritonclient for one endpoint; HTTP timeouts are the client's, gRPC's are per call."""
+    """A client for one endpoint: ours on http.client for HTTP (kserve.py says why not
+    tritonclient.http), tritonclient.grpc for gRPC (its timeouts are per call)."""
     if scheme == "http":
-        import tritonclient.http as http  # type: ignore[import-untyped]
-
-        return http.InferenceServerClient(
-            netloc, connection_timeout=timeout_s, network_timeout=timeout_s
-        )
+        return HttpTriton(netloc, timeout_s)
     import tritonclient.grpc as grpc  # type: ignore[import-untyped]
 
     return grpc.InferenceServerClient(netloc)
+
+
+def infer(
+    c: Any, scheme: str, model: str, inputs: dict[str, np.ndarray], output: str, timeout_s: float
+) -> np.ndarray:
+    """One inference call with named arrays; the named output back."""
+    if scheme == "http":
+        return c.infer_arrays(model, inputs, [output])[output]  # type: ignore[no-any-return]
+    import tritonclient.grpc as grpc
+
+    tensors = []
+    for name, array in inputs.items():
+        t = grpc.InferInput(name, list(array.shape), "UINT8" if array.dtype == np.uint8 else "FP32")
+        t.set_data_from_numpy(array)
+        tensors.append(t)
+    result = c.infer(
+        model, tensors, outputs=[grpc.InferRequestedOutput(output)], client_timeout=timeout_s
+    )
+    return result.as_numpy(output)  # type: ignore[no-any-return]
 
 
 def _call_kw(scheme: str, timeout_s: float) -> dict[str, Any]:
@@ -338,8 +357,9 @@ class TritonDetector:
         for e in endpoints.items:
             if not e.up:
                 continue
-            try:  # each reachable endpoint once: clients built, first-call costs paid
-                self._call(e, [blank])
+            try:  # each reachable endpoint once: clients built, first-call costs paid (a
+                # server's first calls load its model instances: they get WARMUP_TIMEOUT_S)
+                self._call(e, [blank], max(WARMUP_TIMEOUT_S, endpoints.timeout_s))
             except Exception as exc:
                 self._clients.pop(e.url, None)
                 endpoints.mark_down(e, f"its first call failed: {_first_line(exc)}")
@@ -362,18 +382,22 @@ class TritonDetector:
         endpoints.done(e, len(images), up_bytes, down_bytes)
         return [self._detections(r) for r in rows]
 
-    def _call(self, e: Endpoint, images: Sequence[Image]) -> tuple[list[np.ndarray], int, int]:
+    def _call(
+        self, e: Endpoint, images: Sequence[Image], timeout_s: float | None = None
+    ) -> tuple[list[np.ndarray], int, int]:
         if e.fmt == COMPACT:
-            return self._compact(e, images)
+            return self._compact(e, images, timeout_s or self._f.endpoints.timeout_s)
         return self._float32(e, images)
 
-    def _compact(self, e: Endpoint, images: Sequence[Image]) -> tuple[list[np.ndarray], int, int]:
+    def _compact(
+        self, e: Endpoint, images: Sequence[Image], timeout_s: float
+    ) -> tuple[list[np.ndarray], int, int]:
         f = self._f
         c = self._clients.get(e.url)
-        if c is None:
-            c = self._clients[e.url] = client(e.scheme, e.netloc, f.endpoints.timeout_s)
-        mod = _module(e.scheme)
-        kw = _call_kw(e.scheme, f.endpoints.timeout_s)
+        if timeout_s != f.endpoints.timeout_s:  # warm-up: a client of its own
+            c = client(e.scheme, e.netloc, timeout_s)
+        elif c is None:
+            c = self._clients[e.url] = client(e.scheme, e.netloc, timeout_s)
         out, up_bytes, down_bytes = [], 0, 0
         thresholds = np.array([f.conf, f.iou], dtype=np.float32)
         for image in images:
@@ -384,16 +408,8 @@ class TritonDetector:
                 data, name = buf.reshape(-1), "image"
             else:
                 data, name = np.ascontiguousarray(image), "pixels"
-            inputs = [
-                mod.InferInput(name, list(data.shape), "UINT8"),
-                mod.InferInput("thresholds", [2], "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(data)
-            inputs[1].set_data_from_numpy(thresholds)
-            result = c.infer(
-                e.model, inputs, outputs=[mod.InferRequestedOutput("detections")], **kw
-            )
-            rows = result.as_numpy("detections")
+            inputs: dict[str, np.ndarray] = {name: data, "thresholds": thresholds}
+            rows = infer(c, e.scheme, e.model, inputs, "detections", timeout_s)
             if rows is None or rows.ndim != 2 or rows.shape[1] != 6:
                 raise ValueError(f"answered detections of shape {getattr(rows, 'shape', None)}")
             out.append(rows)
@@ -405,13 +421,10 @@ class TritonDetector:
         f = self._f
         yolo: Any = self._clients.get(e.url)
         if yolo is None:
-            from ultralytics import YOLO  # type: ignore[attr-defined]
-
-            yolo = self._clients[e.url] = YOLO(e.url, task="detect")
+            yolo = self._clients[e.url] = ultralytics_remote(e, f.endpoints.timeout_s)
         results: list[Any] = yolo.predict(
             list(images), imgsz=f.imgsz, conf=f.conf, iou=f.iou, classes=self._keep, verbose=False
         )
-        bound_timeout(yolo, e, f.endpoints.timeout_s)
         out = []
         for r in results:
             b = r.boxes
@@ -434,6 +447,8 @@ class TritonDetector:
         out: list[Detection] = []
         for x1, y1, x2, y2, conf, cls in rows.tolist():
             c = int(cls)
+            if conf <= 0:  # the compact format's "no detections" row
+                continue
             if keep is not None and c not in keep:
                 continue
             out.append(
@@ -447,35 +462,32 @@ class TritonDetector:
         return out
 
 
-def _module(scheme: str) -> Any:
-    if scheme == "http":
-        import tritonclient.http as http
+def ultralytics_remote(e: Endpoint, timeout_s: float) -> Any:
+    """ultralytics' YOLO on a Triton URL, its client bounded by our timeout before any inference.
 
-        return http
-    import tritonclient.grpc as grpc
-
-    return grpc
-
-
-def bound_timeout(yolo: Any, e: Endpoint, timeout_s: float) -> None:
-    """Give ultralytics' Triton client our timeout (it builds one with a 60 s default).
-
-    Reaches into ultralytics: `predictor.model.backend.model` is its TritonRemoteModel, whose
-    `triton_client` is replaced once; if that shape changes, it logs and keeps ultralytics' own.
+    ultralytics builds its predictor (and its TritonRemoteModel, whose tritonclient has a 60 s
+    default timeout and, over HTTP, gevent) at the first predict and runs a warm-up inference at
+    once. So the predictor is built here as `YOLO.predict` would build it, then its client is
+    replaced: over HTTP by ours (kserve.adopt), over gRPC by one whose calls carry a deadline.
+    Reaches into ultralytics (`predictor.model.backend.model`); if that shape changes, it logs and
+    keeps ultralytics' own client.
     """
-    remote = getattr(
-        getattr(getattr(yolo.predictor, "model", None), "backend", None), "model", None
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    yolo: Any = YOLO(e.url, task="detect")
+    args = {**yolo.overrides, "conf": 0.25, "batch": 1, "save": False, "mode": "predict"}
+    yolo.predictor = yolo._smart_load("predictor")(
+        overrides={**args, "rect": True}, _callbacks=yolo.callbacks
     )
+    yolo.predictor.setup_model(model=yolo.model, verbose=False)
+    remote = getattr(getattr(yolo.predictor.model, "backend", None), "model", None)
     if remote is None or not hasattr(remote, "triton_client"):
         log.warning("cannot bound ultralytics' Triton client by %.1f s on this version", timeout_s)
-        return
-    if getattr(remote, "_vision_bounded", False):
-        return
-    if e.scheme == "http":
-        remote.triton_client = client("http", e.netloc, timeout_s)
+    elif e.scheme == "http":
+        adopt(remote, e.netloc, timeout_s)
     else:
         remote.triton_client = _TimedGrpc(remote.triton_client, timeout_s)
-    remote._vision_bounded = True
+    return yolo
 
 
 class _TimedGrpc:
