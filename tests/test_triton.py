@@ -224,3 +224,44 @@ def test_two_endpoints_failover_and_recovery() -> None:
     finally:
         a.kill()
         b.kill()
+
+
+def test_an_endpoint_that_stops_answering_times_out_and_comes_back(server: TritonServer) -> None:
+    """A frozen server (SIGSTOP) holds no worker past backend_timeout_s: its frames drop as
+    backend_error, /ready turns 503, and it is taken back once it answers again (SIGCONT)."""
+    image = bus_jpg().read_bytes()
+    frozen = [p for p in server.tree() if "tritonserver" in p.name()]
+    assert frozen, "no tritonserver process under vision-triton"
+
+    async def scenario() -> None:
+        async with running_daemon(
+            model=server.url("grpc"),
+            model_dir=str(MODEL_DIR),
+            workers=1,
+            backend_timeout_s=1.0,
+            backend_probe_s=0.3,
+        ) as d:
+            c = await connect(d)
+            await c.send_frame("cam", 1, image)
+            (msg,) = await collect(c, 1, timeout=30)
+            assert msg["type"] == "result", msg
+            for p in frozen:
+                p.suspend()
+            try:
+                await c.send_frame("cam", 2, image)
+                (msg,) = await collect(c, 1, timeout=10)  # within the timeout, not a hang
+                assert msg["type"] == "error" and msg["code"] == "backend_error", msg
+                await until(lambda: not d.ready()[0], 10, "not ready while frozen")
+            finally:
+                for p in frozen:
+                    p.resume()
+            await until(lambda: d.ready()[0], 30, "taken back after SIGCONT")
+            await c.send_frame("cam", 3, image)
+            (msg,) = await collect(c, 1, timeout=30)
+            assert msg["type"] == "result" and msg["frame_id"] == 3, msg
+            snap = stats(d)
+            assert snap["totals"]["dropped_by_reason"]["backend_error"] == 1
+            assert snap["backends"][0]["downs"] >= 1 and accounted(d)
+            await c.close()
+
+    run(scenario())

@@ -83,15 +83,21 @@ class TritonProcess:
         except httpx.HTTPError:
             return False
 
+    def tree(self) -> list[psutil.Process]:
+        """The launcher and every process under it (the server, tritonserver, its stubs)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self) -> None:
         """SIGKILL the launcher and every process under it (a crash, not a clean stop)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            root = psutil.Process(self.proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
+        tree = self.tree()
         for p in tree:
             try:
                 p.send_signal(signal.SIGKILL)

@@ -24,6 +24,7 @@ import numpy as np
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT32": np.int32}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 HEADER = "Inference-Header-Content-Length"
+MAX_REPLY_BYTES = 64 * 2**20  # a float32 reply is 2.8 MB per image; past this it is refused
 
 
 class TritonHttpError(RuntimeError):
@@ -52,7 +53,10 @@ class HttpTriton:
         try:
             self._conn.request(method, path, body=body, headers=headers or {})
             r = self._conn.getresponse()
-            return Reply(r.status, dict(r.getheaders()), r.read())
+            body = r.read(MAX_REPLY_BYTES + 1)
+            if len(body) > MAX_REPLY_BYTES:
+                raise TritonHttpError(f"reply over {MAX_REPLY_BYTES // 2**20} MiB")
+            return Reply(r.status, dict(r.getheaders()), body)
         except BaseException:
             self._conn.close()  # a fresh connection next time
             raise
