@@ -16,55 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import tritonclient.http as triton_http
 
 from triton_serve import options
+from triton_serve.process import TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 BUS = Path(cv2.__file__).parents[1] / "ultralytics" / "assets" / "bus.jpg"
 VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
-
-
-def free_ports(n: int) -> list[int]:
-    """n free TCP ports on 127.0.0.1."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def start_server(model_dir: Path, model: str, served: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start vision-triton and wait (bounded) until both models answer ready."""
-    http, grpc, metrics = free_ports(3)
-    command = [sys.executable, "-m", "triton_serve.cli", "--model-dir", str(model_dir)]
-    command += ["--model", model, "--http-port", str(http), "--grpc-port", str(grpc)]
-    command += ["--metrics-port", str(metrics)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    urls = [f"http://127.0.0.1:{http}/v2/models/{m}/ready" for m in (served, served + "_fp32")]
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if all(httpx.get(u, timeout=1).status_code == 200 for u in urls):
-                return proc, http
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("triton_wire: vision-triton did not become ready; run it by hand to see why")
 
 
 def body_size(inputs: list[Any], outputs: list[Any]) -> int:
@@ -144,7 +111,12 @@ def main() -> int:
     if video:
         h, w = video[0].shape[:2]
         sources[f"vtest.avi ({w}x{h})"] = video
-    proc, port = start_server(args.model_dir, args.model, served)
+    server = TritonProcess(Path(args.model_dir), args.model)
+    try:
+        server.start(120)
+    except RuntimeError as exc:
+        raise SystemExit(f"triton_wire: {exc}") from None
+    port = server.http_port
     try:
         client = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
         remote = YOLO(f"http://127.0.0.1:{port}/{served}_fp32", task="detect")
@@ -169,8 +141,7 @@ def main() -> int:
             print(row("local OpenVINO", t, 0, 0))
         client.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=40)
+        server.stop()
     return 0
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import MODEL_DIR, ROOT, shared_model
+from tests.tritons import TritonServer
 from triton_serve import cli, compact, options
 
 MODEL = "yolov8n_int8_openvino_model"
@@ -115,73 +112,19 @@ def triton_python() -> Path:
     return python
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-@dataclass
-class Server:
-    """A running vision-triton launcher and where it listens."""
-
-    proc: subprocess.Popen[bytes]
-    http: int
-    grpc: int
-    log: Path
-
-    def output(self) -> str:
-        """Everything the launcher and the server wrote so far."""
-        return self.log.read_text(errors="replace")
-
-
-def start(tmp: Path, *extra: str) -> Server:
-    """Start `python -m triton_serve.cli` on free ports and wait until both models are ready."""
+def start(tmp: Path, *extra: str) -> TritonServer:
+    """vision-triton on free ports, both models ready (its output in tmp)."""
     triton_python()
     shared_model(MODEL)
-    http, grpc, metrics = free_ports(3)
-    log = tmp / f"triton-{http}.log"
-    command = [sys.executable, "-m", "triton_serve.cli", "--model-dir", str(MODEL_DIR)]
-    command += ["--model", MODEL, "--http-port", str(http), "--grpc-port", str(grpc)]
-    command += ["--metrics-port", str(metrics), *extra]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, http, grpc, log)
-    deadline = time.monotonic() + START_S
-    ready = [f"http://127.0.0.1:{http}/v2/models/{m}/ready" for m in (SERVED, f"{SERVED}_fp32")]
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vision-triton exited {proc.returncode}:\n{server.output()[-3000:]}")
-        try:
-            if all(httpx.get(url, timeout=1.0).status_code == 200 for url in ready):
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)  # polling interval, bounded by the deadline
-    stop(server)
-    pytest.fail(f"vision-triton not ready within {START_S} s:\n{server.output()[-3000:]}")
-
-
-def stop(server: Server) -> int:
-    """SIGTERM the launcher and wait for it (bounded); its exit code."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    try:
-        return server.proc.wait(timeout=STOP_S + 20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        raise
+    return TritonServer(MODEL_DIR, MODEL, extra=extra, log=tmp / "triton.log").start(START_S)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """One vision-triton for the module's client tests."""
     running = start(tmp_path_factory.mktemp("triton"))
     yield running
-    stop(running)
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +140,12 @@ def local() -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_ultralytics_over_triton_matches_local_model(
-    server: Server, local: np.ndarray, scheme: str
+    server: TritonServer, local: np.ndarray, scheme: str
 ) -> None:
     """YOLO("<scheme>://.../<served>_fp32") gives the local model's detections exactly."""
     from ultralytics import YOLO
 
-    port = server.http if scheme == "http" else server.grpc
+    port = server.http_port if scheme == "http" else server.grpc_port
     model = YOLO(f"{scheme}://127.0.0.1:{port}/{SERVED}_fp32", task="detect")
     result = model.predict(str(bus_path()), verbose=False)[0]
     assert result.names[5] == "bus"
@@ -214,16 +157,16 @@ def test_ultralytics_over_triton_matches_local_model(
     np.testing.assert_allclose(remote[:, :4], local[:, :4], atol=0.1)
 
 
-def compact_infer(server: Server, scheme: str, **inputs: np.ndarray) -> np.ndarray:
+def compact_infer(server: TritonServer, scheme: str, **inputs: np.ndarray) -> np.ndarray:
     """Send one compact request with tritonclient and return its detections."""
     if scheme == "http":
         import tritonclient.http as client
 
-        url = f"127.0.0.1:{server.http}"
+        url = f"127.0.0.1:{server.http_port}"
     else:
         import tritonclient.grpc as client  # type: ignore[no-redef]
 
-        url = f"127.0.0.1:{server.grpc}"
+        url = f"127.0.0.1:{server.grpc_port}"
     dtypes = {"image": "UINT8", "pixels": "UINT8", "thresholds": "FP32"}
     tensors = []
     for name, array in inputs.items():
@@ -241,7 +184,9 @@ def compact_infer(server: Server, scheme: str, **inputs: np.ndarray) -> np.ndarr
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
-def test_compact_model_matches_local_model(server: Server, local: np.ndarray, scheme: str) -> None:
+def test_compact_model_matches_local_model(
+    server: TritonServer, local: np.ndarray, scheme: str
+) -> None:
     """JPEG bytes or raw pixels to <served> give the local model's labels, boxes and confidences."""
     jpeg = np.frombuffer(bus_path().read_bytes(), dtype=np.uint8)
     pixels = cv2.imread(str(bus_path()))
@@ -257,7 +202,7 @@ def test_compact_model_matches_local_model(server: Server, local: np.ndarray, sc
 
 
 @pytest.mark.slow
-def test_compact_thresholds_and_bad_requests(server: Server, local: np.ndarray) -> None:
+def test_compact_thresholds_and_bad_requests(server: TritonServer, local: np.ndarray) -> None:
     """`thresholds` raises conf; both or neither image input, or undecodable bytes, are errors."""
     from tritonclient.utils import InferenceServerException
 
@@ -271,12 +216,12 @@ def test_compact_thresholds_and_bad_requests(server: Server, local: np.ndarray) 
 
 
 @pytest.mark.slow
-def test_metadata_parameter_names_the_classes(server: Server) -> None:
+def test_metadata_parameter_names_the_classes(server: TritonServer) -> None:
     """Both models' config carries `metadata` with the export's class names."""
     import ast
 
     for name in (SERVED, f"{SERVED}_fp32"):
-        config = httpx.get(f"http://127.0.0.1:{server.http}/v2/models/{name}/config").json()
+        config = httpx.get(f"http://127.0.0.1:{server.http_port}/v2/models/{name}/config").json()
         meta = ast.literal_eval(config["parameters"]["metadata"]["string_value"])
         assert meta["names"][0] == "person" and meta["imgsz"] == [640, 640]
         assert meta["task"] == "detect" and meta["stride"] == 32
@@ -286,11 +231,11 @@ def test_metadata_parameter_names_the_classes(server: Server) -> None:
 def test_sigterm_stops_server_and_its_tritonserver(tmp_path: Path) -> None:
     """SIGTERM to vision-triton: exit 0 within the bound, no tritonserver of it survives."""
     running = start(tmp_path, "--instances", "1")
-    family = psutil.Process(running.proc.pid).children(recursive=True)
+    family = running.tree()[1:]
     tritons = [p for p in family if p.name() == "tritonserver"]
     assert tritons, "no tritonserver under vision-triton"
     started = time.monotonic()
-    assert stop(running) == 0, running.output()[-3000:]
+    assert running.stop(STOP_S + 20) == 0, running.output()[-3000:]
     assert time.monotonic() - started < STOP_S
     _, alive = psutil.wait_procs(family, timeout=5)
     assert not alive, f"left running: {alive}"

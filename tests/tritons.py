@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,6 @@ def need_triton_venv() -> None:
 class TritonServer(TritonProcess):
     """A TritonProcess that skips the test, with one line, when the Triton venv is missing."""
 
-    def __init__(self, model_dir: Path, model: str, http_port: int = 0, grpc_port: int = 0):
+    def __init__(self, model_dir: Path, model: str, **kw: Any) -> None:
         need_triton_venv()
-        super().__init__(model_dir, model, http_port, grpc_port)
+        super().__init__(model_dir, model, **kw)

@@ -6,7 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -26,11 +28,26 @@ def free_port() -> int:
 class TritonProcess:
     """One `vision-triton` serving an export; `kill` ends it with every process under it."""
 
-    def __init__(self, model_dir: Path, model: str, http_port: int = 0, grpc_port: int = 0):
-        self.model_dir, self.model = model_dir, model
+    def __init__(
+        self,
+        model_dir: Path,
+        model: str,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        extra: Sequence[str] = (),
+        log: Path | None = None,
+    ):
+        self.model_dir, self.model, self.extra = model_dir, model, list(extra)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        # The launcher's and tritonserver's output go to a file: a pipe nobody reads would fill
+        # and block the server.
+        self.log = log or Path(tempfile.mkstemp(prefix="vision-triton-", suffix=".log")[1])
+
+    def output(self) -> str:
+        """Everything the launcher and the server wrote so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     @property
     def name(self) -> str:
@@ -57,15 +74,16 @@ class TritonProcess:
             str(self.grpc_port),
             "--metrics-port",
             str(free_port()),
+            *self.extra,
         ]
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"vision-triton exited {self.proc.returncode}: {err[-2000:]}")
+                raise RuntimeError(
+                    f"vision-triton exited {self.proc.returncode}: {self.output()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"vision-triton was not ready in {timeout:.0f} s")
@@ -106,16 +124,14 @@ class TritonProcess:
         psutil.wait_procs(tree, timeout=10)
         self.proc.wait(10)
 
-    def stop(self) -> int:
-        """SIGTERM, as a service manager would; the exit code."""
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM, as a service manager would; the exit code (killed past `timeout`)."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc.stderr:
-            self.proc.stderr.close()
         return int(self.proc.returncode)
