@@ -182,7 +182,8 @@ def test_two_endpoints_failover_and_recovery() -> None:
                 lambda: backend(b.url("grpc"))["frames"] >= before + 10, 30, "b takes the rest"
             )
             async with api(d) as h:
-                assert (await h.get("/ready")).status_code == 200
+                r = await h.get("/ready")
+                assert r.status_code == 200 and a.url() in r.json()["reason"], r.text
                 metrics = (await h.get("/metrics")).text
             assert f'vision_daemon_backend_up{{endpoint="{a.url()}"}} 0.0' in metrics
 

@@ -142,6 +142,8 @@ class Daemon:
             return False, f"every Triton endpoint is down ({self.backends.why_down()})"
         if not self.ingest.listening:
             return False, "TCP listener not up"
+        if self.backends is not None and self.backends.why_down():  # some, not all
+            return True, f"ready; Triton endpoint(s) down: {self.backends.why_down()}"
         return True, "ready"
 
     # ---- start-up, in order; each stop registered as its part starts -------------------------
