@@ -41,7 +41,7 @@ from vision_daemon.detectors.yolo import class_ids
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "grpc")
-WARMUP_TIMEOUT_S = 60.0  # a server's first calls may load and compile its model instances
+WARMUP_TIMEOUT_S = 30.0  # a server's first calls may load and compile its model instances
 COMPACT, FLOAT32 = "compact", "float32"
 
 
@@ -203,6 +203,7 @@ class Endpoints:
         self.timeout_s = timeout_s
         self.items = [Endpoint(url, *parse_url(url)) for url in urls]
         self._lock = threading.Lock()
+        self.warming = threading.Lock()  # workers warm up one after another
         self._turn = 0
 
     def pick(self) -> Endpoint:
@@ -357,17 +358,24 @@ class TritonDetector:
         for e in endpoints.items:
             if not e.up:
                 continue
-            try:  # each reachable endpoint once: clients built, first-call costs paid (a
-                # server's first calls load its model instances: they get WARMUP_TIMEOUT_S)
-                self._call(e, [blank], max(WARMUP_TIMEOUT_S, endpoints.timeout_s))
-            except Exception as exc:
-                self._clients.pop(e.url, None)
-                endpoints.mark_down(e, f"its first call failed: {_first_line(exc)}")
+            with endpoints.warming:  # one worker at a time: a fresh server's first calls
+                # overlapping sometimes hung (pytriton 0.7, vision-triton); one after another not
+                self._warm(e, blank)
         if endpoints.all_down():
             raise ModelError(f"no Triton endpoint answers a call: {endpoints.why_down()}")
         self.info = ModelInfo(
             **{**self.info.__dict__, "warmup_ms": (time.perf_counter() - t0) * 1000}
         )
+
+    def _warm(self, e: Endpoint, blank: Image) -> None:
+        """One call to one endpoint: clients built, first-call costs paid (a server's first calls
+        load its model instances: they get WARMUP_TIMEOUT_S); a failure marks it down."""
+        endpoints = self._f.endpoints
+        try:
+            self._call(e, [blank], max(WARMUP_TIMEOUT_S, endpoints.timeout_s))
+        except Exception as exc:
+            self._clients.pop(e.url, None)
+            endpoints.mark_down(e, f"its first call failed: {_first_line(exc)}")
 
     def detect(self, images: Sequence[Image], *, contended: bool = False) -> list[list[Detection]]:
         """One call to one endpoint (`contended` is for local backends and ignored here)."""
