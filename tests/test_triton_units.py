@@ -54,13 +54,18 @@ def test_pick_spreads_calls_over_up_endpoints_and_skips_down_ones() -> None:
 
 
 def test_an_endpoint_whose_class_names_change_stays_down() -> None:
-    """An endpoint that comes back serving other classes is not taken back (boxes would lie)."""
-    eps = Endpoints(["http://a/m"], 1.0)
-    (a,) = eps.items
+    """An endpoint that comes back serving other classes is not taken back (boxes would lie),
+    nor is one first reached later (unreachable at start) that serves other classes."""
+    eps = Endpoints(["http://a/m", "http://b/m"], 1.0)
+    a, b = eps.items
     eps.set_up(a, "compact", NAMES)
     eps.failed(eps.pick(), "refused")
     eps.set_up(a, "compact", {0: "cat"})
     assert not a.up and "class names changed" in a.last_error
+    eps.set_up(b, "compact", {0: "cat"})
+    assert not b.up and "differ from the others'" in b.last_error
+    eps.set_up(b, "float32", NAMES)
+    assert b.up and eps.names == NAMES
 
 
 def test_backends_settings_are_checked() -> None:

@@ -204,6 +204,7 @@ class Endpoints:
         self.items = [Endpoint(url, *parse_url(url)) for url in urls]
         self._lock = threading.Lock()
         self.warming = threading.Lock()  # workers warm up one after another
+        self.names: dict[int, str] = {}  # the classes every endpoint must serve
         self._turn = 0
 
     def pick(self) -> Endpoint:
@@ -245,10 +246,13 @@ class Endpoints:
             log.warning("Triton endpoint %s is down: %s", e.url, why)
 
     def set_up(self, e: Endpoint, fmt: str, names: dict[int, str]) -> None:
+        """Take an endpoint up, unless its classes are not the ones every endpoint must serve
+        (the first answering endpoint's: boxes from another model's classes would lie)."""
         with self._lock:
-            if e.names and names != e.names:
-                self._down(e, "its model's class names changed; restart the daemon")
+            if self.names and names != self.names:
+                self._down(e, "its model's class names changed or differ from the others'")
                 return
+            self.names = names
             e.fmt, e.names = fmt, names
             if not e.up:
                 e.up, e.since = True, time.monotonic()
@@ -265,13 +269,8 @@ class Endpoints:
         for e in self.items:
             try:
                 fmt, names = describe(e.scheme, e.netloc, e.model, self.timeout_s)
-            except (BackendError, ModelError) as exc:
-                with self._lock:
-                    self._down(e, str(exc))
-                continue
-            except Exception as exc:  # a client library surprise must not end the prober
-                with self._lock:
-                    self._down(e, _first_line(exc))
+            except Exception as exc:  # a client library surprise must not end the prober either
+                self.mark_down(e, _first_line(exc))
                 continue
             self.set_up(e, fmt, names)
 
@@ -299,7 +298,6 @@ class TritonFactory:
         urls = [config.model, *config.backends]
         endpoints = Endpoints(urls, config.backend_timeout_s)
         unreachable = []
-        first: dict[int, str] = {}
         for e in endpoints.items:
             try:
                 fmt, names = describe(e.scheme, e.netloc, e.model, config.backend_timeout_s)
@@ -309,9 +307,8 @@ class TritonFactory:
                 unreachable.append(f"{e.url} is {exc}")
                 e.last_error = str(exc)
                 continue
-            if first and names != first:
+            if endpoints.names and names != endpoints.names:
                 raise ModelError(f"Triton endpoint {e.url} serves other class names than the rest")
-            first = names
             endpoints.set_up(e, fmt, names)
         if endpoints.all_down():
             raise ModelError(
@@ -322,7 +319,7 @@ class TritonFactory:
             log.warning("Triton endpoint %s; it is probed until it answers", line)
         return cls(
             endpoints,
-            first,
+            endpoints.names,
             config.imgsz,
             config.conf,
             config.iou,
