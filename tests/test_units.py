@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import jpeg
 from vision_daemon import protocol as p
 from vision_daemon.config import load_config
-from vision_daemon.decode import DecodeFailure, decode
+from vision_daemon.decode import DecodeFailure, decode, decode_for, reduction
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 from vision_daemon.log import RateLimiter, RedactTokens
 from vision_daemon.metrics import OTHER, Metrics
@@ -310,6 +310,26 @@ def test_decode_accepts_only_jpeg_and_png_and_sizes_from_the_header() -> None:
     assert err.value.code == p.E_IMAGE_TOO_LARGE
     img = decode(frame("a", 0, jpeg(48, 64)), 10**7)
     assert img.shape == (48, 64, 3)
+
+
+def test_a_jpeg_twice_the_model_input_is_decoded_at_reduced_scale() -> None:
+    """1/k where k <= long side / model input (k in 2, 4, 8); smaller frames, PNG and raw at 1/1."""
+    assert [reduction(w, h, 640) for w, h in [(768, 576), (1280, 720), (1920, 1080)]] == [1, 2, 2]
+    assert [reduction(w, h, 640) for w, h in [(2560, 1440), (3840, 2160), (7680, 4320)]] == [
+        4,
+        4,
+        8,
+    ]
+    assert reduction(1920, 1080, 0) == 1 and reduction(720, 1280, 320) == 4
+    got = decode_for(frame("a", 0, jpeg(1080, 1920)), 10**7, 640)
+    assert (got.k, got.width, got.height, got.image.shape) == (2, 1920, 1080, (540, 960, 3))
+    got = decode_for(frame("a", 0, jpeg(576, 768)), 10**7, 640)
+    assert (got.k, got.image.shape) == (1, (576, 768, 3))
+    assert decode_for(frame("a", 0, jpeg(1080, 1920)), 10**7, 0).image.shape == (1080, 1920, 3)
+    import cv2
+
+    png = cv2.imencode(".png", np.zeros((1080, 1920, 3), np.uint8))[1].tobytes()
+    assert decode_for(frame("a", 0, png), 10**7, 640).k == 1
 
 
 class Raises:

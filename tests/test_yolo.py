@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from ultralytics.utils import ASSETS
 
-from tests.conftest import MODEL_DIR, collect, connect, run, running_daemon, shared_model, stats
+from tests.conftest import (
+    MODEL_DIR,
+    VIDEO,
+    collect,
+    connect,
+    run,
+    running_daemon,
+    shared_model,
+    stats,
+)
 from vision_daemon.config import load_config
 from vision_daemon.detectors import ModelError
 from vision_daemon.detectors.yolo import YoloFactory, openvino_backend, resolve_model
@@ -160,8 +169,12 @@ def test_openvino_adapter_holds_two_compiled_copies_per_worker() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("core sharing needs at least 2 cores (one thread per worker of 2)")
     cfg = load_config(
-        overrides={"model": str(path), "workers": 2, "device": "cpu", "log_dir": ""}, environ={}
-    )
+        overrides={
+            "model": str(path), "workers": 2, "device": "cpu", "log_dir": "",
+            "openvino_path": "ultralytics",
+        },
+        environ={},
+    )  # fmt: skip
     factory = YoloFactory.from_config(cfg)
     assert factory.threads >= 1, factory
     detectors = [factory(), factory()]  # as 2 workers build theirs
@@ -183,3 +196,118 @@ def test_openvino_adapter_holds_two_compiled_copies_per_worker() -> None:
         assert Counter(labels[False])["person"] >= 4 and "bus" in labels[False], labels
     first, second = (d._ov for d in detectors)
     assert first and second and first[2] is not second[2]  # each worker compiled its own copy
+
+
+def _vtest_frames(n: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(VIDEO))
+    frames = []
+    while len(frames) < n:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+@pytest.mark.parametrize("classes", [[], ["car", "bus"]])
+def test_direct_openvino_path_answers_what_ultralytics_answers(classes: list[str]) -> None:
+    """The direct OpenVINO path (pre-processing in the graph, numpy NMS) gives ultralytics' answer.
+
+    Same labels in the same order, confidences within 0.001 and boxes within 0.5 px, on bus.jpg
+    and 40 frames of vtest.avi, with and without a class filter, for both compiled copies.
+    """
+    from vision_daemon.detectors.openvino import OpenVinoDetector
+
+    path = shared_model("yolov8n_int8_openvino_model")
+    images = [cv2.imdecode(np.frombuffer(BUS, np.uint8), cv2.IMREAD_COLOR), *_vtest_frames(40)]
+    assert len(images) == 41, "vtest.avi gave fewer than 40 frames"
+
+    def build(openvino_path: str) -> object:
+        cfg = load_config(
+            overrides={
+                "model": str(path), "workers": 2, "device": "cpu", "log_dir": "",
+                "classes": classes, "openvino_path": openvino_path,
+            },
+            environ={},
+        )  # fmt: skip
+        det = YoloFactory.from_config(cfg)()
+        det.warmup()
+        return det
+
+    reference, direct = build("ultralytics"), build("direct")
+    assert isinstance(direct, OpenVinoDetector) and not isinstance(reference, OpenVinoDetector)
+    assert direct.info.class_names == reference.info.class_names  # type: ignore[attr-defined]
+    compared = 0
+    for contended in (False, True):
+        for image in images:
+            want = reference.detect([image], contended=contended)[0]  # type: ignore[attr-defined]
+            got = direct.detect([image], contended=contended)[0]
+            assert [d["label"] for d in got] == [d["label"] for d in want]
+            for g, w in zip(got, want, strict=True):
+                assert abs(g["conf"] - w["conf"]) <= 1e-3, (g, w)
+                assert max(abs(a - b) for a, b in zip(g["bbox"], w["bbox"], strict=True)) <= 0.5
+                assert g["class_id"] == w["class_id"]
+                compared += 1
+    assert compared > (20 if classes else 200), compared
+    if classes:
+        assert compared and all(d["label"] in classes for d in got)
+
+
+def test_an_export_the_direct_path_cannot_serve_goes_to_ultralytics(tmp_path: Path) -> None:
+    """Without ultralytics' metadata.yaml the export is not taken as a plain detect model."""
+    src = shared_model("yolov8n_int8_openvino_model")
+    bare = tmp_path / "bare_openvino_model"
+    bare.mkdir()
+    for f in src.iterdir():
+        if f.suffix in (".xml", ".bin"):
+            (bare / f.name).symlink_to(f)
+    cfg = load_config(overrides={"model": str(bare), "device": "cpu"}, environ={})
+    assert YoloFactory.from_config(cfg).direct() is None
+    cfg = load_config(overrides={"model": str(src), "device": "cpu"}, environ={})
+    assert YoloFactory.from_config(cfg).direct() is not None
+
+
+def test_a_large_jpeg_decoded_at_reduced_scale_answers_in_the_sent_pixels() -> None:
+    """bus.jpg at 2x (1620x2160) is decoded at 1/2 and answers the full decode's boxes.
+
+    The boxes are in pixels of the image as sent (scaled back by 2): the same confident labels,
+    each box within 2% of the image's size of the full decode's, inside 1620x2160, reaching below
+    y = 1080.
+    """
+    shared_model("yolov8n_int8_openvino_model")
+    image = cv2.imdecode(np.frombuffer(BUS, np.uint8), cv2.IMREAD_COLOR)
+    big = cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+    def answer(reduced: bool) -> tuple[list[dict[str, object]], float]:
+        async def scenario() -> tuple[list[dict[str, object]], float]:
+            async with running_daemon(
+                model="yolov8n", model_dir=str(MODEL_DIR), workers=1, reduced_decode=reduced
+            ) as d:
+                c = await connect(d)
+                await c.send_frame("big", 1, data)
+                (msg,) = await collect(c, 1, timeout=60)
+                assert msg["type"] == "result", msg
+                return list(msg["detections"]), float(msg["timings"]["decode_ms"])
+
+        out: tuple[list[dict[str, object]], float] = run(scenario())
+        return out
+
+    full, _ = answer(False)
+    half, _ = answer(True)
+    confident = sorted(str(d["label"]) for d in full if float(d["conf"]) > 0.5)  # type: ignore[arg-type]
+    assert confident.count("person") >= 3 and "bus" in confident, confident
+    assert sorted(str(d["label"]) for d in half if float(d["conf"]) > 0.5) == confident  # type: ignore[arg-type]
+    h, w = big.shape[:2]
+    for d in half:
+        x1, y1, x2, y2 = d["bbox"]  # type: ignore[misc]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, d
+    assert max(d["bbox"][3] for d in half) > 1080  # type: ignore[index]
+    for d in (d for d in full if float(d["conf"]) > 0.5):  # type: ignore[arg-type]
+        same = [e for e in half if e["label"] == d["label"]]
+        nearest = min(
+            max(abs(a - b) for a, b in zip(e["bbox"], d["bbox"], strict=True))  # type: ignore[call-overload]
+            for e in same
+        )
+        assert nearest <= 0.02 * h, (d, nearest)

@@ -92,21 +92,33 @@ def _iou_one_to_many(box: Floats, boxes: Floats) -> Floats:
     return np.asarray(inter / (area + areas - inter + 1e-9), dtype=np.float32)
 
 
-def nms(prediction: Floats, conf: float, iou: float, max_det: int = MAX_DET) -> NDArray[np.float32]:
+def nms(
+    prediction: Floats,
+    conf: float,
+    iou: float,
+    max_det: int = MAX_DET,
+    classes: NDArray[np.int64] | None = None,
+) -> NDArray[np.float32]:
     """Raw detect output [4 + classes, anchors] -> rows (x1, y1, x2, y2, conf, class) after NMS.
 
     Class-aware greedy NMS as torchvision's: best class per anchor, conf strictly above the
     threshold, highest first; a box is dropped when its IoU with a kept box of its class exceeds
-    iou. Written with numpy because torchvision is not in the Triton virtualenv.
+    iou. `classes` keeps only boxes whose best class is one of them, before NMS, as ultralytics'
+    `classes=`. Written with numpy because torchvision is not in the Triton virtualenv.
     """
-    scores_all = prediction[4:].T  # anchors x classes
-    cls = scores_all.argmax(1)
-    scores = scores_all[np.arange(cls.size), cls]
-    keep_mask = scores > conf
+    class_scores = prediction[4:]  # classes x anchors, reduced along the contiguous rows
+    keep_mask = class_scores.max(0) > conf
     if not keep_mask.any():
         return np.zeros((0, 6), dtype=np.float32)
-    xywh = prediction[:4].T[keep_mask]
-    scores, cls = scores[keep_mask], cls[keep_mask]
+    candidates = class_scores[:, keep_mask]
+    cls = candidates.argmax(0)
+    scores = candidates[cls, np.arange(cls.size)]
+    xywh = prediction[:4, keep_mask].T
+    if classes is not None:
+        wanted = np.isin(cls, classes)
+        xywh, scores, cls = xywh[wanted], scores[wanted], cls[wanted]
+        if not cls.size:
+            return np.zeros((0, 6), dtype=np.float32)
     boxes = np.empty_like(xywh)
     boxes[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
     boxes[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2

@@ -228,6 +228,18 @@ class Config:
         "OpenVINO: use the threads-limited copy when another worker is 'busy', or only when "
         "frames are also 'waiting'",
     )
+    openvino_path: str = _f(
+        "direct",
+        "workers",
+        "OpenVINO on CPU: 'direct' (our letterbox, pre-processing inside the graph, numpy NMS) "
+        "or 'ultralytics' (its predictor); exports 'direct' cannot serve go to ultralytics",
+    )
+    reduced_decode: bool = _f(
+        True,
+        "workers",
+        "decode a JPEG at least twice the model input at 1/2, 1/4 or 1/8 scale (boxes are "
+        "scaled back); streams keeping event snapshots decode at full size",
+    )
     max_batch: int = _f(1, "workers", "frames from distinct streams one worker may batch")
     batch_wait_ms: float = _f(0.0, "workers", "wait this long for a fuller batch (0 = never)")
     worker_timeout_s: float = _f(30.0, "workers", "a detector call longer than this is stuck")
@@ -410,6 +422,10 @@ class Config:
                 "max_queued_mb must hold at least one message of max_message_bytes",
             ),
             (self.share_cores in ("busy", "waiting"), "share_cores must be busy or waiting"),
+            (
+                self.openvino_path in ("direct", "ultralytics"),
+                "openvino_path must be direct or ultralytics",
+            ),
             (_octal_mode(self.unix_socket_mode), "unix_socket_mode must be octal, e.g. 0600"),
             (
                 self.export in ("auto", "none", "openvino", "onnx", "engine"),

@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import warnings
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -74,40 +75,72 @@ def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
         raise DecodeFailure(E_DECODE, "JPEG header does not decode") from None
 
 
+REDUCED = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def reduction(w: int, h: int, model_size: int) -> int:
+    """The largest JPEG decode scale-down (1, 2, 4 or 8) that keeps at least the pixels the
+    model's letterbox keeps: the letterbox shrinks the long side to `model_size`, so a decode at
+    1/k loses nothing it would keep while k <= long side / model_size."""
+    if model_size <= 0:
+        return 1
+    fits = max(w, h) // model_size
+    return next((k for k in (8, 4, 2) if k <= fits), 1)
+
+
+class Decoded(NamedTuple):
+    image: Image
+    k: int  # the image is 1/k of the size sent (1, 2, 4 or 8)
+    width: int  # the size sent
+    height: int
+
+
 def decode(frame: Frame, max_pixels: int) -> Image:
     """Decode to BGR uint8; the pixel limit is checked from the header before the full decode."""
+    return decode_for(frame, max_pixels, 0).image
+
+
+def decode_for(frame: Frame, max_pixels: int, model_size: int) -> Decoded:
+    """A JPEG at least twice `model_size` on its long side is decoded at 1/k of its size
+    (libjpeg's DCT scaling: cheaper than a full decode and a resize), so detections on it scale
+    back by k. Everything else, and `model_size` 0, decodes at full size (k = 1)."""
     if frame.pixels is not None:  # decoded by a camera's reader already
         h, w = frame.pixels.shape[:2]
         if h * w > max_pixels:
             raise _too_large(w, h, max_pixels)
         pixels: Image = frame.pixels
-        return pixels
+        return Decoded(pixels, 1, w, h)
     if frame.encoding == "raw":
         if frame.shape is None:  # validated by protocol.parse_message; kept as a guard
             raise DecodeFailure(E_DECODE, "raw frame without a shape")
         h, w, _ = frame.shape
         if h * w > max_pixels:
             raise _too_large(w, h, max_pixels)
-        return np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+        return Decoded(np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape), 1, w, h)
     w, h = image_size(frame.image, max_pixels)
     if w * h > max_pixels or w == 0 or h == 0:
         if w * h > max_pixels:
             raise _too_large(w, h, max_pixels)
         raise DecodeFailure(E_DECODE, f"image header declares {w}x{h} pixels")
     if frame.image.startswith(PNG_MAGIC):
-        return _decode_png(frame.image)
+        return Decoded(_decode_png(frame.image), 1, w, h)
     scans = frame.image.count(JPEG_SOS)
     if scans > MAX_JPEG_SCANS:
         raise DecodeFailure(E_DECODE, f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS}")
+    k = reduction(w, h, model_size)
     try:
         img: Image | None = cv2.imdecode(  # type: ignore[assignment]
-            np.frombuffer(frame.image, dtype=np.uint8), cv2.IMREAD_COLOR
+            np.frombuffer(frame.image, dtype=np.uint8), REDUCED.get(k, cv2.IMREAD_COLOR)
         )
     except cv2.error:  # OpenCV raises on some headers it cannot handle
         img = None
     if img is None:
         raise DecodeFailure(E_DECODE, "image bytes are not a decodable JPEG or PNG")
-    return img
+    return Decoded(img, k, w, h)
 
 
 def _decode_png(data: bytes) -> Image:

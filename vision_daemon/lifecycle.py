@@ -201,6 +201,7 @@ class Daemon:
             timeout_s=cfg.worker_timeout_s,
             window_s=cfg.stats_window_s,
             share_cores=cfg.share_cores,
+            reduced_decode=cfg.reduced_decode,
         )
         self.components.pool = self.pool
         endpoints = getattr(factory, "endpoints", None)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from vision_daemon.decode import DecodeFailure, decode
+from vision_daemon.decode import DecodeFailure, decode_for
 from vision_daemon.detectors.base import (
     BackendError,
     Detection,
@@ -119,27 +119,49 @@ def normalise(dets: Any) -> list[Detection]:
     return out
 
 
+def scale_up(dets: list[Detection], k: int, w: int, h: int) -> list[Detection]:
+    """Boxes found on a 1/k decode, in pixels of the w x h image as sent."""
+    for d in dets:
+        x1, y1, x2, y2 = d["bbox"]
+        d["bbox"] = [
+            round(min(x1 * k, w), 1),
+            round(min(y1 * k, h), 1),
+            round(min(x2 * k, w), 1),
+            round(min(y2 * k, h), 1),
+        ]
+    return dets
+
+
 def process(
     detector: Detector,
     jobs: Sequence[Job],
     max_pixels: int,
     contended: bool,
     pass_hint: bool = True,
+    model_size: int = 0,
 ) -> list[Outcome]:
     """Runs in the worker's thread: decode every frame, then one detector call for the batch.
 
-    A frame of a motion-gated stream that barely changed since the stream's last analysed frame
-    takes that frame's detections instead (`reused`) and is left out of the call."""
+    A JPEG at least twice `model_size` (the detector's input) is decoded at 1/k scale and its
+    boxes are scaled back by k, except for streams whose events carry snapshots (those keep the
+    full image). A frame of a motion-gated stream that barely changed since the stream's last
+    analysed frame takes that frame's detections instead (`reused`) and is left out of the call."""
     outcomes = [Outcome() for _ in jobs]
     images = []
     ok: list[int] = []
+    scales: dict[int, tuple[int, int, int]] = {}  # frames decoded at 1/k: (k, sent w, sent h)
     gated: dict[int, tuple[MotionGate, np.ndarray]] = {}  # analysed frames of gated streams
     decoded: dict[int, np.ndarray] = {}  # images of tracked streams (for event snapshots)
     for i, job in enumerate(jobs):
         t0 = time.perf_counter()
         try:
-            image = decode(job.frame, max_pixels)
-            if job.stream.analysis is not None:
+            analysis = job.stream.analysis
+            keeps_image = analysis is not None and analysis.snapshot_max_bytes > 0
+            got = decode_for(job.frame, max_pixels, 0 if keeps_image else model_size)
+            image = got.image
+            if got.k > 1:
+                scales[i] = (got.k, got.width, got.height)
+            if analysis is not None:
                 decoded[i] = image
             gate = job.stream.motion
             if gate is not None:
@@ -181,6 +203,8 @@ def process(
         infer_ms = (time.perf_counter() - t0) * 1000
         now = time.monotonic()
         for i, dets in zip(ok, clean, strict=True):
+            if i in scales:
+                dets = scale_up(dets, *scales[i])
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
             if i in gated:
@@ -280,6 +304,7 @@ class WorkerPool:
         timeout_s: float,
         window_s: float,
         share_cores: str = "busy",
+        reduced_decode: bool = True,
     ) -> None:
         self.workers = [Worker(i, factory, window_s) for i in range(count)]
         self._policy = share_cores
@@ -288,6 +313,7 @@ class WorkerPool:
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._max_pixels = max_pixels
+        self._reduced_decode = reduced_decode
         self._timeout_s = timeout_s
         self._tasks: list[asyncio.Task[None]] = []
         self.batch_sizes: dict[int, int] = {}
@@ -340,7 +366,13 @@ class WorkerPool:
             worker.stats.start(time.monotonic())
             self.batch_sizes[len(jobs)] = self.batch_sizes.get(len(jobs), 0) + 1
             fut = worker.thread.submit(
-                process, detector, jobs, self._max_pixels, contended, worker.takes_contended
+                process,
+                detector,
+                jobs,
+                self._max_pixels,
+                contended,
+                worker.takes_contended,
+                detector.info.imgsz if self._reduced_decode else 0,
             )
             try:
                 outcomes = await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)

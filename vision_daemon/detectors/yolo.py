@@ -14,8 +14,10 @@ import numpy as np
 
 from vision_daemon.config import Config
 from vision_daemon.detectors.base import Detection, Image, ModelError, ModelInfo
+from vision_daemon.detectors.openvino import NotPlain, OpenVinoDetector, read_plain
 
 log = logging.getLogger(__name__)
+_LOGGED: set[Path] = set()  # exports already reported as served by ultralytics
 
 # Export format -> (ultralytics format name, path of the export next to the .pt)
 EXPORTS: dict[str, tuple[str, str]] = {
@@ -96,6 +98,7 @@ class YoloFactory:
     half: bool
     tried: tuple[str, ...] = ()
     threads: int = 0  # OpenVINO threads per worker while several are busy; 0 = no limit
+    openvino_path: str = "ultralytics"  # "direct": detectors/openvino.py where the export allows
 
     @classmethod
     def from_config(cls, config: Config) -> YoloFactory:
@@ -117,10 +120,44 @@ class YoloFactory:
             config.half,
             tuple(tried),
             threads if threads < cores else 0,  # 0: every core anyway, no second model
+            config.openvino_path,
         )
 
-    def __call__(self) -> YoloDetector:
-        return YoloDetector(self)
+    def __call__(self) -> YoloDetector | OpenVinoDetector:
+        direct = self.direct()
+        if direct is None:
+            return YoloDetector(self)
+        model, size, names = direct
+        return OpenVinoDetector(
+            self.path,
+            imgsz=self.imgsz,
+            conf=self.conf,
+            iou=self.iou,
+            classes=class_ids(self.classes, names),
+            threads=self.threads,
+            model=model,
+            size=size,
+            names=names,
+        )
+
+    def direct(self) -> tuple[Any, int, dict[int, str]] | None:
+        """The OpenVINO model for the direct path, or None where ultralytics serves (logged once)."""
+        path = Path(self.path)
+        if self.openvino_path != "direct" or self.device != "cpu":
+            return None
+        if not (path.is_dir() and path.name.endswith("_openvino_model")):
+            return None
+        try:
+            return read_plain(path, self.imgsz)
+        except NotPlain as why:
+            if path not in _LOGGED:
+                _LOGGED.add(path)
+                log.info(
+                    "%s is served by ultralytics' predictor (not a plain detect export: %s)",
+                    path,
+                    why,
+                )
+            return None
 
 
 def ensure_export(
