@@ -319,8 +319,14 @@ class WorkerPool:
         self.batch_sizes: dict[int, int] = {}
 
     async def load(self) -> ModelInfo:
-        """Load and warm every worker's model in parallel; the first failure is raised."""
-        infos = await asyncio.gather(*(w.load() for w in self.workers))
+        """Load and warm every worker's model, one worker after another; a failure is raised.
+
+        Not in parallel: OpenVINO's Python binding initialises function-local statics on the
+        first inference, and two threads making their first call together can deadlock there
+        (one holds the GIL and waits for the static, the other holds the static and waits for
+        the GIL), freezing the whole process, signals included. It happened about once in eight
+        starts with two workers; the warm-ups of one worker then cost the others nothing."""
+        infos = [await w.load() for w in self.workers]
         return infos[0]
 
     def start(self) -> None:

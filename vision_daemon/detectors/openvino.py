@@ -148,7 +148,10 @@ class OpenVinoDetector:
         out: list[list[Detection]] = []
         for image in images:  # the exports are batch 1
             padded, placement = compact.letterbox(image, self._size)
-            prediction = request.infer({0: padded[None]})[0][0]
+            # shared in and out: no copy of the frame into the request, none of the output
+            # (read by nms before the next call overwrites it)
+            prediction = request.infer({0: padded[None]}, share_inputs=True, share_outputs=True)
+            prediction = prediction[0][0]
             rows = compact.nms(prediction, self._conf, self._iou, classes=self._classes)
             rows = compact.scale_back(rows, placement, image.shape[:2])
             out.append(rows_to_detections(rows, self._names))
