@@ -178,6 +178,12 @@ async def stream(
         rate_advice=endpoint.rate_advice,
         options=_advice_options(endpoint, pacer),
     )
+    advised = (getattr(client, "welcome", None) or {}).get("advised_fps")
+    if endpoint.rate_advice and pacer.period and isinstance(advised, int | float) and advised > 0:
+        pacer.set_fps(
+            min(1.0 / pacer.period, float(advised))
+        )  # the welcome's advice, from the start
+        tally.advised_fps = float(advised)
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection
     reader = asyncio.create_task(

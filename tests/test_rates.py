@@ -128,3 +128,30 @@ def test_a_client_that_asked_for_advice_is_told_and_slows_down() -> None:
             await quiet.close()
 
     run(scenario())
+
+
+@pytest.mark.slow
+def test_the_welcome_tells_a_client_that_follows_advice_the_rate_it_will_get() -> None:
+    """Once a frame has been measured, the welcome to a `rate_advice` client carries
+    `advised_fps`: the share of 90% of the capacity a new stream would get next to the streams
+    already there. Before any measurement, and to clients that do not ask, there is none."""
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.1), workers=1) as d:
+            early = await connect(d, rate_advice=True)
+            assert early.welcome is not None and "advised_fps" not in early.welcome
+            sender = await connect(d)
+            for i in range(4):
+                await sender.send_frame("busy", i, jpeg())
+                await asyncio.sleep(0.12)
+            await until(lambda: stats(d)["totals"]["processed"] >= 3, 10, "3 frames processed")
+            asked = await connect(d, rate_advice=True)
+            quiet = await connect(d)
+            assert asked.welcome is not None and quiet.welcome is not None
+            assert "advised_fps" not in quiet.welcome
+            # capacity about 10 fps (100 ms a frame, 1 worker), 90% of it split with "busy"
+            assert 2.0 <= asked.welcome["advised_fps"] <= 9.0, asked.welcome
+            for c in (early, sender, asked, quiet):
+                await c.close()
+
+    run(scenario())

@@ -23,7 +23,7 @@ from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import EventOutput, Hub, LatestFrames
-from vision_daemon.rates import Advisor, ServiceTime
+from vision_daemon.rates import HEADROOM, Advisor, ServiceTime, fair_shares
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
 from vision_daemon.streams import (
@@ -454,6 +454,29 @@ class Pipeline:
         advice) the rate it sends at; `max_fps` caps each.
         """
         now = self.clock()
+        capacity = self.service.capacity_fps(self.config.workers)
+        for name, fps in self.advisor.advise(now, capacity, self._demands(now)).items():
+            stream = self.streams[name]
+            stream.advised_fps = fps
+            if stream.sink is not None:
+                try:
+                    stream.sink.advise(name, fps)
+                except Exception:  # a sink failing must not stop the others' advice
+                    log.exception("advising stream %s failed", name)
+
+    def newcomer_fps(self) -> float | None:
+        """The rate a new stream asking for all it can get would be advised now (the welcome
+        carries it to clients that follow advice); None before the first frame is measured."""
+        capacity = self.service.capacity_fps(self.config.workers)
+        if capacity is None:
+            return None
+        demands = self._demands(self.clock())
+        newcomer = "new"
+        while newcomer in demands:
+            newcomer += "+"
+        return round(fair_shares(capacity * HEADROOM, {**demands, newcomer: 0.0})[newcomer], 2)
+
+    def _demands(self, now: float) -> dict[str, float]:
         demands: dict[str, float] = {}
         for s in self.streams.values():
             if s.detached_at is not None or s.sink is None:
@@ -467,15 +490,7 @@ class Pipeline:
             if s.options.max_fps > 0:
                 demand = min(demand, s.options.max_fps) if demand else s.options.max_fps
             demands[s.name] = demand
-        capacity = self.service.capacity_fps(self.config.workers)
-        for name, fps in self.advisor.advise(now, capacity, demands).items():
-            stream = self.streams[name]
-            stream.advised_fps = fps
-            if stream.sink is not None:
-                try:
-                    stream.sink.advise(name, fps)
-                except Exception:  # a sink failing must not stop the others' advice
-                    log.exception("advising stream %s failed", name)
+        return demands
 
     def expire(self) -> None:
         """Streams whose sink closed leave after stream_grace_s."""

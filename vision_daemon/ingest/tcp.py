@@ -259,7 +259,7 @@ class Connection(PeerSink):
             self.hello = msg
             self.notices = msg.dropped_notices or self.shm is not None
             self.rate_advice = msg.rate_advice
-            self._send(self.ingest.welcome)
+            self._send(self.ingest.welcome_for(msg.rate_advice))
             return True
         if token and self.hello is None:
             self.ingest.auth_failed(self)
@@ -350,14 +350,21 @@ class TcpIngest:
         self._unix_inode: tuple[int, int] | None = None
         self.port: int | None = None
         self.welcome = b""
+        self.welcome_dict: dict[str, Any] = {}
         self.stopping = False
         self.total = 0
         self.refused = 0
         self._log_limit = RateLimiter()
 
+    def welcome_for(self, rate_advice: bool) -> bytes:
+        """The welcome; to a client that follows advice, with the rate a new stream gets now."""
+        fps = self.pipeline.newcomer_fps() if rate_advice else None
+        return self.welcome if fps is None else p.pack({**self.welcome_dict, "advised_fps": fps})
+
     async def start(self, welcome: dict[str, Any]) -> None:
         cfg = self.config
         self.welcome = p.pack(welcome)
+        self.welcome_dict = welcome
         try:
             self.server = await asyncio.start_server(
                 self._on_connect, cfg.tcp_host, cfg.tcp_port, limit=2**16, reuse_address=True

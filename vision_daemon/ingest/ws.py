@@ -308,7 +308,7 @@ class WsConnection(PeerSink):
             self.hello = msg
             self.notices = msg.dropped_notices
             self.rate_advice = msg.rate_advice
-            self._send(self.ingest.welcome_bin)
+            self._send(self.ingest.welcome_for(msg.rate_advice))
             return True
         if isinstance(msg, p.Bye):
             self.saying_bye = True
@@ -337,11 +337,20 @@ class WsIngest:
         self.stopping = False
         self.welcome_bin = b""
         self.welcome_json = ""
+        self.welcome_dict: dict[str, Any] = {}
         self.total = 0
         self.refused = 0
         self.log_limit = RateLimiter()
 
+    def welcome_for(self, rate_advice: bool) -> bytes:
+        """The welcome; to a client that follows advice, with the rate a new stream gets now."""
+        fps = self.pipeline.newcomer_fps() if rate_advice else None
+        if fps is None:
+            return self.welcome_bin
+        return p.pack({**self.welcome_dict, "advised_fps": fps})[p.HEADER_SIZE :]
+
     def start(self, welcome: dict[str, Any]) -> None:
+        self.welcome_dict = welcome
         self.welcome_bin = p.pack(welcome)[p.HEADER_SIZE :]
         self.welcome_json = json.dumps(welcome, separators=(",", ":"))
         self.started = True
