@@ -26,18 +26,6 @@ def test_capacity_is_workers_over_the_mean_service_time() -> None:
     assert svc.capacity_fps(2) == pytest.approx(20.0)
 
 
-def test_with_several_workers_capacity_is_read_from_contended_frames() -> None:
-    """A frame served alone (all cores) is faster than one served beside a busy worker; the
-    capacity of 2 workers is what they do both busy: 2 x 1000 / 40 ms, not / the mixed mean."""
-    svc = ServiceTime(alpha=0.5)
-    svc.observe(20.0)  # alone: no contended figure yet, so the mean of all is used
-    assert svc.capacity_fps(2) == pytest.approx(100.0)
-    svc.observe(40.0, contended=True)
-    svc.observe(20.0)
-    assert svc.capacity_fps(2) == pytest.approx(50.0)
-    assert svc.capacity_fps(1) == pytest.approx(1000.0 / 25.0)  # one worker: all (20, 30, 25)
-
-
 def test_fair_shares_give_small_demands_what_they_ask_and_split_the_rest() -> None:
     """A 2 fps stream keeps 2; two greedy ones split the remaining 28; unknown (0) is greedy."""
     assert fair_shares(30.0, {"a": 2.0, "b": 50.0, "c": 0.0}) == {

@@ -372,9 +372,7 @@ class Pipeline:
             return
         now = self.clock()
         timings = dict(outcome.timings)
-        self.service.observe(
-            timings.get("decode_ms", 0.0) + timings.get("infer_ms", 0.0), outcome.contended
-        )
+        self.service.observe(timings.get("decode_ms", 0.0) + timings.get("infer_ms", 0.0))
         timings["queue_ms"] = (job.taken_at - job.received_at) * 1000
         timings["total_ms"] = (now - job.received_at) * 1000
         self.last_latency_ms = timings["total_ms"]

@@ -26,38 +26,24 @@ HEADROOM = 0.9
 
 
 class ServiceTime:
-    """What a frame costs a worker, in ms: exponentially weighted means of observations.
-
-    Two means: of every frame, and of frames served while another worker was busy too
-    (`contended`). With several workers the capacity is read from the second: a frame served
-    alone gets every core (OpenVINO's all-cores copy: 21 ms against 35 ms here), so below
-    saturation the mean of all frames promises more than the workers deliver once they are all
-    busy, and advice built on it overloads them (docs/PERFORMANCE.md, issue 17).
-    """
+    """What a frame costs a worker, in ms: an exponentially weighted mean of observations."""
 
     def __init__(self, alpha: float = 0.05) -> None:
         self.alpha = alpha
         self.mean_ms: float | None = None
-        self.contended_ms: float | None = None
 
-    def _ewma(self, mean: float | None, ms: float) -> float:
-        return ms if mean is None else mean + self.alpha * (ms - mean)
-
-    def observe(self, ms: float, contended: bool = False) -> None:
+    def observe(self, ms: float) -> None:
         if ms <= 0:
             return
-        self.mean_ms = self._ewma(self.mean_ms, ms)
-        if contended:
-            self.contended_ms = self._ewma(self.contended_ms, ms)
+        self.mean_ms = (
+            ms if self.mean_ms is None else self.mean_ms + self.alpha * (ms - self.mean_ms)
+        )
 
     def capacity_fps(self, workers: int) -> float | None:
-        """Frames a second the workers can serve all busy at once; None before a frame is done.
-
-        With one worker, or before any frame was served contended, the mean of every frame."""
-        mean = self.contended_ms if workers > 1 and self.contended_ms is not None else self.mean_ms
-        if mean is None:
+        """Frames a second the workers can serve; None before the first observation."""
+        if self.mean_ms is None:
             return None
-        return workers * 1000.0 / mean
+        return workers * 1000.0 / self.mean_ms
 
 
 def fair_shares(capacity: float, demands: Mapping[str, float]) -> dict[str, float]:

@@ -71,7 +71,6 @@ class Outcome:
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     reused: bool = False  # motion gating: the last analysed frame's detections, no inference
-    contended: bool = False  # served while other workers were busy too (rates.ServiceTime)
     events: list[Event] = field(default_factory=list)  # analytics: what this frame caused
     counts: StreamCounts | None = None  # analytics: the stream's counts, when events changed them
     snapshot: bytes | None = None  # analytics: the frame as a JPEG for its events (if asked)

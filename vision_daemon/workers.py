@@ -207,7 +207,6 @@ def process(
                 dets = scale_up(dets, *scales[i])
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
-            outcomes[i].contended = contended
             if i in gated:
                 gate, thumb = gated[i]
                 gate.analysed(thumb, dets, now)
