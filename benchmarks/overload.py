@@ -190,7 +190,11 @@ def tables(summary: dict[str, Any]) -> str:
                 f"| {c['scene']} | {c['gate'] or 'off'} | {c['capacity_streams']} | "
                 f"{at.get('p95_ms', 'n/a')}, {at.get('drop_pct', 'n/a')}, "
                 f"{at.get('processed_fps', 'n/a')} | "
-                + (f"{first['streams']}: {first['why']}" if first else "none")
+                + (
+                    f"{first['streams']}: {first['why']} {first.get('dropped_by_reason') or ''}"
+                    if first
+                    else "none"
+                )
                 + " |"
             )
     return "\n".join(lines)

@@ -211,6 +211,7 @@ async def find_capacity(args: argparse.Namespace, console: Console, out: Path) -
             "p95_ms": agg["rtt_ms"]["p95"],
             "p99_ms": agg["rtt_ms"]["p99"],
             "drop_pct": agg["drop_pct"],
+            "dropped_by_reason": agg["dropped_by_reason"],
             "processed_fps": agg["processed_fps"],
             "fairness": agg["fairness"],
             "generator_behind": agg["generator_behind"],
