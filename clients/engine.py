@@ -180,9 +180,8 @@ async def stream(
     )
     advised = (getattr(client, "welcome", None) or {}).get("advised_fps")
     if endpoint.rate_advice and pacer.period and isinstance(advised, int | float) and advised > 0:
-        pacer.set_fps(
-            min(1.0 / pacer.period, float(advised))
-        )  # the welcome's advice, from the start
+        # the welcome's advice, from the first frame on (never faster than asked for)
+        pacer.set_fps(min(1.0 / pacer.period, float(advised)))
         tally.advised_fps = float(advised)
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection

@@ -324,8 +324,9 @@ class WorkerPool:
         Not in parallel: OpenVINO's Python binding initialises function-local statics on the
         first inference, and two threads making their first call together can deadlock there
         (one holds the GIL and waits for the static, the other holds the static and waits for
-        the GIL), freezing the whole process, signals included. It happened about once in eight
-        starts with two workers; the warm-ups of one worker then cost the others nothing."""
+        the GIL), freezing the whole process, signals included: 1 process in 12 froze when two
+        direct-path detectors warmed up at once. Loading in turn costs a start-up the time one
+        worker takes to load, per extra worker (0.7 s with the shared int8 yolov8n here)."""
         infos = [await w.load() for w in self.workers]
         return infos[0]
 
