@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from ultralytics.utils import ASSETS
 
+from clients.sources import VideoSource
 from tests.conftest import (
     MODEL_DIR,
     VIDEO,
@@ -199,15 +200,11 @@ def test_openvino_adapter_holds_two_compiled_copies_per_worker() -> None:
 
 
 def _vtest_frames(n: int) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(VIDEO))
-    frames = []
-    while len(frames) < n:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
+    src = VideoSource(str(VIDEO))  # the clients' own reader
+    try:
+        return [f for f in (src.read() for _ in range(n)) if f is not None]
+    finally:
+        src.close()
 
 
 @pytest.mark.parametrize("classes", [[], ["car", "bus"]])
