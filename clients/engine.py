@@ -178,11 +178,9 @@ async def stream(
         rate_advice=endpoint.rate_advice,
         options=_advice_options(endpoint, pacer),
     )
-    advised = (getattr(client, "welcome", None) or {}).get("advised_fps")
-    if endpoint.rate_advice and pacer.period and isinstance(advised, int | float) and advised > 0:
-        # the welcome's advice, from the first frame on (never faster than asked for)
-        pacer.set_fps(min(1.0 / pacer.period, float(advised)))
-        tally.advised_fps = float(advised)
+    if endpoint.rate_advice and pacer.period:  # the welcome's advice, from the first frame on
+        welcome = getattr(client, "welcome", None) or {}
+        _take_advice(pacer, tally, 1.0 / pacer.period, welcome.get("advised_fps"))
     in_flight: dict[int, float] = {}  # frame_id -> send time
     done = asyncio.Event()  # the daemon said bye or closed the connection
     reader = asyncio.create_task(
@@ -253,6 +251,14 @@ def _advice_options(endpoint: Endpoint, pacer: Pacer) -> dict[str, Any] | None:
     return {"source_fps": round(1.0 / pacer.period, 3)}
 
 
+def _take_advice(pacer: Pacer, tally: Tally, own: float, fps: object) -> None:
+    """Send at an advised rate (from the welcome or a `rate` message), never faster than the
+    stream's own rate; anything but a positive number is ignored."""
+    if isinstance(fps, int | float) and fps > 0:
+        pacer.set_fps(min(own, float(fps)))
+        tally.advised_fps = float(fps)
+
+
 async def _read(
     client: Client,
     tally: Tally,
@@ -271,10 +277,7 @@ async def _read(
         now = clock()
         kind = msg.get("type")
         if kind == "rate" and follow_advice and own:
-            fps = msg.get("fps")
-            if isinstance(fps, int | float) and fps > 0:
-                pacer.set_fps(min(own, float(fps)))  # never faster than asked for
-                tally.advised_fps = float(fps)
+            _take_advice(pacer, tally, own, msg.get("fps"))
             continue
         if kind == "result":
             frame_id = msg.get("frame_id", -1)

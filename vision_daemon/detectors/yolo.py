@@ -14,7 +14,12 @@ import numpy as np
 
 from vision_daemon.config import Config
 from vision_daemon.detectors.base import Detection, Image, ModelError, ModelInfo
-from vision_daemon.detectors.openvino import NotPlain, OpenVinoDetector, read_plain
+from vision_daemon.detectors.openvino import (
+    NotPlain,
+    OpenVinoDetector,
+    read_plain,
+    rows_to_detections,
+)
 
 log = logging.getLogger(__name__)
 _LOGGED: set[Path] = set()  # exports already reported as served by ultralytics
@@ -310,20 +315,10 @@ class YoloDetector:
         out: list[list[Detection]] = []
         for result in self._predict(images, contended):
             boxes = result.boxes
-            xyxy = boxes.xyxy.cpu().numpy().tolist()
-            confs = boxes.conf.cpu().numpy().tolist()
-            clss = boxes.cls.cpu().numpy().astype(int).tolist()
-            out.append(
-                [
-                    Detection(
-                        label=self._names.get(c, str(c)),
-                        conf=round(s, 4),
-                        bbox=[round(v, 1) for v in b],
-                        class_id=c,
-                    )
-                    for b, s, c in zip(xyxy, confs, clss, strict=True)
-                ]
-            )
+            rows = np.column_stack(
+                [boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy(), boxes.cls.cpu().numpy()]
+            )  # (x1, y1, x2, y2, conf, class), as the direct OpenVINO path has them
+            out.append(rows_to_detections(rows, self._names))
         return out
 
 
