@@ -18,6 +18,7 @@ from vision_daemon import protocol as p
 from vision_daemon.config import (
     CameraConfig,
     ConfigError,
+    camera_config,
     camera_from_dict,
     camera_from_flag,
     load_config,
@@ -151,7 +152,7 @@ def test_grade_follows_reconnects_stalls_and_fps_share() -> None:
 def test_camera_config_from_toml_flags_and_json(tmp_path: object) -> None:
     """[[cameras]] tables, --camera NAME=URL and JSON bodies build the same checked settings."""
     c = camera_from_dict({"name": "door", "url": "rtsp://h/s", "max_fps": 2, "loop": "true"})
-    assert (c.max_fps, c.loop, c.rtsp_transport) == (2.0, True, "tcp")
+    assert (c.options.max_fps, c.loop, c.rtsp_transport) == (2.0, True, "tcp")
     assert camera_from_flag("yard=http://cam/stream").url == "http://cam/stream"
     cfg = load_config(overrides={"cameras": [c, camera_from_flag("y=/tmp/v.mp4")]}, environ={})
     assert [x.name for x in cfg.cameras] == ["door", "y"]
@@ -160,7 +161,7 @@ def test_camera_config_from_toml_flags_and_json(tmp_path: object) -> None:
         ({"name": "a", "url": "ftp://h/x"}, "url must be"),
         ({"name": "a", "url": "rtsp://h", "rtsp_transport": "sctp"}, "tcp or udp"),
         ({"name": "a", "url": "rtsp://h", "colour": "red"}, "unknown setting 'colour'"),
-        ({"name": "a", "url": "rtsp://h", "max_fps": "fast"}, "not a number"),
+        ({"name": "a", "url": "rtsp://h", "max_fps": "fast"}, "max_fps must be a number"),
         ({"name": "a"}, "url is required"),
         ("rtsp://h", "must be a table"),
     ]:
@@ -249,7 +250,7 @@ def test_every_frame_a_camera_counts_as_read_is_received_on_its_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Stopped mid-stream, the camera's frames read equal its stream's received, exactly."""
-    spec = CameraConfig(name="fake", url="http://cam/stream", max_fps=50)
+    spec = camera_config(name="fake", url="http://cam/stream", max_fps=50)
     cam, pipe = run_camera(monkeypatch, spec, None, 0.001, 0.5)
     received = pipe.streams["fake"].counts.received
     assert cam.frames_read > 50 and cam.frames_read == received
@@ -259,7 +260,7 @@ def test_every_frame_a_camera_counts_as_read_is_received_on_its_stream(
 def test_a_camera_that_drops_after_one_frame_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A camera that sends one frame and closes is not reopened every retry_initial_s: the
     backoff only starts again after a stream that lasted."""
-    spec = CameraConfig(name="flap", url="http://cam/stream", retry_initial_s=0.05, retry_max_s=5)
+    spec = camera_config(name="flap", url="http://cam/stream", retry_initial_s=0.05, retry_max_s=5)
     cam, _ = run_camera(monkeypatch, spec, 1, 0.001, 1.5)
     assert 3 <= FakeSource.opens <= 7  # 0, .05, .1, .2, .4, .8 (+-20%); 30 if it reset each time
     assert cam.reconnects >= 2 and cam.state == "stopped"
@@ -268,7 +269,7 @@ def test_a_camera_that_drops_after_one_frame_backs_off(monkeypatch: pytest.Monke
 def test_a_looping_one_frame_file_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     """A looping file whose pass takes no time (one image) starts again once a second, not in
     a tight loop."""
-    spec = CameraConfig(name="still", url="/tmp/still.jpg", loop=True, max_fps=0)
+    spec = camera_config(name="still", url="/tmp/still.jpg", loop=True, max_fps=0)
     cam, _ = run_camera(monkeypatch, spec, 1, 0.0, 1.5)
     assert FakeSource.opens <= 3 and cam.frames_read <= 3 and cam.reconnects == 0
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import VIDEO, accounted, run, running_daemon, stats
-from vision_daemon.config import CameraConfig
+from vision_daemon.config import camera_config
 from vision_daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
     """A 20-frame file with loop = true keeps streaming past its end without a reconnect; every
     frame read is received on the stream and ends processed or dropped with a reason."""
     clip = short_video(tmp_path / "clip.avi")
-    spec = CameraConfig(name="clip", url=str(clip), loop=True, max_fps=5.0)
+    spec = camera_config(name="clip", url=str(clip), loop=True, max_fps=5.0)
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
@@ -84,7 +84,7 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
 def test_file_camera_without_loop_stops_at_its_end(tmp_path: Path) -> None:
     """A file that ends leaves its camera 'stopped' with 'end of file', not retried."""
     clip = short_video(tmp_path / "clip.avi", frames=10)
-    spec = CameraConfig(name="once", url=f"file://{clip}", max_fps=0)
+    spec = camera_config(name="once", url=f"file://{clip}", max_fps=0)
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
@@ -103,7 +103,7 @@ def test_cameras_added_and_removed_through_the_api_leave_the_others_alone(tmp_pa
     """POST, GET, snapshot.jpg and DELETE on one camera while another streams undisturbed;
     duplicates, bad bodies and oversized bodies get clear errors."""
     clip = short_video(tmp_path / "clip.avi")
-    steady = CameraConfig(name="steady", url=str(clip), loop=True)
+    steady = camera_config(name="steady", url=str(clip), loop=True)
 
     async def main() -> None:
         async with running_daemon(cameras=(steady,)) as d, http(d) as h:
@@ -178,7 +178,7 @@ def h264_clip(path: Path, seconds: int = 2) -> Path:
 def test_h264_file_decodes_every_frame_or_only_keyframes(tmp_path: Path, keyframes: str) -> None:
     """keyframes_only = on decodes the one keyframe a second and nothing else; off decodes all."""
     clip = h264_clip(tmp_path / "clip.mp4")
-    spec = CameraConfig(name="h264", url=str(clip), keyframes_only=keyframes, max_fps=0)
+    spec = camera_config(name="h264", url=str(clip), keyframes_only=keyframes, max_fps=0)
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
@@ -224,7 +224,7 @@ def test_esp32_mjpeg_camera_is_analysed_at_max_fps_with_results_on_ws() -> None:
     from tests.sources import MjpegServer
 
     with MjpegServer(fps=30, frames=60) as cam:
-        spec = CameraConfig(name="esp32", url=cam.url, max_fps=10, **FAST_RETRY)
+        spec = camera_config(name="esp32", url=cam.url, max_fps=10, **FAST_RETRY)
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d, http(d) as h:
@@ -251,7 +251,7 @@ def test_mjpeg_camera_killed_and_revived_resumes_and_counts_the_reconnect() -> N
     from tests.sources import MjpegServer
 
     with MjpegServer(fps=30, frames=30) as cam:
-        spec = CameraConfig(name="door", url=cam.url, max_fps=10, retry_max_s=0.5, **FAST_RETRY)
+        spec = camera_config(name="door", url=cam.url, max_fps=10, retry_max_s=0.5, **FAST_RETRY)
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:
@@ -291,7 +291,9 @@ def test_broken_cameras_say_why_leak_no_secret_and_leave_a_good_one_alone(
         urls = {f"m-{mode}": s.stream_url("admin", SECRET) for mode, s in servers.items()}
         urls["m-auth"] = locked.stream_url("admin", SECRET)
         urls["m-refused"] = f"http://admin:{SECRET}@127.0.0.1:1/stream"
-        specs = tuple(CameraConfig(name=n, url=u, max_fps=5, **FAST_RETRY) for n, u in urls.items())
+        specs = tuple(
+            camera_config(name=n, url=u, max_fps=5, **FAST_RETRY) for n, u in urls.items()
+        )
         expected = {
             "m-hang": ("connecting", "sent no answer"),
             "m-404": ("failed", "not found (HTTP 404)"),
@@ -338,7 +340,7 @@ def test_rtsp_camera_streams_h264_over_tcp_and_udp(transport: str) -> None:
     from tests.sources import RtspServer
 
     with RtspServer() as cam:
-        spec = CameraConfig(name="ipcam", url=cam.url, rtsp_transport=transport, **FAST_RETRY)
+        spec = camera_config(name="ipcam", url=cam.url, rtsp_transport=transport, **FAST_RETRY)
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:
@@ -370,8 +372,8 @@ def test_rtsp_camera_killed_and_revived_and_wrong_credentials(
     caplog.set_level(logging.INFO)
     with RtspServer() as cam, RtspServer(require_auth=("admin", "right-one")) as locked:
         specs = (
-            CameraConfig(name="ipcam", url=cam.url, retry_max_s=0.5, **FAST_RETRY),
-            CameraConfig(name="locked", url=locked.url_with("admin", SECRET), **FAST_RETRY),
+            camera_config(name="ipcam", url=cam.url, retry_max_s=0.5, **FAST_RETRY),
+            camera_config(name="locked", url=locked.url_with("admin", SECRET), **FAST_RETRY),
         )
 
         async def main() -> None:
@@ -399,9 +401,9 @@ def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
     from tests.sources import MjpegServer
 
     with MjpegServer(fps=30, frames=30) as cam:
-        polled = CameraConfig(name="snap", url=cam.capture_url(), fps=4, max_fps=0, **FAST_RETRY)
+        polled = camera_config(name="snap", url=cam.capture_url(), fps=4, max_fps=0, **FAST_RETRY)
         main_url = f"rtsp://admin:{SECRET}@127.0.0.1:1/main"
-        sub = CameraConfig(name="sub", url=main_url, substream_url=cam.url, **FAST_RETRY)
+        sub = camera_config(name="sub", url=main_url, substream_url=cam.url, **FAST_RETRY)
 
         async def main() -> None:
             async with running_daemon(cameras=(polled, sub)) as d:
@@ -428,7 +430,7 @@ def test_a_camera_that_stops_sending_is_a_counted_stall_then_reconnects() -> Non
     from tests.sources import MjpegServer
 
     with MjpegServer(fps=30, frames=30) as cam:
-        spec = CameraConfig(name="hall", url=cam.url, max_fps=5, retry_max_s=0.5, **FAST_RETRY)
+        spec = camera_config(name="hall", url=cam.url, max_fps=5, retry_max_s=0.5, **FAST_RETRY)
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:

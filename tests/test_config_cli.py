@@ -22,6 +22,7 @@ from vision_daemon.config import (
     load_config,
     read_toml,
 )
+from vision_daemon.options import CAMERA_DEFAULTS, SPECS
 
 
 def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> None:
@@ -47,9 +48,12 @@ def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> No
     (camera,) = load_config(uncommented, environ={}).cameras
     lines = example.splitlines()[1:]
     listed = {line.removeprefix("# ").split("=")[0].strip() for line in lines if "=" in line}
-    assert listed == set(CAMERA_FIELDS)
-    for name in CAMERA_FIELDS.keys() - {"name", "url"}:
+    assert listed == (set(CAMERA_FIELDS) - {"options"}) | set(SPECS)
+    for name in CAMERA_FIELDS.keys() - {"name", "url", "options"}:
         assert getattr(camera, name) == CAMERA_FIELDS[name].default, name
+    # serve has no literal default (left out, it is the daemon's serve_default): the example
+    # names latest
+    assert camera.options == dataclasses.replace(CAMERA_DEFAULTS, serve="latest")
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:

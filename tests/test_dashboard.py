@@ -28,7 +28,7 @@ import pytest
 import websockets
 
 from tests.conftest import ROOT, VIDEO, connect, jpeg, running_daemon, shared_model
-from vision_daemon.config import CameraConfig
+from vision_daemon.config import camera_config
 from vision_daemon.lifecycle import Daemon
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -151,7 +151,7 @@ def poll(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[LiveDaemon]:
     shared_model("yolov8n_int8_openvino_model")
-    camera = CameraConfig(name=STREAM, url=str(VIDEO), loop=True, max_fps=5.0)
+    camera = camera_config(name=STREAM, url=str(VIDEO), loop=True, max_fps=5.0)
     live = LiveDaemon(
         {
             "model": "yolov8n",

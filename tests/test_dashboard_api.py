@@ -18,7 +18,7 @@ import websockets
 from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, until
 from tests.test_cameras import short_video
 from vision_daemon import api as api_module
-from vision_daemon.config import CameraConfig
+from vision_daemon.config import camera_config
 from vision_daemon.outputs import LatestFrames
 from vision_daemon.protocol import Frame
 from vision_daemon.snapshot import History
@@ -202,8 +202,8 @@ def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
     and frames are throttled (counted) where none were before; a camera not streaming yet
     answers 204 for its frame."""
     clip = short_video(tmp_path / "clip.avi", frames=20, fps=20.0)
-    spec = CameraConfig(name="clip", url=str(clip), loop=True, max_fps=0)
-    dead = CameraConfig(name="dead", url="rtsp://127.0.0.1:9/none", retry_initial_s=30)
+    spec = camera_config(name="clip", url=str(clip), loop=True, max_fps=0)
+    dead = camera_config(name="dead", url="rtsp://127.0.0.1:9/none", retry_initial_s=30)
 
     async def main() -> None:
         async with running_daemon(auth_token=TOKEN, cameras=(spec, dead)) as d, api(d, TOKEN) as h:

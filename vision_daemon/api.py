@@ -23,8 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, 
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from vision_daemon import __version__
-from vision_daemon import protocol as p
+from vision_daemon import __version__, options
 from vision_daemon.analytics import line_from_dict, zone_from_dict
 from vision_daemon.checks import NAME_RE
 from vision_daemon.config import Config, ConfigError, camera_from_dict
@@ -239,27 +238,21 @@ def create_app(
 
     @app.patch("/streams/{name}", response_model=StreamOptionsModel, dependencies=[Auth])
     async def retune_stream(name: str, request: Request) -> dict[str, Any]:
-        """An operator's skip_frames and/or max_fps for a stream, pushed or pulled: they win over
-        what its client said, for as long as the stream lives."""
-        body = await read_json(request)
-        fields = ("skip_frames", "max_fps")
-        if not isinstance(body, dict) or not body or set(body) - set(fields):
-            raise HTTPException(
-                422, "send a JSON object with skip_frames (1..10000) and/or max_fps (0..1000)"
-            )
+        """An operator's options for a stream, pushed or pulled (those marked PATCH in
+        docs/PROTOCOL.md): they win over what its client said, for as long as the stream lives."""
         try:
-            p.parse_options(body)  # the same bounds as a client's hello
-        except p.ProtocolError as exc:
-            raise HTTPException(422, exc.message) from None
-        options = None
+            overrides = options.parse_overrides(await read_json(request))
+        except options.OptionError as exc:
+            raise HTTPException(422, str(exc)) from None
+        resolved = None
         if pipeline is not None:
-            options = pipeline.retune(name, body.get("skip_frames"), body.get("max_fps"))
-        if options is None:
+            resolved = pipeline.retune(name, overrides)
+        if resolved is None:
             raise HTTPException(404, "no stream of that name")
         camera = cameras.get(name) if cameras else None
         if camera is not None:  # its reader applies skip_frames and max_fps itself
-            camera.retune(options)
-        return options.to_dict()
+            camera.retune(resolved)
+        return resolved.to_dict()
 
     def analytics_of(name: str) -> dict[str, Any]:
         assert pipeline is not None

@@ -14,6 +14,8 @@ from vision_daemon.analytics.counting import EVENT_TYPES
 from vision_daemon.analytics.settings import AnalyticsConfig, analytics_from_toml
 from vision_daemon.checks import NAME_RE, between
 from vision_daemon.checks import ConfigError as ConfigError  # raised by every settings check
+from vision_daemon.options import CAMERA_DEFAULTS, SPECS, OptionError, StreamOptions
+from vision_daemon.options import parse as parse_options
 
 
 def _f(default: Any, section: str, help: str, env: str | None = None) -> Any:
@@ -36,13 +38,12 @@ class CameraConfig:
     name: str  # also its stream name in /stats, /ws and results
     url: str  # rtsp(s)://, http(s):// (MJPEG or JPEG snapshot), file path or file://, usb:N
     substream_url: str = ""  # a lower-resolution stream to analyse instead of `url` ("" = url)
-    skip_frames: int = 1  # analyse every Nth frame the camera sends
-    max_fps: float = 5.0  # analyse at most this many frames a second (0 = no limit)
+    # skip_frames, max_fps, motion_gate, track, min_confidence ... (vision_daemon/options.py):
+    # flat keys of the table or body, checked as a hello's are; max_fps defaults to 5 here
+    options: StreamOptions = CAMERA_DEFAULTS
     fps: float = 0.0  # the rate the camera is set to (0 = as the stream declares it)
     rtsp_transport: str = "tcp"  # tcp or udp
     keyframes_only: str = "auto"  # decode only keyframes: on, off, auto (on when max_fps <= 1)
-    motion_gate: float = -1.0  # motion gating share (0 = off; -1 = the daemon's motion_gate)
-    track: str = "auto"  # tracking: on, off, auto (= the daemon's track)
     decode_threads: int = 1  # FFmpeg decoder threads (1 is cheapest per camera; 0 = FFmpeg picks)
     loop: bool = False  # files: start again at the end
     open_timeout_s: float = 10.0  # connecting and the first frame
@@ -58,19 +59,12 @@ class CameraConfig:
             ),
             (_camera_url_ok(self.url), _URL_HELP),
             (not self.substream_url or _camera_url_ok(self.substream_url), _URL_HELP),
-            (self.skip_frames >= 1, "skip_frames must be >= 1"),
             (0 <= self.decode_threads <= 16, "decode_threads must be 0..16"),
             (
-                all(r == 0 or between(r, 0.001, 1000) for r in (self.max_fps, self.fps)),
-                "max_fps and fps must be 0 (off) or 0.001..1000",
-            ),
-            (self.skip_frames <= 100_000, "skip_frames must be <= 100000"),
-            (
-                0 <= self.motion_gate <= 1 or self.motion_gate == -1,
-                "motion_gate must be in 0..1 (0 = off)",
+                self.fps == 0 or between(self.fps, 0.001, 1000),
+                "fps must be 0 (as the stream declares) or 0.001..1000",
             ),
             (self.rtsp_transport in ("tcp", "udp"), "rtsp_transport must be tcp or udp"),
-            (self.track in ("auto", "on", "off"), "track must be auto, on or off"),
             (
                 self.keyframes_only in ("auto", "on", "off"),
                 "keyframes_only must be auto, on or off",
@@ -95,7 +89,10 @@ class CameraConfig:
                 raise ConfigError(f"bad {label}: {message}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The camera as a flat table, as it is written in a config file."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del flat["options"]
+        return {**flat, **self.options.to_dict()}
 
 
 _URL_HELP = (
@@ -137,13 +134,24 @@ def camera_from_dict(raw: Any) -> CameraConfig:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         f = CAMERA_FIELDS.get(key)
-        if f is None:
+        if key in SPECS:
+            continue
+        if f is None or key == "options":
             raise ConfigError(f"bad camera {name!r}: unknown setting {key!r}")
         values[key] = _coerce_value(f"camera {name!r}: {key}", f.default, value)
     for key in ("name", "url"):
         if key not in values:
             raise ConfigError(f"bad camera {name!r}: {key} is required")
+    try:
+        values["options"] = parse_options(raw, CAMERA_DEFAULTS)
+    except OptionError as exc:
+        raise ConfigError(f"bad camera {name!r}: {exc}") from None
     return CameraConfig(**values)
+
+
+def camera_config(**fields: Any) -> CameraConfig:
+    """A camera from keyword arguments, as from a [[cameras]] table (options flat)."""
+    return camera_from_dict(fields)
 
 
 def camera_from_flag(text: str) -> CameraConfig:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.analytics import Event, LineConfig, StreamAnalytics, StreamCounts, ZoneConfig
 from vision_daemon.config import Config
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
+from vision_daemon.options import defaults_of
 from vision_daemon.outputs import EventOutput, Hub, LatestFrames
 from vision_daemon.rates import HEADROOM, Advisor, ServiceTime, fair_shares
 from vision_daemon.scheduler import Scheduler
@@ -66,6 +67,7 @@ class Pipeline:
         self.metrics = metrics
         self.clock = clock
         self.streams: dict[str, Stream] = {}
+        self.defaults = defaults_of(config)  # what unset stream options resolve to
         self._owned: dict[Sink, dict[str, Stream]] = {}
         self.budget = QueueBudget(config.max_queued_mb * 2**20)
         self.totals = Counts(config.stats_window_s)
@@ -102,10 +104,6 @@ class Pipeline:
         if stream is not None:
             return stream
         cfg = self.config
-        if not options.serve:  # the client named no policy: the daemon's default
-            options = dataclasses.replace(options, serve=cfg.serve_default)
-        if options.motion_gate < 0:  # nor a motion gate
-            options = dataclasses.replace(options, motion_gate=cfg.motion_gate)
         existing = self.streams.get(name)
         if existing is not None and existing.detached_at is None:
             return f"stream {name!r} is in use by another connection ({existing.peer})"
@@ -127,6 +125,7 @@ class Pipeline:
                 self.budget,
                 sink,
                 motion_refresh_s=cfg.motion_refresh_s,
+                defaults=self.defaults,
             )
             stream.metric_label = self.metrics.label_for(name)
             self.streams[name] = stream
@@ -301,19 +300,17 @@ class Pipeline:
         stream = self._stream_for(sink, name, options)
         return stream if isinstance(stream, str) else None
 
-    def retune(
-        self, name: str, skip_frames: int | None = None, max_fps: float | None = None
-    ) -> p.StreamOptions | None:
-        """An operator's skip_frames and max_fps for a stream (PATCH /streams/{name}): they win
-        over what its client says, for as long as the stream lives. None: no such stream."""
+    def retune(self, name: str, overrides: Mapping[str, Any]) -> p.StreamOptions | None:
+        """An operator's options for a stream (PATCH /streams/{name}, checked by
+        options.parse_overrides): they win over what its client says, for as long as the stream
+        lives. None: no such stream."""
         stream = self.streams.get(name)
         if stream is None:
             return None
-        if skip_frames is not None:
-            stream.overrides["skip_frames"] = skip_frames
-        if max_fps is not None:
-            stream.overrides["max_fps"] = max_fps
-        stream.set_options(stream.options)
+        stream.overrides.update(overrides)
+        stream.set_options(stream.given)
+        if "track" in overrides:
+            self._set_analysis(stream)
         log.info("stream %s retuned by an operator: %s", name, stream.overrides)
         return stream.options
 

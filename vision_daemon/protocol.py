@@ -13,6 +13,9 @@ from typing import Any
 
 import msgpack
 
+from vision_daemon import options
+from vision_daemon.options import StreamOptions as StreamOptions
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -20,7 +23,6 @@ HEADER_SIZE = HEADER.size
 # fullmatch, not match + "$": "$" also matches before a trailing newline ("cam\n").
 STREAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 ENCODINGS = ("jpeg", "png", "raw", "shm")
-SERVE_POLICIES = ("latest", "fifo")  # which queued frame a stream's turn serves
 
 # Shared-memory ingest (docs/PROTOCOL.md, "Shared-memory frames"): a POSIX shm segment's name as
 # it appears in /dev/shm (no slash, no leading dot), its header, and the bounds on its ring.
@@ -71,37 +73,6 @@ class ProtocolError(Exception):
         self.message = message
         self.frame_id = frame_id
         self.fatal = fatal
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOptions:
-    """Per-stream processing options a client may set in `hello`."""
-
-    skip_frames: int = 1  # process every Nth received frame (1 = all)
-    max_fps: float = 0.0  # time-based throttle, 0 = off
-    # "latest": a turn serves the newest queued frame, older ones drop as superseded; "fifo":
-    # the oldest first. "" = the daemon's `serve_default`.
-    serve: str = ""
-    # The rate the client would send without advice (fps; 0 = not said): its demand in the
-    # server-advised rates (vision_daemon/rates.py).
-    source_fps: float = 0.0
-    # Motion gating (vision_daemon/motion.py): a frame whose thumbnail changed in less than this
-    # share of its pixels since the last analysed frame reuses that frame's detections. 0 = off;
-    # -1 = the daemon's `motion_gate`.
-    motion_gate: float = -1.0
-    # Tracking (issue 18): True or False; None = the daemon's `track` (a stream with lines or
-    # zones is tracked whatever this says).
-    track: bool | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "skip_frames": self.skip_frames,
-            "max_fps": self.max_fps,
-            "serve": self.serve,
-            "source_fps": self.source_fps,
-            "motion_gate": self.motion_gate,
-            "track": self.track,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,43 +222,15 @@ def validate_stream_name(name: Any, frame_id: int | None = None) -> str:
 
 
 def parse_options(raw: Any) -> StreamOptions:
+    """A hello's options map (vision_daemon/options.py declares and checks each option)."""
     if raw is None:
         return StreamOptions()
     if not isinstance(raw, dict):
         raise ProtocolError(E_INVALID, "stream options must be a map")
-    skip = _opt(raw, "skip_frames", 1)
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 10_000:
-        raise ProtocolError(E_INVALID, "skip_frames must be an integer in 1..10000")
-    max_fps = _number_opt(
-        raw, "max_fps", 0.0, 1000, "max_fps must be a number in 0..1000 (0 = no limit)"
-    )
-    source_fps = _number_opt(
-        raw, "source_fps", 0.0, 1000, "source_fps must be a number in 0..1000 (0 = not said)"
-    )
-    serve = _opt(raw, "serve", "")
-    if serve not in SERVE_POLICIES and not (serve == "" and raw.get("serve") is None):
-        raise ProtocolError(E_INVALID, "serve must be latest or fifo")
-    gate = _number_opt(
-        raw, "motion_gate", -1.0, 1, "motion_gate must be a share in 0..1 (0 = off)", unset=-1.0
-    )
-    track = raw.get("track")
-    if track is not None and not isinstance(track, bool):
-        raise ProtocolError(E_INVALID, "track must be true or false")
-    return StreamOptions(skip, max_fps, serve, source_fps, gate, track)
-
-
-def _number_opt(
-    raw: dict[str, Any], key: str, default: float, top: float, message: str, unset: float = 0.0
-) -> float:
-    """An optional number in 0..top (or exactly `unset`); NaN, booleans and strings refused."""
-    value = _opt(raw, key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (0 <= value <= top or value == unset)  # also refuses NaN
-    ):
-        raise ProtocolError(E_INVALID, message)
-    return float(value)
+    try:
+        return options.parse(raw)
+    except options.OptionError as exc:
+        raise ProtocolError(E_INVALID, str(exc)) from None
 
 
 def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:

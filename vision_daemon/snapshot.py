@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from vision_daemon import __version__
 from vision_daemon.detectors import ModelInfo
 from vision_daemon.ingest.cameras import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
+from vision_daemon.options import SPECS
 from vision_daemon.outputs import Hub
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.streams import Analysis
@@ -68,19 +69,19 @@ class FrameCounts(BaseModel):
     latency_ms: Latency
 
 
-class StreamOptionsModel(BaseModel):
-    skip_frames: int
-    max_fps: float
-    serve: str = Field(description="latest or fifo: which queued frame a turn serves")
-    source_fps: float = Field(
-        description="the rate the client said it sends unadvised; 0: not said"
-    )
-    motion_gate: float = Field(
-        description="changed-pixel share under which a frame reuses the last detections; 0: off"
-    )
-    track: bool | None = Field(
-        None, description="tracking asked by the client (null: the daemon's track setting)"
-    )
+# The output model of a stream's options is made from their declarations (options.SPECS), so
+# a new option shows in /stats, /streams/{name}, /cameras and the OpenAPI schema by itself.
+_OptionsFields: type[BaseModel] = create_model(
+    "_OptionsFields",
+    **{
+        name: (bool | None if s.kind is bool else s.kind, Field(s.default, description=s.doc))
+        for name, s in SPECS.items()
+    },  # type: ignore[call-overload]  # field definitions built from data, checked at import
+)
+
+
+class StreamOptionsModel(_OptionsFields):  # type: ignore[misc,valid-type]  # fields from SPECS
+    """A stream's options, resolved (unset ones show the daemon's setting; track stays null)."""
 
 
 class ZoneCountsModel(BaseModel):
@@ -139,12 +140,12 @@ class ModelInfoModel(BaseModel):
     warmup_ms: float
 
 
-class CameraOptionsModel(BaseModel):
-    skip_frames: int
-    max_fps: float
+class CameraOptionsModel(StreamOptionsModel):
+    """A camera's stream options as its table or an operator set them (-1 and null: the
+    daemon's), and how it is read."""
+
     rtsp_transport: str
     keyframes_only: str
-    motion_gate: float = Field(description="-1: the daemon's motion_gate")
     decode_threads: int
     loop: bool
     stall_timeout_s: float

@@ -8,17 +8,17 @@ pipeline), and workers and the scheduler hand their verdicts back as `Report` va
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vision_daemon.analytics import Event, StreamAnalytics, StreamCounts
 from vision_daemon.detectors.base import Detection
 from vision_daemon.motion import MotionGate
+from vision_daemon.options import resolve
 from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.stats import Counts
 
@@ -221,20 +221,24 @@ class Stream:
     detached_at: float | None = None  # set when its sink closed; removed after a grace
     metric_label: str = ""  # the label this stream's Prometheus series carry
     advised_fps: float | None = None  # the rate the pipeline last advised (rates.py)
-    # skip_frames and max_fps an operator set (PATCH /streams/{name}): they win over the client's
+    # options an operator set (PATCH /streams/{name}): they win over the client's
     overrides: dict[str, Any] = field(default_factory=dict)
     motion_refresh_s: float = 5.0
     gate: Gate = field(init=False)
     motion: MotionGate | None = field(init=False)  # set when options.motion_gate > 0
     analysis: Analysis | None = None  # tracking, lines and zones; set by the pipeline
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # the daemon's (options.resolve)
+    given: StreamOptions = field(init=False)  # what the client or camera said
 
     def __post_init__(self) -> None:
         self.counts = Counts(self.window_s)
         self.set_options(self.options)
 
     def set_options(self, options: StreamOptions) -> None:
-        """The client's options, with the operator's overrides on top; the gate starts afresh."""
-        self.options = dataclasses.replace(options, **self.overrides) if self.overrides else options
+        """The client's options, resolved with the daemon's defaults and the operator's
+        overrides (options.resolve); the gates start afresh."""
+        self.given = options
+        self.options = resolve(options, self.defaults, self.overrides)
         self.gate = Gate(self.options)
         gate = self.options.motion_gate
         self.motion = MotionGate(gate, self.motion_refresh_s) if gate > 0 else None

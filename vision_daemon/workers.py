@@ -205,6 +205,9 @@ def process(
         for i, dets in zip(ok, clean, strict=True):
             if i in scales:
                 dets = scale_up(dets, *scales[i])
+            floor = jobs[i].stream.options.min_confidence  # the stream's own threshold
+            if floor > 0:
+                dets = [d for d in dets if d["conf"] >= floor]
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
             if i in gated:

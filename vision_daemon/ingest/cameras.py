@@ -84,14 +84,9 @@ class Camera:
         self.url = spec.substream_url or spec.url  # the stream that is analysed
         self.peer = "camera " + redact_url(self.url)  # a Sink's peer: shown in /stats
         self.rate_advice = False  # the reader keeps its own max_fps (see `advise`)
-        self.options = StreamOptions(
-            spec.skip_frames,
-            spec.max_fps,
-            motion_gate=spec.motion_gate,
-            track={"on": True, "off": False}.get(spec.track),
-        )
+        self.options = spec.options
         self.keyframes_only = spec.keyframes_only == "on" or (
-            spec.keyframes_only == "auto" and 0 < spec.max_fps <= 1.0
+            spec.keyframes_only == "auto" and 0 < spec.options.max_fps <= 1.0
         )
         self._pipeline = pipeline
         self._loop = loop
@@ -416,12 +411,9 @@ class Camera:
                 "decode_ms": decode["mean"],
                 "quality": grade(self.state, reconnects_h + stalls_h, share),
                 "options": {
-                    "skip_frames": self.options.skip_frames,
-                    "max_fps": self.options.max_fps,
+                    **self.options.to_dict(),
                     "rtsp_transport": self.spec.rtsp_transport,
                     "keyframes_only": self.spec.keyframes_only,
-                    "motion_gate": self.options.motion_gate,
-                    "track": self.spec.track,
                     "decode_threads": self.spec.decode_threads,
                     "loop": self.spec.loop,
                     "stall_timeout_s": self.spec.stall_timeout_s,

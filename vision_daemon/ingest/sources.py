@@ -539,7 +539,7 @@ class SnapshotSource:
         self.credentials = credentials
         self.max_bytes = max_bytes
         self.first: bytes | None = first
-        rate = camera.fps or camera.max_fps or 1.0
+        rate = camera.fps or camera.options.max_fps or 1.0
         self.interval = 1.0 / rate
         self.stall_s = camera.stall_timeout_s
         self.info = SourceInfo("snapshot", "jpeg", nominal_fps=rate)

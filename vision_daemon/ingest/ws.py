@@ -34,6 +34,7 @@ from vision_daemon.config import Config
 from vision_daemon.decode import JPEG_MAGIC
 from vision_daemon.ingest.peer import ConnectionTasks, PeerSink
 from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.options import OptionError, parse_text
 from vision_daemon.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -49,30 +50,18 @@ MAX_REASON = 120  # a close reason must fit in 123 bytes (RFC 6455); ours are AS
 
 
 def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
-    """Browser-mode options from the query string, validated like a hello's options.
+    """Browser-mode options from the query string, checked as a hello's options are (every
+    option of vision_daemon/options.py; other parameters, such as the token, are not options).
 
     Returns the stream options and whether dropped notices were asked for.
     """
-    raw: dict[str, Any] = {}
-    for key, kind in (("skip_frames", int), ("max_fps", float)):
-        value = query.get(key)
-        if value is not None:
-            try:
-                raw[key] = kind(value)
-            except ValueError:
-                msg = f"query parameter {key} must be a number"
-                raise p.ProtocolError(p.E_INVALID, msg) from None
-    if query.get("serve") is not None:
-        raw["serve"] = query["serve"]
-    flags = {}
-    for key, default in (("dropped_notices", "false"), ("track", "")):
-        value = query.get(key, default).lower()
-        if value not in ("1", "0", "true", "false", default):
-            raise p.ProtocolError(p.E_INVALID, f"query parameter {key} must be true or false")
-        flags[key] = value
-    if flags["track"]:
-        raw["track"] = flags["track"] in ("1", "true")
-    return p.parse_options(raw), flags["dropped_notices"] in ("1", "true")
+    notices = query.get("dropped_notices", "false").lower()
+    if notices not in ("1", "0", "true", "false"):
+        raise p.ProtocolError(p.E_INVALID, "query parameter dropped_notices must be true or false")
+    try:
+        return parse_text(query), notices in ("1", "true")
+    except OptionError as exc:
+        raise p.ProtocolError(p.E_INVALID, str(exc)) from None
 
 
 class WsConnection(PeerSink):
