@@ -75,6 +75,7 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
                 "source_fps": 0.0,
                 "motion_gate": 0.0,
                 "track": None,
+                "min_confidence": 0.0,
             }
             assert accounted(d)
 

@@ -14,13 +14,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from tests.conftest import jpeg
+from tests.conftest import ROOT, jpeg
+from tests.test_option_entry_points import CASES, OPERATOR
 from vision_daemon import protocol as p
 from vision_daemon.config import load_config
 from vision_daemon.decode import DecodeFailure, decode, decode_for, reduction
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 from vision_daemon.log import RateLimiter, RedactTokens
 from vision_daemon.metrics import OTHER, Metrics
+from vision_daemon.options import OPERATOR_OPTIONS, SPECS, StreamOptions, protocol_table, resolve
 from vision_daemon.outputs import Hub, Subscriber
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.scheduler import Scheduler
@@ -475,3 +477,27 @@ def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
     with pytest.raises(DecodeFailure) as err:
         decode(frame("a", 0, data), 10**7)
     assert err.value.code == p.E_DECODE and "scans" in err.value.message
+
+
+def test_protocol_doc_holds_the_options_table_generated_from_the_spec() -> None:
+    """docs/PROTOCOL.md's stream-options table is the one options.protocol_table() makes, so the
+    doc cannot drift from the declarations."""
+    text = (ROOT / "docs" / "PROTOCOL.md").read_text()
+    start = text.index("<!-- options-table:start -->\n") + len("<!-- options-table:start -->\n")
+    assert text[start : text.index("\n<!-- options-table:end -->")] == protocol_table()
+
+
+def test_operator_options_are_the_ones_the_entry_point_test_patches() -> None:
+    """The options PATCH accepts are those the entry-point test drives through PATCH."""
+    assert set(OPERATOR_OPTIONS) == OPERATOR
+    assert {option for option, _, _ in CASES} == set(SPECS)
+
+
+def test_resolve_takes_daemon_then_client_then_operator() -> None:
+    """Unset options take the daemon's setting, the client's win over it and an operator's win
+    over both; track stays unset (the pipeline reads the daemon's)."""
+    daemon = {"serve": "fifo", "motion_gate": 0.2, "track": True}
+    assert resolve(StreamOptions(), daemon, {}) == StreamOptions(serve="fifo", motion_gate=0.2)
+    given = StreamOptions(serve="latest", motion_gate=0.0, skip_frames=2)
+    got = resolve(given, daemon, {"skip_frames": 5, "motion_gate": -1.0})
+    assert (got.serve, got.motion_gate, got.skip_frames, got.track) == ("latest", 0.2, 5, None)
