@@ -17,7 +17,7 @@ import websockets
 
 from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, until
 from tests.test_cameras import short_video
-from vision_daemon import api as api_module
+from vision_daemon.api import dashboard as api_module
 from vision_daemon.config import camera_config
 from vision_daemon.outputs import LatestFrames
 from vision_daemon.protocol import Frame

@@ -21,6 +21,7 @@ from vision_daemon import __version__, analytics
 from vision_daemon import protocol as p
 from vision_daemon.api import create_app
 from vision_daemon.config import Config, ConfigError
+from vision_daemon.control import DaemonControl
 from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
 from vision_daemon.detectors.triton import Endpoints
@@ -32,7 +33,8 @@ from vision_daemon.metrics import Metrics
 from vision_daemon.outputs import EventOutput, Hub, MqttOutput, WebhookOutput
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.scheduler import Scheduler
-from vision_daemon.snapshot import Components, History, Snapshot, SnapshotCache
+from vision_daemon.schema import Snapshot
+from vision_daemon.snapshot import Components, History, SnapshotCache
 from vision_daemon.streams import Reports
 from vision_daemon.workers import WorkerPool, in_daemon_thread
 
@@ -160,17 +162,10 @@ class Daemon:
         quiet_codecs()
         # The API comes up first so /health answers while the model loads and warms up.
         if cfg.api_port >= 0:
-            app = create_app(
-                cfg,
-                self.stats,
-                self.hub,
-                self.metrics,
-                self.started_at,
-                self.ready,
-                self.cameras,
-                ws_ingest=self.ws_ingest,
-                pipeline=self.pipeline,
+            control = DaemonControl(
+                cfg, self.pipeline, self.stats, self.ready, self.cameras, self.ws_ingest
             )
+            app = create_app(cfg, control, self.hub, self.metrics, self.started_at)
             await self.http.start(app)
             stack.push_async_callback(self._guard, "control plane", self.http.stop)
             stack.callback(self.hub.close)  # /ws subscribers close with 1001 before the server

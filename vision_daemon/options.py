@@ -42,10 +42,13 @@ class Spec:
     daemon: str = ""  # the Config field an unset value resolves to ("" = none)
     operator: bool = True  # an operator may override it with PATCH /streams/{name}
     camera_default: Any = None  # a camera's default when it differs from a hello's
+    what: str = ""  # what a valid value is, where the generated words would not say it well
 
     @property
     def must(self) -> str:
         """What a valid value is, for error messages and the PROTOCOL table."""
+        if self.what:
+            return self.what
         if self.kind is bool:
             return "true or false (or null / auto: the daemon's setting)"
         if self.kind is str:
@@ -139,6 +142,7 @@ class StreamOptions:
         high=1,
         unset=-1.0,
         daemon="motion_gate",
+        what="a share in 0..1 (0 = off; -1: the daemon's setting)",
     )
     track: bool | None = _opt(
         None, "track objects (a stream with lines or zones is always tracked)", daemon="track"

@@ -1,0 +1,101 @@
+"""What the API may ask of the daemon: the `Control` facade, and the errors its methods raise.
+
+The lifecycle builds the one implementation (vision_daemon/control.py) over the pipeline, the
+cameras and the ingests; the routers see only this interface, so they stay out of the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from starlette.websockets import WebSocket
+
+from vision_daemon.analytics import LineConfig, ZoneConfig
+from vision_daemon.config import CameraConfig
+from vision_daemon.options import StreamOptions
+from vision_daemon.outputs import FrameImage
+from vision_daemon.schema import Snapshot
+
+
+class NotFound(Exception):
+    """No stream or camera of that name (404)."""
+
+
+class Refused(Exception):
+    """A limit or a conflict refuses the change (409); the message says which."""
+
+
+class Invalid(Exception):
+    """The request's values are out of bounds (422); the message names the bad one."""
+
+
+class Unavailable(Exception):
+    """This daemon does not run the part the request needs (503)."""
+
+
+class Control(Protocol):
+    """The daemon as the control plane sees it: reads and the changes an operator may make."""
+
+    def snapshot(self) -> Snapshot:
+        """The latest periodic snapshot (built at most once per stats_refresh_s)."""
+        ...
+
+    def history_body(self) -> bytes:
+        """/stats/history as JSON."""
+        ...
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the daemon serves frames, and why not."""
+        ...
+
+    def retune(self, name: str, overrides: Mapping[str, Any]) -> StreamOptions:
+        """An operator's options for a stream; its resolved options. Raises NotFound."""
+        ...
+
+    async def latest_frame(self, name: str) -> FrameImage | None:
+        """The stream's latest analysed frame (None until one is kept). Raises NotFound."""
+        ...
+
+    def analytics(self) -> dict[str, dict[str, Any]]:
+        """Every tracked stream's lines, zones and counts."""
+        ...
+
+    def analytics_of(self, name: str) -> dict[str, Any]:
+        """One stream's lines, zones and counts. Raises NotFound."""
+        ...
+
+    def set_geometry(
+        self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
+    ) -> dict[str, Any]:
+        """Replace a stream's lines and zones. Raises Invalid, Refused or Unavailable."""
+        ...
+
+    def cameras(self) -> dict[str, dict[str, Any]]:
+        """Every pulled camera's health, now."""
+        ...
+
+    def camera(self, name: str) -> dict[str, Any]:
+        """One camera's health. Raises NotFound."""
+        ...
+
+    def add_camera(self, spec: CameraConfig) -> dict[str, Any]:
+        """Start pulling a camera; its health. Raises Refused or Unavailable."""
+        ...
+
+    def remove_camera(self, name: str) -> None:
+        """Stop pulling a camera. Raises NotFound."""
+        ...
+
+    async def camera_snapshot(self, name: str) -> bytes | None:
+        """The camera's latest analysed frame as a JPEG. Raises NotFound."""
+        ...
+
+    @property
+    def ingests_websockets(self) -> bool:
+        """Whether WS /ingest is served."""
+        ...
+
+    async def serve_ingest(self, websocket: WebSocket, stream: str | None) -> None:
+        """Hand an accepted WebSocket to the ingest (stream set: browser mode)."""
+        ...

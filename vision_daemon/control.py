@@ -1,0 +1,141 @@
+"""The `Control` facade the API talks to (vision_daemon/api/control.py declares it): one place
+for everything an operator's request reaches across components (the pipeline's streams and
+analytics, the cameras, the WebSocket ingest, the stats snapshot)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from vision_daemon.analytics import LineConfig, ZoneConfig
+from vision_daemon.api.control import Invalid, NotFound, Refused, Unavailable
+from vision_daemon.config import CameraConfig, Config, ConfigError
+from vision_daemon.ingest.cameras import CameraManager, CameraRefused
+from vision_daemon.ingest.ws import WsIngest
+from vision_daemon.options import StreamOptions
+from vision_daemon.outputs import FrameImage
+from vision_daemon.pipeline import Pipeline
+from vision_daemon.schema import Snapshot
+from vision_daemon.snapshot import SnapshotCache
+
+NO_STREAM = "no stream of that name"
+
+
+class DaemonControl:
+    """The daemon's components behind the API's `Control` interface."""
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        cache: SnapshotCache,
+        ready: Callable[[], tuple[bool, str]],
+        cameras: CameraManager | None = None,
+        ws_ingest: WsIngest | None = None,
+    ) -> None:
+        self._config = config
+        self._pipeline = pipeline
+        self._cache = cache
+        self._ready = ready
+        self._cameras = cameras
+        self._ws_ingest = ws_ingest
+
+    # ---- stats and streams --------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return self._cache.latest()
+
+    def history_body(self) -> bytes:
+        return self._cache.history.body()
+
+    def ready(self) -> tuple[bool, str]:
+        return self._ready()
+
+    def retune(self, name: str, overrides: Mapping[str, Any]) -> StreamOptions:
+        options = self._pipeline.retune(name, overrides)
+        if options is None:
+            raise NotFound(NO_STREAM)
+        camera = self._cameras.get(name) if self._cameras else None
+        if camera is not None:  # its reader applies skip_frames and max_fps itself
+            camera.retune(options)
+        return options
+
+    async def latest_frame(self, name: str) -> FrameImage | None:
+        if name not in self._pipeline.streams:
+            raise NotFound(NO_STREAM)
+        return await self._pipeline.frames.image(name, time.monotonic())
+
+    # ---- analytics ----------------------------------------------------------------------------
+    def analytics(self) -> dict[str, dict[str, Any]]:
+        streams = self._pipeline.streams
+        return {n: self._analytics_of(n) for n, s in streams.items() if s.analysis is not None}
+
+    def analytics_of(self, name: str) -> dict[str, Any]:
+        if name not in self._pipeline.streams and not any(self._pipeline.geometry_of(name)):
+            raise NotFound("no stream of that name, and no lines or zones for it")
+        return self._analytics_of(name)
+
+    def set_geometry(
+        self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
+    ) -> dict[str, Any]:
+        pipeline, limit = self._pipeline, self._config.max_streams
+        if name not in pipeline.geometry and len(pipeline.geometry) >= limit:
+            raise Refused(f"lines and zones are set for max_streams={limit} streams")
+        try:
+            pipeline.set_geometry(name, lines, zones)
+        except ConfigError as exc:
+            raise Invalid(str(exc)) from None
+        return self._analytics_of(name)
+
+    def _analytics_of(self, name: str) -> dict[str, Any]:
+        lines, zones = self._pipeline.geometry_of(name)
+        stream = self._pipeline.streams.get(name)
+        analysis = stream.analysis if stream is not None else None
+        return {
+            "stream": name,
+            "tracked": analysis is not None,
+            "lines": [dataclasses.asdict(c) for c in lines],
+            "zones": [dataclasses.asdict(c) for c in zones],
+            "counts": analysis.counts() if analysis is not None else None,
+            "events": dict(analysis.events) if analysis is not None else {},
+        }
+
+    # ---- cameras ------------------------------------------------------------------------------
+    def cameras(self) -> dict[str, dict[str, Any]]:
+        return self._cameras.health(time.monotonic()) if self._cameras else {}
+
+    def camera(self, name: str) -> dict[str, Any]:
+        camera = self._cameras.get(name) if self._cameras else None
+        if camera is None:
+            raise NotFound(f"no camera named {name[:64]!r}")
+        return camera.health(time.monotonic())
+
+    def add_camera(self, spec: CameraConfig) -> dict[str, Any]:
+        if self._cameras is None:
+            raise Unavailable("cameras are not available in this daemon")
+        try:
+            return self._cameras.add(spec).health(time.monotonic())
+        except CameraRefused as exc:
+            raise Refused(str(exc)) from None
+
+    def remove_camera(self, name: str) -> None:
+        if self._cameras is None or not self._cameras.remove(name):
+            raise NotFound(f"no camera named {name[:64]!r}")
+
+    async def camera_snapshot(self, name: str) -> bytes | None:
+        camera = self._cameras.get(name) if self._cameras else None
+        if camera is None:
+            raise NotFound(f"no camera named {name[:64]!r}")
+        return await camera.snapshot_jpeg()
+
+    # ---- WebSocket ingest ---------------------------------------------------------------------
+    @property
+    def ingests_websockets(self) -> bool:
+        return self._ws_ingest is not None
+
+    async def serve_ingest(self, websocket: WebSocket, stream: str | None) -> None:
+        assert self._ws_ingest is not None, "routes exist only when ingests_websockets"
+        await self._ws_ingest.serve(websocket, stream)
