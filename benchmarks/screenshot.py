@@ -1,4 +1,4 @@
-"""Makes docs/dashboard.png, the README's screenshot of the web dashboard (not a benchmark).
+"""Makes docs/dashboard.png, the user guide's screenshot of the web dashboard (not a benchmark).
 
     VISION_DAEMON_MODEL_DIR=../shared/models YOLO_OFFLINE=1 \\
       .venv/bin/python -m benchmarks.screenshot --out docs/dashboard.png

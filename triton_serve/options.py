@@ -7,6 +7,11 @@ import os
 import re
 from pathlib import Path
 
+try:
+    from triton_serve import lookup
+except ImportError:  # imported by server.py run as a script: its siblings are on sys.path
+    import lookup  # type: ignore[no-redef]
+
 FP32_SUFFIX = "_fp32"
 DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.7
@@ -48,27 +53,33 @@ def export_marker(name: str) -> str | None:
 
 
 def resolve_model(model_dir: Path, model: str) -> Path:
-    """The OpenVINO .xml or .onnx file that NAME names in DIR; ModelNotFoundError says what was tried."""
-    base = model_dir / model
-    candidates = [base, model_dir / f"{model}.onnx", model_dir / f"{model}_openvino_model"]
-    for path in candidates:
-        if path.is_dir():
-            xmls = sorted(path.glob("*.xml"))
-            if len(xmls) == 1:
-                return xmls[0]
-            onnx = sorted(path.glob("*.onnx"))
-            if not xmls and len(onnx) == 1:
-                return onnx[0]
-            raise ModelNotFoundError(
-                f"model {model!r}: {path} holds {len(xmls)} .xml files, not one OpenVINO export;"
-                " point --model at one export"
-            )
-        if path.is_file() and path.suffix.lower() in {".onnx", ".xml"}:
-            return path
-    tried = ", ".join(str(p) for p in candidates)
+    """The OpenVINO .xml or .onnx file NAME names: found as vision-daemon on CPU finds it (lookup.py).
+
+    ModelNotFoundError (one line) says what was tried, or why what was found cannot be served.
+    """
+    found, tried = lookup.find(model, model_dir, "cpu")
+    if found is None:
+        raise ModelNotFoundError(
+            f"model {model!r} not found (tried {', '.join(str(p) for p in tried)}); check --model"
+            " and --model-dir (or VISION_DAEMON_MODEL_DIR)"
+        )
+    if found.is_dir():
+        xmls = sorted(found.glob("*.xml"))
+        if len(xmls) == 1:
+            return xmls[0]
+        onnx = sorted(found.glob("*.onnx"))
+        if not xmls and len(onnx) == 1:
+            return onnx[0]
+        raise ModelNotFoundError(
+            f"model {model!r}: {found} holds {len(xmls)} .xml files, not one OpenVINO export;"
+            " point --model at one export"
+        )
+    if found.suffix.lower() in {".onnx", ".xml"}:
+        return found
     raise ModelNotFoundError(
-        f"model {model!r} not found (tried {tried}); check --model and --model-dir"
-        " (or VISION_DAEMON_MODEL_DIR)"
+        f"model {model!r} resolves to {found}, but vision-triton serves only OpenVINO or ONNX"
+        f" exports; export it first (vision-daemon --model {found} --device cpu exports a .pt to"
+        " OpenVINO beside it)"
     )
 
 
@@ -91,7 +102,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         required=True,
-        help="export inside --model-dir: a *_openvino_model directory (one .xml) or a .onnx file",
+        help=(
+            "model name or path, found as vision-daemon finds it on CPU: the path, NAME inside"
+            " --model-dir, then for a bare NAME: "
+            + ", ".join(pattern.format("NAME") for pattern in lookup.CPU_ORDER)
+            + " there; the first found must be an OpenVINO folder (one .xml) or a .onnx file"
+        ),
     )
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from triton_serve import lookup
 from vision_daemon.config import Config
 from vision_daemon.detectors.base import Detection, Image, ModelError, ModelInfo
 from vision_daemon.detectors.openvino import (
@@ -50,30 +51,15 @@ def resolve_device(device: str) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def candidates(name: str, model_dir: Path, device: str) -> list[Path]:
-    """Where a model name may live, fastest backend for the device first."""
-    paths = [Path(name), model_dir / name]
-    if Path(name).suffix == "" and not name.endswith("_model"):
-        cpu_first = [
-            f"{name}_openvino_model",
-            f"{name}_int8_openvino_model",
-            f"{name}.onnx",
-            f"{name}_int8.onnx",
-            f"{name}.pt",
-        ]
-        gpu_first = [f"{name}.engine", f"{name}.pt", f"{name}.onnx", f"{name}_openvino_model"]
-        order = cpu_first if device == "cpu" else gpu_first
-        paths += [model_dir / c for c in order]
-    return paths
-
-
 def resolve_model(name: str, model_dir: Path, device: str) -> tuple[str, list[str]]:
-    """An existing path, else the name inside model_dir, else a name for ultralytics to fetch."""
-    tried: list[str] = []
-    for path in candidates(name, model_dir, device):
-        tried.append(str(path))
-        if path.exists():
-            return str(path), tried
+    """An existing path, else the name inside model_dir, else a name for ultralytics to fetch.
+
+    The local lookup is triton_serve.lookup's, so vision-triton finds the same export by name.
+    """
+    found, tried_paths = lookup.find(name, model_dir, device)
+    tried = [str(path) for path in tried_paths]
+    if found is not None:
+        return str(found), tried
     official = name if Path(name).suffix else f"{name}.pt"
     tried.append(f"ultralytics download of {official}")
     return official, tried
