@@ -1,42 +1,37 @@
-"""The pipeline: stream registry and admission, byte budget, drop policy, and routing of results.
+"""The pipeline: a thin facade over the stream registry and admission, the byte budget and drop
+policy, and the routing of results; what it delegates lives in its own module: the frame
+accounting in ledger.py, tracking, lines, zones and events in analyses.py, rate advice in
+advice.py.
 
 Ingest adapters call `submit(sink, frame, options)`; every submitted frame then ends in exactly
 one result or one drop, routed to its stream's sink (then `sink.frame_done()`), to the /ws hub and
-to the counters. Workers and the scheduler hand their verdicts back on the `Reports` queue, which
+to the ledger. Workers and the scheduler hand their verdicts back on the `Reports` queue, which
 `run()` drains; nothing below the pipeline calls up into it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vision_daemon import protocol as p
-from vision_daemon.analytics import Event, LineConfig, StreamAnalytics, StreamCounts, ZoneConfig
+from vision_daemon.advice import Advice
+from vision_daemon.analyses import Analyses, Geometry
+from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.config import Config
+from vision_daemon.ledger import Ledger
 from vision_daemon.log import RateLimiter, log_limited, peer_host
 from vision_daemon.metrics import Metrics
 from vision_daemon.options import defaults_of
 from vision_daemon.outputs import EventOutput, Hub, LatestFrames
-from vision_daemon.rates import HEADROOM, Advisor, ServiceTime, fair_shares
+from vision_daemon.rates import ServiceTime
 from vision_daemon.scheduler import Scheduler
 from vision_daemon.stats import Counts
-from vision_daemon.streams import (
-    Analysis,
-    Job,
-    Outcome,
-    QueueBudget,
-    Report,
-    Reports,
-    Sink,
-    Stream,
-)
+from vision_daemon.streams import Job, Outcome, QueueBudget, Report, Reports, Sink, Stream
 
 log = logging.getLogger(__name__)
 
@@ -66,37 +61,54 @@ class Pipeline:
         self.frames = frames if frames is not None else LatestFrames()
         self.metrics = metrics
         self.clock = clock
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, Stream] = {}  # the one registry of streams
         self.defaults = defaults_of(config)  # what unset stream options resolve to
         self._owned: dict[Sink, dict[str, Stream]] = {}
         self.budget = QueueBudget(config.max_queued_mb * 2**20)
-        self.totals = Counts(config.stats_window_s)
-        self.errors: Counter[str] = Counter()  # protocol errors by code
+        self.ledger = Ledger(metrics, config.stats_window_s)
+        self.analyses = Analyses(config, hub, outputs, clock)
+        self.rates = Advice(config.workers)
         self.streams_evicted = 0  # detached streams removed early to make room for new ones
-        self.last_latency_ms: float | None = None
         self._log_limit = RateLimiter()
-        self.service = ServiceTime()  # what a frame costs a worker: the capacity estimate
-        self.advisor = Advisor()
-        self.outputs = list(outputs)
-        # Lines and zones set through the API (PUT /streams/{name}/analytics), by stream: they
-        # replace the config's for that stream, for as long as the daemon runs.
-        self.geometry: dict[str, tuple[tuple[LineConfig, ...], tuple[ZoneConfig, ...]]] = {}
-        self.events_total: Counter[str] = Counter()  # by type, every stream
+
+    # ---- what the snapshot and the API read ---------------------------------------------------
+    @property
+    def totals(self) -> Counts:
+        return self.ledger.totals
+
+    @property
+    def errors(self) -> Mapping[str, int]:
+        return self.ledger.errors
+
+    @property
+    def last_latency_ms(self) -> float | None:
+        return self.ledger.last_latency_ms
+
+    @property
+    def events_total(self) -> Mapping[str, int]:
+        return self.analyses.events_total
+
+    @property
+    def geometry(self) -> Mapping[str, Geometry]:
+        return self.analyses.geometry
+
+    @property
+    def service(self) -> ServiceTime:
+        return self.rates.service
+
+    def geometry_of(self, name: str) -> Geometry:
+        return self.analyses.geometry_of(name)
 
     # ---- admission ----------------------------------------------------------------------------
     def count_error(self, code: str) -> None:
-        self.errors[code] += 1
-        self.metrics.errors.labels(code).inc()
-        if code == p.E_UNAUTHORIZED:
-            self.metrics.auth_failures.labels("tcp").inc()
+        self.ledger.error(code)
 
     def refuse_message(self, exc: p.ProtocolError) -> None:
         """A refused message is counted; if it was meant as a frame, also as a dropped frame."""
-        self.count_error(exc.code)
+        self.ledger.error(exc.code)
         if exc.frame_id is not None or exc.code in (p.E_INVALID, p.E_BAD_STREAM_NAME):
-            self.totals.on_received(self.clock())
-            self.totals.on_dropped("invalid")
-            self.metrics.on_dropped(None, "invalid")
+            self.ledger.received(None, self.clock())
+            self.ledger.dropped(None, "invalid")
 
     def _stream_for(self, sink: Sink, name: str, options: p.StreamOptions) -> Stream | str:
         owned = self._owned.setdefault(sink, {})
@@ -115,7 +127,7 @@ class Pipeline:
             existing.sink, existing.detached_at = sink, None
             existing.set_options(options)
             stream = existing
-            self._set_analysis(stream)
+            self.analyses.set_up(stream)
         else:
             stream = Stream(
                 name,
@@ -129,7 +141,7 @@ class Pipeline:
             )
             stream.metric_label = self.metrics.label_for(name)
             self.streams[name] = stream
-            self._set_analysis(stream)
+            self.analyses.set_up(stream)
             log_limited(
                 log,
                 self._log_limit,
@@ -144,95 +156,14 @@ class Pipeline:
         owned[name] = stream
         return stream
 
-    # ---- analytics (issue 18) -----------------------------------------------------------------
-    def _set_analysis(self, stream: Stream) -> None:
-        """Give a stream its tracker, lines and zones, or take them away, as its options, the
-        config and the API say: a stream with lines or zones is always tracked; otherwise its
-        `track` option, else the daemon's `track`. A stream that keeps tracking keeps its
-        tracks and counts (a camera reconnecting)."""
-        lines, zones = self.geometry_of(stream.name)
-        track = stream.options.track
-        wanted = bool(lines or zones) or (self.config.track if track is None else track)
-        if not wanted:
-            self._end_analysis(stream)
-            return
-        if stream.analysis is None:
-            stream.analysis = Analysis(
-                StreamAnalytics(stream.name, self.config.analytics.tracking, lines, zones),
-                snapshot_max_bytes=(
-                    self.config.event_snapshot_max_kb * 1024 if self.config.event_snapshots else 0
-                ),
-            )
-
     def set_geometry(
         self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
     ) -> None:
-        """An operator's lines and zones for stream `name` (PUT /streams/{name}/analytics); they
-        replace the config's. A live stream starts them afresh: its tracks end and its counts
-        start from zero. Raises ConfigError past the per-stream limits."""
-        StreamAnalytics(name, self.config.analytics.tracking, lines, zones)  # checks the limits
-        self.geometry[name] = (lines, zones)
-        stream = self.streams.get(name)
-        if stream is not None:
-            self._end_analysis(stream)
-            self._set_analysis(stream)
-        log.info(
-            "stream %s: %d lines and %d zones set by an operator", name, len(lines), len(zones)
-        )
-
-    def _end_analysis(self, stream: Stream) -> None:
-        """The stream's analytics stop (it goes, or is no longer tracked, or gets new lines and
-        zones): its live tracks end, and their zone exits are events."""
-        if stream.analysis is not None:
-            self._publish(stream, *stream.analysis.reset())
-            stream.analysis = None
-
-    def geometry_of(self, name: str) -> tuple[tuple[LineConfig, ...], tuple[ZoneConfig, ...]]:
-        cfg = self.config.analytics
-        return self.geometry.get(name, (cfg.lines_of(name), cfg.zones_of(name)))
-
-    def _publish(
-        self,
-        stream: Stream,
-        events: Sequence[Event],
-        counts: StreamCounts | None,
-        frame_id: int | None = None,
-        snapshot: bytes | None = None,
-    ) -> None:
-        """A stream's events to /ws subscribers that asked for events and to every output; its
-        counts (when they changed) to the outputs. Times become Unix seconds here."""
-        now = self.clock()
-        wall = time.time() - now  # a monotonic time t happened at wall + t
-        picture = base64.b64encode(snapshot).decode() if snapshot else None
-        for event in events:
-            data = event.to_dict()
-            data["time"] = round(wall + event.time, 3)
-            if frame_id is not None:
-                data["frame_id"] = frame_id
-            if picture is not None:
-                data["snapshot"] = picture
-            if stream.analysis is not None:
-                stream.analysis.events[event.type] += 1
-            self.events_total[event.type] += 1
-            if self.hub.subscribers:
-                self.hub.publish(stream.name, json.dumps({"type": "event", **data}), now, "event")
-            for output in self.outputs:
-                output.offer_event(data)
-        if counts is not None:
-            for output in self.outputs:
-                output.offer_counts(stream.name, dict(counts))
+        """An operator's lines and zones for stream `name` (PUT /streams/{name}/analytics)."""
+        self.analyses.set_geometry(name, lines, zones, self.streams.get(name))
 
     def tick_analytics(self) -> None:
-        """Streams with no frame for longer than the track timeout: their tracks end now, not at
-        their next frame (exits and zone occupancy stay true while a camera is silent)."""
-        now = self.clock()
-        timeout = self.config.analytics.tracking.timeout_s
-        for stream in self.streams.values():
-            a = stream.analysis
-            if a is None or a.last_at is None or stream.in_flight or stream.queue:
-                continue
-            if now - a.last_at > timeout:
-                self._publish(stream, *a.tick(now))
+        self.analyses.tick(self.streams.values())
 
     def _evict_one(self) -> bool:
         """Make room for a new stream: the detached stream that left first goes (counted)."""
@@ -249,7 +180,7 @@ class Pipeline:
         return True
 
     def _remove(self, stream: Stream) -> None:
-        self._end_analysis(stream)
+        self.analyses.end(stream)
         del self.streams[stream.name]
         self.metrics.release(stream.metric_label)
         self.frames.forget(stream.name)
@@ -270,15 +201,14 @@ class Pipeline:
         now = self.clock()
         stream = self._stream_for(sink, frame.stream_name, options)
         if isinstance(stream, str):
-            self.totals.on_received(now)
-            self.count_error(p.E_LIMIT)
+            self.ledger.received(None, now)
+            self.ledger.error(p.E_LIMIT)
             sink.error(p.E_LIMIT, f"stream refused: {stream}", frame.frame_id)
-            self._count_drop(None, "refused")
+            self.ledger.dropped(None, "refused")
             sink.dropped(frame.stream_name, frame.frame_id, "refused")
             sink.frame_done()
             return
-        self.totals.on_received(now)
-        self.metrics.on_received(stream.metric_label)
+        self.ledger.received(stream, now)
         job = Job(frame, stream, sink, now if captured_at is None else min(captured_at, now))
         reason = stream.admit(now, gated)
         if reason is not None:
@@ -310,7 +240,7 @@ class Pipeline:
         stream.overrides.update(overrides)
         stream.set_options(stream.given)
         if "track" in overrides:
-            self._set_analysis(stream)
+            self.analyses.set_up(stream)
         log.info("stream %s retuned by an operator: %s", name, stream.overrides)
         return stream.options
 
@@ -323,13 +253,13 @@ class Pipeline:
         stream = self._stream_for(sink, name, options)
         for reason, n in reasons.items():
             for _ in range(n):
-                self.totals.on_received(now)
                 if isinstance(stream, str):
-                    self._count_drop(None, "refused")
+                    self.ledger.received(None, now)
+                    self.ledger.dropped(None, "refused")
                     continue
+                self.ledger.received(stream, now)
                 stream.admit(now, gated=True)
-                self.metrics.on_received(stream.metric_label)
-                self._count_drop(stream, reason)
+                self.ledger.dropped(stream, reason)
 
     def detach(self, sink: Sink, reason: str = "disconnected") -> None:
         """The sink closed: its queued frames drop (as disconnected, or the reason given);
@@ -346,14 +276,8 @@ class Pipeline:
                 self.drop(stream.pop(), reason)
 
     # ---- routing ------------------------------------------------------------------------------
-    def _count_drop(self, stream: Stream | None, reason: str) -> None:
-        self.totals.on_dropped(reason)
-        if stream is not None:
-            stream.counts.on_dropped(reason)
-        self.metrics.on_dropped(stream.metric_label if stream else None, reason)
-
     def drop(self, job: Job, reason: str) -> None:
-        self._count_drop(job.stream, reason)
+        self.ledger.dropped(job.stream, reason)
         try:
             job.sink.dropped(job.stream.name, job.frame.frame_id, reason)
         finally:
@@ -369,17 +293,10 @@ class Pipeline:
             return
         now = self.clock()
         timings = dict(outcome.timings)
-        self.service.observe(timings.get("decode_ms", 0.0) + timings.get("infer_ms", 0.0))
+        self.rates.service.observe(timings.get("decode_ms", 0.0) + timings.get("infer_ms", 0.0))
         timings["queue_ms"] = (job.taken_at - job.received_at) * 1000
         timings["total_ms"] = (now - job.received_at) * 1000
-        self.last_latency_ms = timings["total_ms"]
-        job.stream.counts.on_processed(now, timings)
-        self.totals.on_processed(now, timings)
-        self.metrics.on_processed(job.stream.metric_label, timings)
-        if outcome.reused:
-            job.stream.counts.unchanged += 1
-            self.totals.unchanged += 1
-            self.metrics.unchanged.labels(job.stream.metric_label).inc()
+        self.ledger.processed(job.stream, now, timings, outcome.reused)
         msg = {
             "type": "result",
             "stream_name": frame.stream_name,
@@ -393,14 +310,12 @@ class Pipeline:
             msg["reused"] = True
         try:
             if not job.sink.result(p.pack(msg), frame):
-                job.stream.counts.results_dropped += 1
-                self.totals.results_dropped += 1
-                self.metrics.results_dropped.inc()
+                self.ledger.result_lost(job.stream)
             if self.hub.subscribers:  # encoded once for every subscriber
                 self.hub.publish(frame.stream_name, json.dumps(msg, allow_nan=False), now)
             self.frames.keep(frame, now)  # after /ws: its boxes are out before it can be fetched
             if outcome.events or outcome.counts is not None:
-                self._publish(
+                self.analyses.publish(
                     job.stream, outcome.events, outcome.counts, frame.frame_id, outcome.snapshot
                 )
         finally:
@@ -417,7 +332,7 @@ class Pipeline:
         except Exception:  # a sink or an output failing must not stop routing for the others
             if not job.ended:  # it failed before the frame was counted: count it now
                 job.ended = True
-                self._count_drop(job.stream, "internal_error")
+                self.ledger.dropped(job.stream, "internal_error")
                 try:
                     job.sink.frame_done()
                 except Exception:
@@ -444,50 +359,12 @@ class Pipeline:
         return len(items)
 
     def advise(self) -> None:
-        """Tell streams whose fair share of the estimated capacity changed (vision_daemon/rates).
-
-        A stream's demand is the `source_fps` its client declared, else (a client that follows
-        advice without saying its rate) as much as it can get, else (one that does not follow
-        advice) the rate it sends at; `max_fps` caps each.
-        """
-        now = self.clock()
-        capacity = self.service.capacity_fps(self.config.workers)
-        for name, fps in self.advisor.advise(now, capacity, self._demands(now)).items():
-            stream = self.streams[name]
-            stream.advised_fps = fps
-            if stream.sink is not None:
-                try:
-                    stream.sink.advise(name, fps)
-                except Exception:  # a sink failing must not stop the others' advice
-                    log.exception("advising stream %s failed", name)
+        """Tell streams whose fair share of the estimated capacity changed (advice.py)."""
+        self.rates.advise(self.streams, self.clock())
 
     def newcomer_fps(self) -> float | None:
-        """The rate a new stream asking for all it can get would be advised now (the welcome
-        carries it to clients that follow advice); None before the first frame is measured."""
-        capacity = self.service.capacity_fps(self.config.workers)
-        if capacity is None:
-            return None
-        demands = self._demands(self.clock())
-        newcomer = "new"
-        while newcomer in demands:
-            newcomer += "+"
-        return round(fair_shares(capacity * HEADROOM, {**demands, newcomer: 0.0})[newcomer], 2)
-
-    def _demands(self, now: float) -> dict[str, float]:
-        demands: dict[str, float] = {}
-        for s in self.streams.values():
-            if s.detached_at is not None or s.sink is None:
-                continue
-            if s.options.source_fps > 0:
-                demand = s.options.source_fps
-            elif s.sink.rate_advice:
-                demand = 0.0  # unknown: all it can get
-            else:
-                demand = s.counts.recv_window.rate(now)
-            if s.options.max_fps > 0:
-                demand = min(demand, s.options.max_fps) if demand else s.options.max_fps
-            demands[s.name] = demand
-        return demands
+        """The rate a new stream asking for all it can get would be advised now."""
+        return self.rates.newcomer_fps(self.streams, self.clock())
 
     def expire(self) -> None:
         """Streams whose sink closed leave after stream_grace_s."""

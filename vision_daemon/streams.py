@@ -248,9 +248,8 @@ class Stream:
         return self.sink.peer if self.sink is not None else None
 
     def admit(self, now: float, gated: bool = False) -> str | None:
-        """Count a frame in and apply the options (unless its ingest `gated` it already): the
-        drop reason, or None to queue."""
-        self.counts.on_received(now)
+        """A frame arrived (the ledger counted it): apply the options, unless its ingest `gated`
+        it already; the drop reason, or None to queue."""
         self.last_frame_at = now
         return None if gated else self.gate.admit(now)
 
