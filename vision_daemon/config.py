@@ -382,127 +382,139 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        checks: list[tuple[bool, str]] = [
-            (0 <= self.tcp_port <= 65535, "tcp_port must be 0..65535"),
-            (-1 <= self.api_port <= 65535, "api_port must be -1 (off) or 0..65535"),
-            (self.workers >= 1, "workers must be >= 1"),
-            (self.max_batch >= 1, "max_batch must be >= 1"),
-            (self.threads >= 0, "threads must be >= 0 (0 = auto)"),
-            (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
-            (self.queue_depth >= 1, "queue_depth must be >= 1"),
-            (self.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
-            (self.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be >= 1"),
-            (self.serve_default in ("latest", "fifo"), "serve_default must be latest or fifo"),
-            (
-                0 <= self.motion_gate <= 1 and 0 < self.motion_refresh_s <= 3600,
-                "motion_gate must be in 0..1 (0 = off) and motion_refresh_s in 0..3600",
-            ),
-            (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32, >= 32"),
-            (0 <= self.conf <= 1 and 0 <= self.iou <= 1, "conf and iou must be in 0..1"),
-            (self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
-            (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
-            (
-                self.max_connections >= 1 and self.max_pending_connections >= 1,
-                "max_connections and max_pending_connections must be >= 1",
-            ),
-            (
-                self.http_max_connections >= 1 and self.http_idle_timeout_s > 0,
-                "http_max_connections must be >= 1 and http_idle_timeout_s > 0",
-            ),
-            (
-                self.ws_max_subscribers >= 0 and 0.05 <= self.stats_refresh_s <= 60,
-                "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
-            ),
-            (self.ws_ingest_max_connections >= 0, "ws_ingest_max_connections must be >= 0"),
-            (
-                0 <= self.stats_history_points <= 100_000
-                and 0.1 <= self.stats_history_interval_s <= 3600,
-                "stats_history_points must be 0..100000 and stats_history_interval_s 0.1..3600",
-            ),
-            (self.max_shm_mb >= 0, "max_shm_mb must be >= 0 (0 = off)"),
-            (
-                self.max_streams >= 1 and self.max_streams_per_connection >= 1,
-                "max_streams and max_streams_per_connection must be >= 1",
-            ),
-            (self.send_buffer_messages >= 1, "send_buffer_messages must be >= 1"),
-            (
-                self.max_queued_mb * 2**20 >= self.max_message_bytes,
-                "max_queued_mb must hold at least one message of max_message_bytes",
-            ),
-            (self.share_cores in ("busy", "waiting"), "share_cores must be busy or waiting"),
-            (
-                self.openvino_path in ("direct", "ultralytics"),
-                "openvino_path must be direct or ultralytics",
-            ),
-            (_octal_mode(self.unix_socket_mode), "unix_socket_mode must be octal, e.g. 0600"),
-            (
-                self.export in ("auto", "none", "openvino", "onnx", "engine"),
-                "export must be auto, none, openvino, onnx or engine",
-            ),
-            (
-                self.log_level.lower() in ("debug", "info", "warning", "error"),
-                "log_level must be debug, info, warning or error",
-            ),
-            (
-                self.stats_window_s > 0
-                and self.worker_timeout_s > 0
-                and self.shutdown_grace_s >= 0,
-                "stats_window_s and worker_timeout_s must be > 0, shutdown_grace_s >= 0",
-            ),
-            (self.stream_grace_s >= 0, "stream_grace_s must be >= 0"),
-            (
-                self.hello_timeout_s > 0 and self.idle_timeout_s > 0,
-                "hello_timeout_s and idle_timeout_s must be > 0",
-            ),
-            (
-                len({c.name for c in self.cameras}) == len(self.cameras),
-                "two cameras have the same name",
-            ),
-            (
-                self.max_cameras >= 0 and len(self.cameras) <= self.max_cameras,
-                "max_cameras must be >= 0 and at least the number of [[cameras]]",
-            ),
-            (
-                self.ws_queue >= 1 and self.metrics_max_streams >= 0,
-                "ws_queue must be >= 1 and metrics_max_streams >= 0",
-            ),
-            (
-                1 <= self.event_snapshot_max_kb <= 4096,
-                "event_snapshot_max_kb must be 1..4096",
-            ),
-            (self.mqtt_qos in (0, 1, 2), "mqtt_qos must be 0, 1 or 2"),
-            (
-                not self.backends
-                or (_remote(self.model) and all(_remote(b) for b in self.backends)),
-                "backends need model to be a Triton URL too, and each must be http:// or grpc://",
-            ),
-            (len(self.backends) <= 63, "at most 64 Triton endpoints (model and 63 backends)"),
-            (
-                between(self.backend_timeout_s, 0.1, 300)
-                and between(self.backend_probe_s, 0.1, 3600),
-                "backend_timeout_s must be 0.1..300 and backend_probe_s 0.1..3600",
-            ),
-            (
-                self.backend_image in ("jpeg", "pixels") and 1 <= self.backend_jpeg_quality <= 100,
-                "backend_image must be jpeg or pixels, backend_jpeg_quality 1..100",
-            ),
-            (
-                1 <= self.mqtt_queue <= 1_000_000 and 1 <= self.webhook_queue <= 1_000_000,
-                "mqtt_queue and webhook_queue must be 1..1000000",
-            ),
-            (
-                between(self.webhook_timeout_s, 0.1, 300) and 1 <= self.webhook_max_attempts <= 100,
-                "webhook_timeout_s must be 0.1..300 and webhook_max_attempts 1..100",
-            ),
-            (len(self.webhook_urls) <= 16, "at most 16 webhook_urls"),
-            (
-                set(self.webhook_events) <= set(EVENT_TYPES),
-                f"webhook_events must be among {', '.join(EVENT_TYPES)}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"bad config value: {message}")
+        for checks in (_engine_checks(self), _limit_checks(self), _output_checks(self)):
+            for ok, message in checks:
+                if not ok:
+                    raise ConfigError(f"bad config value: {message}")
+
+
+def _engine_checks(c: Config) -> list[tuple[bool, str]]:
+    """The checks of the workers, scheduling and the model: (holds, what to fix)."""
+    return [
+        (0 <= c.tcp_port <= 65535, "tcp_port must be 0..65535"),
+        (-1 <= c.api_port <= 65535, "api_port must be -1 (off) or 0..65535"),
+        (c.workers >= 1, "workers must be >= 1"),
+        (c.max_batch >= 1, "max_batch must be >= 1"),
+        (c.threads >= 0, "threads must be >= 0 (0 = auto)"),
+        (c.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
+        (c.queue_depth >= 1, "queue_depth must be >= 1"),
+        (c.max_frame_age_ms > 0, "max_frame_age_ms must be > 0"),
+        (c.max_in_flight_per_stream >= 1, "max_in_flight_per_stream must be >= 1"),
+        (c.serve_default in ("latest", "fifo"), "serve_default must be latest or fifo"),
+        (
+            0 <= c.motion_gate <= 1 and 0 < c.motion_refresh_s <= 3600,
+            "motion_gate must be in 0..1 (0 = off) and motion_refresh_s in 0..3600",
+        ),
+        (c.imgsz >= 32 and c.imgsz % 32 == 0, "imgsz must be a multiple of 32, >= 32"),
+        (0 <= c.conf <= 1 and 0 <= c.iou <= 1, "conf and iou must be in 0..1"),
+    ]
+
+
+def _limit_checks(c: Config) -> list[tuple[bool, str]]:
+    """The checks of ports, connections, limits and timeouts: (holds, what to fix)."""
+    return [
+        (c.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
+        (c.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
+        (
+            c.max_connections >= 1 and c.max_pending_connections >= 1,
+            "max_connections and max_pending_connections must be >= 1",
+        ),
+        (
+            c.http_max_connections >= 1 and c.http_idle_timeout_s > 0,
+            "http_max_connections must be >= 1 and http_idle_timeout_s > 0",
+        ),
+        (
+            c.ws_max_subscribers >= 0 and 0.05 <= c.stats_refresh_s <= 60,
+            "ws_max_subscribers must be >= 0 and stats_refresh_s in 0.05..60",
+        ),
+        (c.ws_ingest_max_connections >= 0, "ws_ingest_max_connections must be >= 0"),
+        (
+            0 <= c.stats_history_points <= 100_000 and 0.1 <= c.stats_history_interval_s <= 3600,
+            "stats_history_points must be 0..100000 and stats_history_interval_s 0.1..3600",
+        ),
+        (c.max_shm_mb >= 0, "max_shm_mb must be >= 0 (0 = off)"),
+        (
+            c.max_streams >= 1 and c.max_streams_per_connection >= 1,
+            "max_streams and max_streams_per_connection must be >= 1",
+        ),
+        (c.send_buffer_messages >= 1, "send_buffer_messages must be >= 1"),
+        (
+            c.max_queued_mb * 2**20 >= c.max_message_bytes,
+            "max_queued_mb must hold at least one message of max_message_bytes",
+        ),
+        (c.share_cores in ("busy", "waiting"), "share_cores must be busy or waiting"),
+        (
+            c.openvino_path in ("direct", "ultralytics"),
+            "openvino_path must be direct or ultralytics",
+        ),
+        (_octal_mode(c.unix_socket_mode), "unix_socket_mode must be octal, e.g. 0600"),
+        (
+            c.export in ("auto", "none", "openvino", "onnx", "engine"),
+            "export must be auto, none, openvino, onnx or engine",
+        ),
+        (
+            c.log_level.lower() in ("debug", "info", "warning", "error"),
+            "log_level must be debug, info, warning or error",
+        ),
+        (
+            c.stats_window_s > 0 and c.worker_timeout_s > 0 and c.shutdown_grace_s >= 0,
+            "stats_window_s and worker_timeout_s must be > 0, shutdown_grace_s >= 0",
+        ),
+        (c.stream_grace_s >= 0, "stream_grace_s must be >= 0"),
+        (
+            c.hello_timeout_s > 0 and c.idle_timeout_s > 0,
+            "hello_timeout_s and idle_timeout_s must be > 0",
+        ),
+    ]
+
+
+def _output_checks(c: Config) -> list[tuple[bool, str]]:
+    """The checks of cameras, outputs and remote backends: (holds, what to fix)."""
+    return [
+        (
+            len({c.name for c in c.cameras}) == len(c.cameras),
+            "two cameras have the same name",
+        ),
+        (
+            c.max_cameras >= 0 and len(c.cameras) <= c.max_cameras,
+            "max_cameras must be >= 0 and at least the number of [[cameras]]",
+        ),
+        (
+            c.ws_queue >= 1 and c.metrics_max_streams >= 0,
+            "ws_queue must be >= 1 and metrics_max_streams >= 0",
+        ),
+        (
+            1 <= c.event_snapshot_max_kb <= 4096,
+            "event_snapshot_max_kb must be 1..4096",
+        ),
+        (c.mqtt_qos in (0, 1, 2), "mqtt_qos must be 0, 1 or 2"),
+        (
+            not c.backends or (_remote(c.model) and all(_remote(b) for b in c.backends)),
+            "backends need model to be a Triton URL too, and each must be http:// or grpc://",
+        ),
+        (len(c.backends) <= 63, "at most 64 Triton endpoints (model and 63 backends)"),
+        (
+            between(c.backend_timeout_s, 0.1, 300) and between(c.backend_probe_s, 0.1, 3600),
+            "backend_timeout_s must be 0.1..300 and backend_probe_s 0.1..3600",
+        ),
+        (
+            c.backend_image in ("jpeg", "pixels") and 1 <= c.backend_jpeg_quality <= 100,
+            "backend_image must be jpeg or pixels, backend_jpeg_quality 1..100",
+        ),
+        (
+            1 <= c.mqtt_queue <= 1_000_000 and 1 <= c.webhook_queue <= 1_000_000,
+            "mqtt_queue and webhook_queue must be 1..1000000",
+        ),
+        (
+            between(c.webhook_timeout_s, 0.1, 300) and 1 <= c.webhook_max_attempts <= 100,
+            "webhook_timeout_s must be 0.1..300 and webhook_max_attempts 1..100",
+        ),
+        (len(c.webhook_urls) <= 16, "at most 16 webhook_urls"),
+        (
+            set(c.webhook_events) <= set(EVENT_TYPES),
+            f"webhook_events must be among {', '.join(EVENT_TYPES)}",
+        ),
+    ]
 
 
 # The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -132,26 +133,25 @@ def scale_up(dets: list[Detection], k: int, w: int, h: int) -> list[Detection]:
     return dets
 
 
-def process(
-    detector: Detector,
-    jobs: Sequence[Job],
-    max_pixels: int,
-    contended: bool,
-    pass_hint: bool = True,
-    model_size: int = 0,
-) -> list[Outcome]:
-    """Runs in the worker's thread: decode every frame, then one detector call for the batch.
+@dataclass
+class _Decoded:
+    """A batch's frames after decoding: what goes to the detector, and what each frame needs
+    afterwards."""
 
-    A JPEG at least twice `model_size` (the detector's input) is decoded at 1/k scale and its
-    boxes are scaled back by k, except for streams whose events carry snapshots (those keep the
-    full image). A frame of a motion-gated stream that barely changed since the stream's last
-    analysed frame takes that frame's detections instead (`reused`) and is left out of the call."""
-    outcomes = [Outcome() for _ in jobs]
-    images = []
-    ok: list[int] = []
-    scales: dict[int, tuple[int, int, int]] = {}  # frames decoded at 1/k: (k, sent w, sent h)
-    gated: dict[int, tuple[MotionGate, np.ndarray]] = {}  # analysed frames of gated streams
-    decoded: dict[int, np.ndarray] = {}  # images of tracked streams (for event snapshots)
+    images: list[np.ndarray] = field(default_factory=list)
+    ok: list[int] = field(default_factory=list)  # the jobs whose image is in `images`, in order
+    scales: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # 1/k: (k, w, h)
+    gated: dict[int, tuple[MotionGate, np.ndarray]] = field(default_factory=dict)
+    decoded: dict[int, np.ndarray] = field(default_factory=dict)  # tracked streams' images
+
+
+def _decode_all(
+    jobs: Sequence[Job], outcomes: list[Outcome], max_pixels: int, model_size: int
+) -> _Decoded:
+    """Decode every frame (errors go to its outcome); a motion-gated frame that barely changed
+    takes its stream's last detections and is left out of the detector call."""
+    b = _Decoded()
+    images, ok, scales, gated, decoded = b.images, b.ok, b.scales, b.gated, b.decoded
     for i, job in enumerate(jobs):
         t0 = time.perf_counter()
         try:
@@ -180,6 +180,32 @@ def process(
             outcomes[i].error = E_DECODE
             outcomes[i].message = f"image could not be decoded ({type(exc).__name__})"
         outcomes[i].timings["decode_ms"] = (time.perf_counter() - t0) * 1000
+    return b
+
+
+def process(
+    detector: Detector,
+    jobs: Sequence[Job],
+    max_pixels: int,
+    contended: bool,
+    pass_hint: bool = True,
+    model_size: int = 0,
+) -> list[Outcome]:
+    """Runs in the worker's thread: decode every frame, then one detector call for the batch.
+
+    A JPEG at least twice `model_size` (the detector's input) is decoded at 1/k scale and its
+    boxes are scaled back by k, except for streams whose events carry snapshots (those keep the
+    full image). A frame of a motion-gated stream that barely changed since the stream's last
+    analysed frame takes that frame's detections instead (`reused`) and is left out of the call."""
+    outcomes = [Outcome() for _ in jobs]
+    batch = _decode_all(jobs, outcomes, max_pixels, model_size)
+    images, ok, scales, gated, decoded = (
+        batch.images,
+        batch.ok,
+        batch.scales,
+        batch.gated,
+        batch.decoded,
+    )
     if images:
         t0 = time.perf_counter()
         try:
