@@ -154,6 +154,7 @@ def test_skip_frames_and_max_fps_options() -> None:
                 "source_fps": 0.0,
                 "motion_gate": 0.0,
                 "track": None,
+                "min_confidence": 0.0,
             }
 
     run(scenario())
