@@ -14,7 +14,8 @@ from starlette.websockets import WebSocket
 from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.api.control import Invalid, NotFound, Refused, Unavailable
 from vision_daemon.config import CameraConfig, Config, ConfigError
-from vision_daemon.ingest.cameras import CameraManager, CameraRefused
+from vision_daemon.ingest.camera_manager import CameraManager
+from vision_daemon.ingest.cameras import CameraRefused
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage

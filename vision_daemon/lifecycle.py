@@ -26,7 +26,7 @@ from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
 from vision_daemon.detectors.triton import Endpoints
 from vision_daemon.httpserver import HttpServer
-from vision_daemon.ingest.cameras import CameraManager
+from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.metrics import Metrics

@@ -22,7 +22,7 @@ import psutil
 
 from vision_daemon import __version__
 from vision_daemon.detectors import ModelInfo
-from vision_daemon.ingest.cameras import CameraManager
+from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.outputs import Hub
