@@ -11,7 +11,7 @@ import pytest
 
 from clients.lib import DaemonClient
 from tests.conftest import accounted, collect, jpeg, run, running_daemon, stats, until
-from tests.test_clients import program
+from tests.e2e.test_clients import program
 from vision_daemon.config import ConfigError, load_config
 from vision_daemon.ingest.tcp import StartupError
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import jpeg
-from tests.test_units import FakeSink, accounted, make_pipeline
+from tests.unit.test_policies import FakeSink, accounted, make_pipeline
 from vision_daemon import protocol as p
 from vision_daemon.config import (
     CameraConfig,

@@ -1,216 +1,39 @@
-"""Event outputs (issue 18): analytics events and counts to an MQTT broker and to webhooks.
-
-The MQTT tests run a real broker (amqtt, and mosquitto too where it is installed) as a subprocess
-on 127.0.0.1 and read what arrives with a real paho subscriber; the webhook tests post to a real
-HTTP server in a thread. Fakes: none, only scripted answers from the test's own HTTP server.
-"""
+"""Event outputs (issue 18) against real peers: an MQTT broker (amqtt, mosquitto if installed) and
+webhook targets."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import run, until
-from vision_daemon.outputs.events import DropQueue, EventOutput
-from vision_daemon.outputs.mqtt import MqttOutput, count_topics, parse_mqtt_url, topic_level
-from vision_daemon.outputs.webhooks import WebhookOutput, parse_webhook_url, sign
+from tests.outputs import (
+    BROKERS,
+    Broker,
+    Subscriber,
+    Target,
+    assert_accounted,
+    counts,
+    event,
+    free_port,
+    verify,
+)
+from vision_daemon.outputs.mqtt import MqttOutput
+from vision_daemon.outputs.webhooks import WebhookOutput
+
+pytestmark = pytest.mark.slow  # real MQTT brokers, webhook targets and sockets
+
 
 SECRET = "whsec-s3cret-do-not-log"
+
+
 PASSWORD = "mqtt-pa55word-do-not-log"
-
-
-def event(i: int, kind: str = "cross", stream: str = "walk", **more: Any) -> dict[str, Any]:
-    """An event as Event.to_dict() makes it (a line crossing unless told otherwise)."""
-    base: dict[str, Any] = {"type": kind, "stream": stream, "time": 12.0 + i, "track_id": i}
-    base.update(label="person", box=[1.0, 2.0, 3.0, 4.0], line="mid", direction="in")
-    base.update(more)
-    return base
-
-
-def counts(occupancy: dict[str, int], entered: dict[str, int], line_in: int) -> dict[str, Any]:
-    """A StreamCounts for stream 'walk': zone 'door' and line 'mid'."""
-    zone = {"occupancy": occupancy, "entered": entered, "exited": {"person": 1}, "dwell_s": {}}
-    lines = {"mid": {"in": {"person": line_in}, "out": {}}}
-    return {"stream": "walk", "time": 1.0, "tracks": 3, "zones": {"door": zone}, "lines": lines}
-
-
-def assert_accounted(out: EventOutput) -> dict[str, Any]:
-    """Every offered event is sent, dropped with a reason, queued or in flight."""
-    s = out.snapshot()
-    event_drops = sum(n for reason, n in s["dropped"].items() if reason != "topic_limit")
-    assert s["offered"] == s["sent"] + event_drops + s["queued"] + s["in_flight"], s
-    assert s["sent"] == out.sent and s["dropped"] == dict(out.dropped)
-    json.dumps(s)  # JSON-ready
-    return s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
-    """Poll until something accepts on 127.0.0.1:port (or fail with the broker's log)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text()[-2000:]
-                raise AssertionError(f"broker did not listen on {port}: {tail}") from exc
-            time.sleep(0.02)  # a poll interval under a deadline, not synchronisation
-
-
-# ---- fast: validation and the pure helpers ------------------------------------------------------
-def test_mqtt_url_is_validated_with_one_clear_line_that_never_echoes_the_password() -> None:
-    """Bad scheme, missing host, bad port or qos raise one-line ValueErrors without the password."""
-    target = parse_mqtt_url(f"mqtt://user:{PASSWORD}@broker.lan")
-    assert (target.host, target.port, target.username, target.password) == (
-        "broker.lan",
-        1883,
-        "user",
-        PASSWORD,
-    )
-    assert parse_mqtt_url("mqtt://[::1]:1884").port == 1884
-    for bad in (
-        f"http://user:{PASSWORD}@broker",
-        "mqtt://",
-        f"mqtt://user:{PASSWORD}@broker:99999",
-        "mqtt://broker:0",
-        "mqtt://broker/some/path",
-        "broker:1883",
-    ):
-        with pytest.raises(ValueError) as err:
-            parse_mqtt_url(bad)
-        message = str(err.value)
-        assert "\n" not in message and PASSWORD not in message and "mqtt://" in message, message
-    with pytest.raises(ValueError, match="qos"):
-        MqttOutput("mqtt://broker", qos=3)
-    with pytest.raises(ValueError, match="topic_prefix"):
-        MqttOutput("mqtt://broker", topic_prefix="a/#")
-
-
-def test_topic_levels_are_sanitised_and_counts_flatten_to_plain_numbers() -> None:
-    """'/', '+', '#' and control characters become '_'; counts become one number per topic."""
-    assert topic_level("cam/1+x#\x00\n") == "cam_1_x___"
-    assert topic_level("") == "_"
-    flat = count_topics("vd", "walk", counts({"person": 2, "car": 1}, {"person": 5}, 4))
-    assert flat == {
-        "vd/walk/zones/door/occupancy/person": 2,
-        "vd/walk/zones/door/occupancy/car": 1,
-        "vd/walk/zones/door/occupancy/all": 3,
-        "vd/walk/zones/door/entered/person": 5,
-        "vd/walk/zones/door/exited/person": 1,
-        "vd/walk/lines/mid/in/person": 4,
-    }
-
-
-def test_webhook_url_is_validated_and_named_without_credentials() -> None:
-    """Only http/https with a host; the name is host:port and never holds the URL's secrets."""
-    hook = WebhookOutput("https://u:pw@hooks.example:8443/path/tok-123?key=abc", secret=SECRET)
-    assert hook.name == "webhook:hooks.example:8443"
-    assert WebhookOutput("http://[::1]/x").name == "webhook:[::1]:80"
-    for bad in ("ftp://host/x", "http://", "https://host:70000/", "hooks.example/x"):
-        with pytest.raises(ValueError) as err:
-            parse_webhook_url(bad)
-        assert "\n" not in str(err.value) and "http" in str(err.value)
-    shown = json.dumps(hook.snapshot()) + repr(hook)
-    assert SECRET not in shown and "tok-123" not in shown and "pw" not in shown
-
-
-def test_drop_queue_drops_the_oldest_and_counts_why() -> None:
-    """Past its bound the queue loses its oldest item, counted as queue_full; drain counts the rest."""
-    dropped: Counter[str] = Counter()
-    q: DropQueue[int] = DropQueue(3, dropped)
-    for i in range(5):
-        q.put(i)
-    assert list(q) == [2, 3, 4] and dropped["queue_full"] == 2
-    q.put_front([0, 1])  # returned to the front: the oldest again, the bound still holds
-    assert list(q) == [2, 3, 4] and dropped["queue_full"] == 4
-    assert q.popleft() == 2 and q.drain("shutdown") == 2 and len(q) == 0
-    assert dropped == {"queue_full": 4, "shutdown": 2}
-
-
-def test_signature_is_hmac_sha256_over_timestamp_dot_body() -> None:
-    """The documented recipe: sha256=hex(HMAC-SHA256(secret, f'{timestamp}.' + body))."""
-    body = b'{"type":"enter"}'
-    want = hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert sign(SECRET, 1700000000, body) == "sha256=" + want
-
-
-# ---- slow: a real MQTT broker ------------------------------------------------------------------
-def _amqtt() -> str | None:
-    return shutil.which("amqtt", path=str(Path(sys.executable).parent)) or shutil.which("amqtt")
-
-
-BROKERS = ["amqtt"] + (["mosquitto"] if shutil.which("mosquitto") else [])
-
-
-class Broker:
-    """An MQTT broker subprocess on 127.0.0.1: kill() and start() again on the same port."""
-
-    def __init__(self, kind: str, workdir: Path) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / f"{kind}.log"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        if self.kind == "amqtt":
-            exe = _amqtt()
-            if exe is None:
-                pytest.skip("amqtt not installed: pip install amqtt (the dev extra) for MQTT tests")
-            cfg = self.workdir / "amqtt.yaml"
-            cfg.write_text(
-                "listeners:\n"
-                "  default:\n"
-                "    type: tcp\n"
-                f"    bind: 127.0.0.1:{self.port}\n"
-                "plugins:\n"
-                "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
-                "    allow_anonymous: true\n"
-            )
-            return [exe, "-c", str(cfg)]
-        cfg = self.workdir / "mosquitto.conf"
-        cfg.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        return [str(shutil.which("mosquitto")), "-c", str(cfg)]
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, self.log)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @pytest.fixture(params=BROKERS)
@@ -223,43 +46,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
         b.kill()
 
 
-class Subscriber:
-    """A paho client subscribed to `topic` that records every message it gets."""
-
-    def __init__(self, port: int, topic: str = "vd/#") -> None:
-        self.messages: list[tuple[str, str, bool]] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4()}")
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe(topic, qos=1)
-        self.client.loop_start()
-        assert subscribed.wait(10), "the test subscriber got no SUBACK"
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
-
-    def on(self, topic: str) -> list[str]:
-        with self._lock:
-            return [p for t, p, _ in self.messages if t == topic]
-
-    def latest(self) -> dict[str, str]:
-        with self._lock:
-            return {t: p for t, p, _ in self.messages}
-
-    def retained(self) -> dict[str, str]:
-        with self._lock:
-            return {t: p for t, p, r in self.messages if r}
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.mark.slow
 def test_mqtt_events_arrive_as_json_and_counts_as_retained_numbers(broker: Broker) -> None:
     """Events arrive as JSON in order; counts are retained integers (0 when emptied), sent only on change."""
 
@@ -313,7 +99,6 @@ def test_mqtt_events_arrive_as_json_and_counts_as_retained_numbers(broker: Broke
     run(main())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("qos", [0, 1])
 def test_mqtt_broker_restart_delivers_waiting_events_and_republishes_counts(
     broker: Broker, qos: int
@@ -356,7 +141,6 @@ def test_mqtt_broker_restart_delivers_waiting_events_and_republishes_counts(
     run(main())
 
 
-@pytest.mark.slow
 def test_mqtt_broker_down_start_does_not_block_queue_is_bounded_stop_is_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -393,75 +177,6 @@ def test_mqtt_broker_down_start_does_not_block_queue_is_bounded_stop_is_bounded(
     assert PASSWORD not in caplog.text
 
 
-# ---- slow: a real HTTP server as the webhook target ---------------------------------------------
-class Target(ThreadingHTTPServer):
-    """An HTTP server on 127.0.0.1 port 0 answering each POST from a script (default 200)."""
-
-    daemon_threads = True
-
-    def __init__(self, script: list[Any] | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), TargetHandler)
-        self.script = list(script or [])
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.release = threading.Event()  # lets hanging handlers go at teardown
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hooks/tok-123"
-
-    def __enter__(self) -> Target:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.shutdown()
-        self.server_close()
-
-    def bodies(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [json.loads(body) for _, body in self.requests]
-
-
-class TargetHandler(BaseHTTPRequestHandler):
-    server: Target
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        with self.server.lock:
-            self.server.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            step = self.server.script.pop(0) if self.server.script else 200
-        if step == "hang":
-            self.server.release.wait(10)
-            return
-        status, headers = step if isinstance(step, tuple) else (step, {})
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        reply = b"x" * 100_000  # a large answer: the output must not read it all
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        try:
-            self.wfile.write(reply)
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int = 300) -> bool:
-    """The receiver's side, exactly as docs/PROTOCOL.md describes it."""
-    timestamp = headers["x-vision-daemon-timestamp"]
-    if abs(time.time() - int(timestamp)) > tolerance_s:
-        return False
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return hmac.compare_digest("sha256=" + mac.hexdigest(), headers["x-vision-daemon-signature"])
-
-
-@pytest.mark.slow
 def test_webhook_posts_signed_compact_json_and_keeps_the_secret_out_of_logs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -494,7 +209,6 @@ def test_webhook_posts_signed_compact_json_and_keeps_the_secret_out_of_logs(
     assert SECRET not in caplog.text
 
 
-@pytest.mark.slow
 def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -523,7 +237,6 @@ def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures(
     ]
 
 
-@pytest.mark.slow
 def test_webhook_hanging_target_times_out_and_is_dropped_as_failed() -> None:
     """A target that never answers times out after timeout_s and is dropped as failed after max_attempts."""
 
@@ -543,7 +256,6 @@ def test_webhook_hanging_target_times_out_and_is_dropped_as_failed() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_webhook_4xx_is_rejected_without_retry() -> None:
     """A 400 drops the event as rejected after one request; the next event is sent."""
 
@@ -563,7 +275,6 @@ def test_webhook_4xx_is_rejected_without_retry() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_webhook_event_types_filter() -> None:
     """With event_types set only those types are posted; the others are counted as filtered."""
 
@@ -582,7 +293,6 @@ def test_webhook_event_types_filter() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -616,7 +326,6 @@ def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest(
     run(main())
 
 
-@pytest.mark.slow
 def test_bad_input_to_an_offer_never_raises_and_is_counted() -> None:
     """A non-JSON event is dropped as invalid and bad counts are ignored; no offer raises."""
 
@@ -635,11 +344,3 @@ def test_bad_input_to_an_offer_never_raises_and_is_counted() -> None:
         assert assert_accounted(mq)["queued"] == 1
 
     run(main())
-
-
-def test_both_outputs_start_empty_and_satisfy_the_protocol() -> None:
-    """A new output of either kind has sent 0, dropped nothing and a JSON-ready snapshot."""
-    outputs: list[EventOutput] = [MqttOutput("mqtt://127.0.0.1"), WebhookOutput("http://h/x")]
-    for out in outputs:
-        s = assert_accounted(out)
-        assert (s["sent"], s["queued"], s["connected"], s["last_error"]) == (0, 0, False, None)

@@ -41,8 +41,8 @@ from tests.conftest import (
     stream_stats,
     until,
 )
-from tests.test_clients import program
-from tests.test_ws_ingest import closed_with, pack, recv_bin, ws_connect
+from tests.e2e.test_clients import program
+from tests.integration.test_ws_ingest import closed_with, pack, recv_bin, ws_connect
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 from vision_daemon.lifecycle import Daemon
 

@@ -1,6 +1,6 @@
-"""The dashboard's side of the control plane: the latest analysed frame of a stream, the stats
-history ring, an operator's skip_frames and max_fps, the token as a WebSocket subprotocol, and the
-static files with their Content-Security-Policy."""
+"""The dashboard's side of the control plane over real HTTP: the latest analysed frame of a stream,
+the stats history ring, an operator's skip_frames and max_fps, the /ws subprotocol token and the
+static files' policy."""
 
 from __future__ import annotations
 
@@ -16,85 +16,17 @@ import pytest
 import websockets
 
 from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, until
-from tests.test_cameras import short_video
+from tests.integration.test_cameras import short_video
 from vision_daemon import api as api_module
 from vision_daemon.config import CameraConfig
-from vision_daemon.outputs import LatestFrames
-from vision_daemon.protocol import Frame
-from vision_daemon.snapshot import History
+
+pytestmark = pytest.mark.slow  # real sockets and daemons
+
 
 TOKEN = "dash-s3cret"
 
 
-# ---- fast: the policies -----------------------------------------------------------------------
-def test_latest_frames_keeps_nothing_until_watched_and_lets_go_after() -> None:
-    """A frame is kept only while someone asked for its stream in the last watch_s, and at most
-    one per stream; the stored JPEG bytes are served as they are, with the frame's id."""
-    frames = LatestFrames(watch_s=10.0)
-    one, two = jpeg(value=10), jpeg(value=200)
-    frames.keep(Frame("cam", 1, 0.0, one, "jpeg"), now=0.0)
-    assert frames.kept == 0  # no one looks: nothing held
-    assert run(frames.image("cam", now=1.0)) is None  # the first request starts watching
-    frames.keep(Frame("cam", 2, 0.0, one, "jpeg"), now=2.0)
-    frames.keep(Frame("cam", 3, 0.0, two, "jpeg"), now=3.0)
-    image = run(frames.image("cam", now=4.0))
-    assert frames.kept == 1 and image is not None
-    assert (image.frame_id, image.body, image.media_type) == (3, two, "image/jpeg")
-    frames.keep(Frame("cam", 4, 0.0, one, "jpeg"), now=14.5)  # past 4 + 10 s: let go
-    assert frames.kept == 0
-
-
-def test_latest_frames_copies_a_shared_memory_view_and_encodes_pixels() -> None:
-    """A shared-memory view is copied when kept (its slot goes back to the client, which
-    overwrites it); pixels are served as a JPEG of the same size."""
-    ring = np.zeros((48, 64, 3), dtype=np.uint8)
-    ring[:] = 200
-    view = ring.view()
-    view.flags.writeable = False
-    frames = LatestFrames()
-    run(frames.image("shm", now=0.0))
-    frames.keep(Frame("shm", 7, 0.0, b"", "shm", (48, 64, 3), pixels=view, slot=0), now=0.5)
-    ring[:] = 0  # the client reuses the slot
-    image = run(frames.image("shm", now=1.0))
-    assert image is not None and image.media_type == "image/jpeg" and image.frame_id == 7
-    decoded = cv2.imdecode(np.frombuffer(image.body, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape == (48, 64, 3) and abs(float(decoded.mean()) - 200) < 3
-
-
-def history_data(dropped: int, fps: float, streams: tuple[str, ...] = ("a",)) -> dict[str, Any]:
-    """The fields of a snapshot's data that a history point reads."""
-    latency = {"total": {"p50": 10.0, "p99": 30.0}}
-    return {
-        "dropped_frames": dropped,
-        "fps": fps,
-        "queue_size": 1,
-        "totals": {"latency_ms": latency},
-        "streams": {
-            n: {"processed_fps": fps, "latency_ms": latency, "queue_depth": 1} for n in streams
-        },
-    }
-
-
-def test_history_is_spaced_bounded_and_counts_drops_per_second() -> None:
-    """One point per interval however often it is offered, at most `points` kept (the oldest
-    go), drops as a rate over the interval, every stream in each point."""
-    history = History(points=3, interval_s=2.0)
-    for i, t in enumerate([0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]):
-        history.offer(history_data(dropped=10 * i, fps=float(i)), now=t, wall=1000 + t)
-    doc = json.loads(history.body())
-    assert doc["interval_s"] == 2.0 and [p["t"] for p in doc["points"]] == [1004, 1006, 1008]
-    assert doc["points"][-1]["dropped_per_s"] == 5.0  # 20 drops over 2 s
-    assert doc["points"][-1]["streams"]["a"] == {
-        "fps": 7.0,
-        "p50_ms": 10.0,
-        "p99_ms": 30.0,
-        "queue": 1,
-    }
-    assert json.loads(History(points=0).body())["points"] == []
-
-
 # ---- slow: a real daemon, real HTTP and WebSocket clients ----------------------------------------
-@pytest.mark.slow
 def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
     """GET /streams/{name}/frame.jpg: 204 until the stream is watched and a frame analysed, then
     the exact JPEG bytes of the latest analysed frame with X-Frame-Id; raw pixels come back as
@@ -132,7 +64,6 @@ def test_frame_endpoint_serves_the_latest_analysed_frame_with_its_id() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_stats_history_is_a_bounded_ring_behind_the_token() -> None:
     """GET /stats/history holds at most stats_history_points points, one per interval, with
     each stream's fps and latency; it needs the token."""
@@ -163,7 +94,6 @@ def settled(s: dict[str, Any], received: int) -> bool:
     return bool(s["received"] == received and s["queue_depth"] == 0 and s["in_flight"] == 0)
 
 
-@pytest.mark.slow
 def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
     """PATCH /streams/{name} sets skip_frames over what the client said (every other frame is
     then dropped as skipped); bad bodies get 422, no stream 404, no token 401."""
@@ -196,7 +126,6 @@ def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
     """A camera's reader applies an operator's max_fps from its next frame: /cameras shows it
     and frames are throttled (counted) where none were before; a camera not streaming yet
@@ -228,7 +157,6 @@ def bearer(token: str) -> str:
     return "bearer." + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
 
 
-@pytest.mark.slow
 def test_a_browser_sends_its_token_as_a_websocket_subprotocol() -> None:
     """/ws takes the token as subprotocol bearer.<base64url> beside vision-daemon (a browser
     cannot set headers, and a URL would put it in logs); a wrong one is closed with 1008."""
@@ -255,7 +183,6 @@ def test_a_browser_sends_its_token_as_a_websocket_subprotocol() -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_dashboard_files_are_served_with_a_strict_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

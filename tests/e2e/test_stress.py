@@ -14,7 +14,7 @@ import pytest
 
 from clients.lib import drift
 from tests.conftest import VIDEO, SlowDetector, run, running_daemon, stats
-from tests.test_clients import program
+from tests.e2e.test_clients import program
 from vision_daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.slow  # real sockets, models or subprocesses

@@ -77,7 +77,7 @@ def frame(name: str, fid: int, image: bytes = b"\xff\xd8\xff" + b"x" * 100) -> p
 
 def make_pipeline(**overrides: Any) -> tuple[Pipeline, Clock, Scheduler, Reports]:
     """A pipeline on a hand-moved clock; streams serve fifo unless `serve_default` says (these
-    tests follow every queued frame; tests/test_serve.py covers `latest`)."""
+    tests follow every queued frame; tests/unit/test_serve.py covers `latest`)."""
     settings = {"log_dir": "", "serve_default": "fifo", **overrides}
     cfg = load_config(overrides=settings, environ={})
     clock = Clock()

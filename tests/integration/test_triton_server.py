@@ -1,4 +1,4 @@
-"""vision-triton: pure pre/post-processing, then a real Triton server (pytriton) in .venv-triton."""
+"""vision-triton as a real Triton server (pytriton in .venv-triton) against the local model."""
 
 from __future__ import annotations
 
@@ -16,12 +16,23 @@ import pytest
 
 from tests.conftest import MODEL_DIR, ROOT, shared_model
 from tests.tritons import TritonServer
-from triton_serve import cli, compact, options
+from triton_serve import cli
+
+pytestmark = pytest.mark.slow  # real Triton servers, models and sockets
+
 
 MODEL = "yolov8n_int8_openvino_model"
+
+
 SERVED = "yolov8n_int8"
+
+
 BUS = Path(cv2.__file__).parents[1] / "ultralytics" / "assets" / "bus.jpg"
+
+
 START_S = 90.0
+
+
 STOP_S = 20.0
 
 
@@ -30,78 +41,6 @@ def bus_path() -> Path:
     if not BUS.is_file():
         pytest.skip(f"{BUS} not found: ultralytics' assets are needed")
     return BUS
-
-
-def test_letterbox_equals_ultralytics() -> None:
-    """compact.letterbox gives exactly ultralytics' LetterBox(640, auto=False) image on bus.jpg."""
-    from ultralytics.data.augment import LetterBox
-
-    image = cv2.imread(str(bus_path()))
-    ours, placement = compact.letterbox(image, 640)
-    theirs = LetterBox(new_shape=(640, 640), auto=False)(image=image)
-    assert ours.shape == theirs.shape == (640, 640, 3)
-    assert np.array_equal(ours, theirs)
-    assert placement == compact.Placement(480 / 810, 640 / 1080, 80, 0)
-
-
-def prediction(rows: list[tuple[float, float, float, float, int, float]]) -> np.ndarray:
-    """A raw [4 + 80, anchors] detect output from (cx, cy, w, h, class, score) rows."""
-    out = np.zeros((84, len(rows)), dtype=np.float32)
-    for i, (cx, cy, w, h, cls, score) in enumerate(rows):
-        out[:4, i] = cx, cy, w, h
-        out[4 + cls, i] = score
-    return out
-
-
-def test_nms_is_class_aware_and_filters_confidence() -> None:
-    """NMS drops an overlapping box of the same class, keeps another class's, drops low scores."""
-    pred = prediction(
-        [
-            (100, 100, 50, 50, 0, 0.9),
-            (102, 101, 50, 50, 0, 0.8),  # same class, IoU ~0.9: suppressed
-            (101, 100, 50, 50, 2, 0.7),  # other class at the same place: kept
-            (300, 300, 20, 20, 0, 0.2),  # below conf 0.25
-            (400, 100, 30, 30, 5, 0.6),
-        ]
-    )
-    dets = compact.nms(pred, conf=0.25, iou=0.7)
-    assert dets[:, 4].tolist() == pytest.approx([0.9, 0.7, 0.6])
-    assert dets[:, 5].tolist() == [0, 2, 5]
-    assert dets[0, :4].tolist() == [75, 75, 125, 125]
-    assert compact.nms(pred, conf=0.95, iou=0.7).shape == (0, 6)
-    assert len(compact.nms(pred, conf=0.25, iou=0.7, max_det=2)) == 2
-
-
-def test_scale_back_maps_to_the_original_image_and_clips() -> None:
-    """Rows in network pixels go back through padding and gain and are clipped to the image."""
-    placement = compact.Placement(480 / 810, 640 / 1080, 80, 0)
-    dets = np.array([[80, 0, 560, 640, 0.5, 1], [0, 10, 700, 20, 0.4, 2]], dtype=np.float32)
-    out = compact.scale_back(dets, placement, (1080, 810))
-    assert out[0, :4] == pytest.approx([0, 0, 810, 1080], abs=1e-3)
-    assert out[1, 0] == 0 and out[1, 2] == 810
-    assert out[:, 4:].tolist() == dets[:, 4:].tolist()
-
-
-def test_served_name_avoids_what_ultralytics_reads_as_a_file_format() -> None:
-    """The default served name drops .onnx / _openvino_model and dots; export markers are refused."""
-    assert options.served_name("yolov8n_int8_openvino_model") == SERVED
-    assert options.served_name("yolov8n_int8.onnx") == SERVED
-    assert options.served_name("v1.2 model") == "v1_2_model"
-    with pytest.raises(SystemExit):
-        options.parse_args("vision-triton", ["--model", "x", "--name", "x_ncnn_model"])
-
-
-def test_launcher_without_triton_venv_says_how_to_make_it(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Without the Triton virtualenv vision-triton prints one line naming `make triton-venv`, exit 2."""
-    monkeypatch.setenv("VISION_TRITON_PYTHON", "/nonexistent/bin/python")
-    assert cli.main(["--model", MODEL]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == cli.VENV_HINT and "\n" not in err
-
-
-# ---- real servers -------------------------------------------------------------------------------
 
 
 def triton_python() -> Path:
@@ -137,7 +76,6 @@ def local() -> np.ndarray:
     return np.c_[boxes.xyxy.numpy(), boxes.conf.numpy(), boxes.cls.numpy()]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_ultralytics_over_triton_matches_local_model(
     server: TritonServer, local: np.ndarray, scheme: str
@@ -182,7 +120,6 @@ def compact_infer(server: TritonServer, scheme: str, **inputs: np.ndarray) -> np
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_compact_model_matches_local_model(
     server: TritonServer, local: np.ndarray, scheme: str
@@ -201,7 +138,6 @@ def test_compact_model_matches_local_model(
         np.testing.assert_allclose(dets[:, 4], local[:, 4], atol=0.02)
 
 
-@pytest.mark.slow
 def test_compact_thresholds_and_bad_requests(server: TritonServer, local: np.ndarray) -> None:
     """`thresholds` raises conf; both or neither image input, or undecodable bytes, are errors."""
     from tritonclient.utils import InferenceServerException
@@ -215,7 +151,6 @@ def test_compact_thresholds_and_bad_requests(server: TritonServer, local: np.nda
             compact_infer(server, "http", **inputs)
 
 
-@pytest.mark.slow
 def test_metadata_parameter_names_the_classes(server: TritonServer) -> None:
     """Both models' config carries `metadata` with the export's class names."""
     import ast
@@ -227,7 +162,6 @@ def test_metadata_parameter_names_the_classes(server: TritonServer) -> None:
         assert meta["task"] == "detect" and meta["stride"] == 32
 
 
-@pytest.mark.slow
 def test_sigterm_stops_server_and_its_tritonserver(tmp_path: Path) -> None:
     """SIGTERM to vision-triton: exit 0 within the bound, no tritonserver of it survives."""
     running = start(tmp_path, "--instances", "1")
@@ -241,7 +175,6 @@ def test_sigterm_stops_server_and_its_tritonserver(tmp_path: Path) -> None:
     assert not alive, f"left running: {alive}"
 
 
-@pytest.mark.slow
 def test_wrong_model_name_is_one_line_error(tmp_path: Path) -> None:
     """An unknown --model exits 2 with one line naming the paths tried."""
     triton_python()

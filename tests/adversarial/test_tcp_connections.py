@@ -1,28 +1,30 @@
-"""Hostile peers, worker faults, vanishing clients and every limit at its edge; good clients go on."""
+"""Hostile peers on the TCP data plane's connections: silent, slow, flooding, vanishing and half-
+closed peers, storms of connections, and every connection and memory limit at its edge; good
+clients go on."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
-import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-import msgpack
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from clients.lib import DaemonClient, pack
+from clients.lib import ClientError, DaemonClient, pack
 from tests.conftest import (
     SlowDetector,
     accounted,
+    api,
     collect,
     connect,
     connections,
     jpeg,
-    poll_stats,
     run,
     running_daemon,
     stats,
@@ -32,7 +34,8 @@ from tests.conftest import (
 from vision_daemon import protocol as p
 from vision_daemon.lifecycle import Daemon
 
-pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
+pytestmark = pytest.mark.slow  # a live daemon on real sockets
+
 
 IMG = jpeg(96, 128)
 
@@ -54,7 +57,6 @@ async def good_client_rtts(d: Daemon, name: str, frames: int, fps: float = 50.0)
 
 async def metric(d: Daemon, name: str, **labels: str) -> float:
     """One sample of /metrics, read with prometheus_client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
         text = (await h.get("/metrics")).text
@@ -63,14 +65,6 @@ async def metric(d: Daemon, name: str, **labels: str) -> float:
             if sample.name in (name, f"{name}_total") and sample.labels == labels:
                 return float(sample.value)
     raise AssertionError(f"{name}{labels} not in /metrics")
-
-
-def ws_settled(s: dict[str, Any], n: int) -> bool:
-    """Every one of n results is sent, dropped, queued or being sent to the one subscriber."""
-    clients = s["ws"]["clients"]
-    return (
-        bool(clients) and sum(clients[0][k] for k in ("sent", "dropped", "queued", "sending")) == n
-    )
 
 
 def rss_mb() -> float:
@@ -170,66 +164,6 @@ def test_half_closed_socket_is_released_and_its_frames_accounted() -> None:
     run(scenario())
 
 
-def test_detector_that_raises_answers_an_error_and_the_worker_goes_on() -> None:
-    """Every third call raises: that frame gets detector_error, the others results, no restart."""
-
-    async def scenario() -> None:
-        async with running_daemon(lambda: SlowDetector(0.0, fail_every=3), workers=1) as d:
-            c = await connect(d)
-            replies = []
-            for i in range(9):
-                await c.send_frame("cam", i, IMG)
-                replies += await collect(c, 1)
-            errors = [m for m in replies if m["type"] == "error"]
-            assert [m["frame_id"] for m in errors] == [2, 5, 8]
-            assert {m["code"] for m in errors} == {p.E_DETECTOR}
-            assert sum(m["type"] == "result" for m in replies) == 6
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
-                snap = await poll_stats(h, lambda s: s["workers"][0]["errors"] == 3)
-            assert snap["workers"][0]["restarts"] == 0
-            assert snap["totals"]["dropped_by_reason"]["detector_error"] == 3
-            assert snap["errors"][p.E_DETECTOR] == 3
-            assert await metric(d, "vision_daemon_detector_errors", worker="0") == 3
-
-    run(scenario())
-
-
-def test_stuck_worker_is_reported_replaced_and_its_frame_dropped() -> None:
-    """A call past worker_timeout_s: worker_timeout drop, /stats and /ready show it, then recovery."""
-    release = threading.Event()
-
-    async def scenario() -> None:
-        async with running_daemon(
-            lambda: SlowDetector(0.0, hang=release), workers=1, worker_timeout_s=0.5
-        ) as d:
-            c = await connect(d, dropped_notices=True)
-            api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}")
-            await c.send_frame("cam", 1, IMG)
-            (msg,) = await collect(c, 1)
-            assert msg == {
-                "type": "dropped",
-                "stream_name": "cam",
-                "frame_id": 1,
-                "reason": "worker_timeout",
-            }
-            ready = await api.get("/ready")
-            worker = (await poll_stats(api, lambda s: s["workers"][0]["restarts"] == 1))["workers"][
-                0
-            ]
-            assert ready.status_code == 503 and "worker" in ready.json()["reason"]
-            assert worker["state"] in ("stuck", "restarting") and worker["restarts"] == 1
-            assert await metric(d, "vision_daemon_worker_restarts", worker="0") == 1
-            release.set()  # the replacement model does not hang
-            await until(lambda: stats(d)["ready"], timeout=10, what="worker restarted")
-            await c.send_frame("cam", 2, IMG)
-            (msg,) = await collect(c, 1)
-            assert msg["type"] == "result" and msg["frame_id"] == 2
-            assert (await api.get("/ready")).status_code == 200
-            await api.aclose()
-
-    run(scenario())
-
-
 def test_vanishing_client_mid_frame_releases_queue_inflight_and_stream() -> None:
     """A client killed mid-message with frames queued and in flight: all released, stream expires."""
 
@@ -288,59 +222,6 @@ def test_send_buffer_limit_drops_results_of_a_client_that_stops_reading() -> Non
             assert msg["type"] == "result" and len(msg["detections"]) == 2000
             await good.close()
             await deaf.close()
-
-    run(scenario())
-
-
-def test_stalled_ws_subscriber_loses_its_oldest_messages_not_ingest() -> None:
-    """A /ws subscriber that never reads overflows its own queue (counted in /stats); TCP flows."""
-    import websockets
-
-    async def scenario() -> None:
-        async with running_daemon(big_results, ws_queue=4) as d:
-            url = f"ws://127.0.0.1:{d.api_port}/ws"
-            async with websockets.connect(url, max_size=2**24, max_queue=1, compression=None):
-                await until(lambda: stats(d)["ws"]["subscribers"] == 1, what="subscriber")
-                c = await connect(d)
-                for i in range(200):
-                    await c.send_frame("cam", i, IMG)
-                    (msg,) = await collect(c, 1)
-                    assert msg["type"] == "result"
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
-                    ws = (await poll_stats(h, lambda s: ws_settled(s, 200)))["ws"]
-                (sub,) = ws["clients"]
-                assert sub["dropped"] > 0 and sub["queued"] <= 4
-                assert sub["sent"] + sub["dropped"] + sub["queued"] + sub["sending"] == 200
-                assert await metric(d, "vision_daemon_ws_messages_dropped") >= sub["dropped"]
-                await c.close()
-
-    run(scenario())
-
-
-# ---- every limit at its edge: just under passes, just over is refused --------------------------
-
-
-def frame_of_size(n: int) -> bytes:
-    """A frame message whose body is exactly n bytes (a JPEG with padding after its end)."""
-    base = {"type": "frame", "stream_name": "cam", "frame_id": 1, "image": IMG}
-    pad = n - len(msgpack.packb(base, use_bin_type=True))
-    body = msgpack.packb({**base, "image": IMG + b"\0" * pad}, use_bin_type=True)
-    assert len(body) == n
-    return struct.pack(">I", n) + body
-
-
-def test_max_message_bytes_edge() -> None:
-    """A message of exactly max_message_bytes is processed; one byte more is message_too_large."""
-
-    async def scenario() -> None:
-        async with running_daemon(max_message_bytes=8192) as d:
-            c = await connect(d, hello=False)
-            c.writer.write(frame_of_size(8192))
-            assert (await collect(c, 1))[0]["type"] == "result"
-            c.writer.write(frame_of_size(8193))
-            (err,) = await collect(c, 1)
-            assert err["code"] == p.E_TOO_LARGE
-            assert await asyncio.wait_for(c.recv(), 5) is None  # framing lost: closed
 
     run(scenario())
 
@@ -434,5 +315,205 @@ def test_queued_bytes_budget_makes_the_hog_pay() -> None:
                 )
             )
             await until(lambda: accounted(d), what="all accounted")
+
+    run(scenario())
+
+
+TOKEN = "s3cret-token"
+
+
+async def poll(
+    probe: Callable[[], Awaitable[Any]],
+    ok: Callable[[Any], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+) -> Any:
+    """Call `probe` until `ok(result)` holds (a deadline, never a bare sleep); return the result."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if ok(last):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
+        await asyncio.sleep(0.05)
+
+
+def unaccounted(stats: dict[str, Any]) -> int:
+    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
+    t = stats["totals"]
+    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
+    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
+
+
+async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
+    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
+
+    async def probe() -> dict[str, Any]:
+        return dict((await h.get("/stats")).json())
+
+    stats: dict[str, Any] = await poll(
+        probe,
+        lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
+        what=f"/stats with >= {min_received} frames received, all accounted for",
+    )
+    return stats
+
+
+async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
+    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
+    await c.send_frame(stream, frame_id, IMG)
+    try:
+        msg = await asyncio.wait_for(c.recv(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
+    assert msg is not None, f"good client on {stream!r} was disconnected"
+    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """Drain a socket; True if the server closed it (EOF or reset) within `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True
+    return True
+
+
+def test_junk_flood_from_a_peer_that_never_reads_is_closed() -> None:
+    """100,000 non-map bodies from a peer that never reads its error replies: the server closes it."""
+
+    async def scenario() -> None:
+        async with running_daemon() as d:
+            good = await connect(d)
+            await round_trip(good, "good", 0)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a peer that never reads
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", d.tcp_port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            junk = struct.pack(">I", 1) + b"\x01"  # msgpack int 1: not_a_map, connection stays
+            closed = False
+            try:
+                writer.write(junk * 100_000)
+                await asyncio.wait_for(writer.drain(), 10)
+            except (ConnectionError, OSError):
+                closed = True
+            except TimeoutError:
+                pass  # the server stopped reading us; whether it closed is checked below
+            for i in range(1, 4):
+                await round_trip(good, "good", i)
+            closed = closed or await read_until_closed(reader, timeout=6)
+            writer.close()
+            assert closed, "the junk flooder is still connected"
+            await round_trip(good, "good", 4)
+
+    run(scenario())
+
+
+def test_reconnecting_clients_inventing_stream_names_stay_within_max_streams() -> None:
+    """100 connections, each one frame on a fresh name then gone: /stats never shows over max_streams."""
+
+    async def scenario() -> None:
+        async with running_daemon(max_streams=16, stream_grace_s=60) as d, api(d) as h:
+            good = await connect(d)
+            await round_trip(good, "good", 0)
+            for i in range(100):
+                c = await connect(d)
+                await c.send_frame(f"new{i}", i, IMG)
+                await collect(c, 1, timeout=5)  # a result or a refusal; either is an answer
+                await c.close()
+                if i % 10 == 9:
+                    await round_trip(good, "good", i)
+            stats = await settled_stats(h, min_received=111)
+            assert len(stats["streams"]) <= 16, f"{len(stats['streams'])} streams in /stats"
+            await round_trip(good, "good", 1000)
+
+    run(scenario())
+
+
+def test_silent_sockets_cannot_lock_out_an_authenticated_client() -> None:
+    """8 silent sockets at max_connections=8 do not lock out a client that sends the token."""
+
+    async def scenario() -> None:
+        async with running_daemon(max_connections=8, hello_timeout_s=2, auth_token=TOKEN) as d:
+            silent = [await asyncio.open_connection("127.0.0.1", d.tcp_port) for _ in range(8)]
+            t0 = time.monotonic()
+            try:
+                good = await connect(d, token=TOKEN)
+            except ClientError as exc:
+                raise AssertionError(f"client with the token locked out: {exc}") from None
+            await round_trip(good, "good", 0)
+            assert time.monotonic() - t0 < 2, "served only after the silent sockets timed out"
+            for _, w in silent:
+                w.close()
+
+    run(scenario())
+
+
+def test_peer_silent_after_its_hello_is_closed_after_idle_timeout() -> None:
+    """idle_timeout_s=1 (hello_timeout_s at its default): a hello then silence is closed within 3 s."""
+
+    async def scenario() -> None:
+        async with running_daemon(idle_timeout_s=1) as d:
+            c = await connect(d)  # a valid hello, then silence
+            t0 = time.monotonic()
+            assert await read_until_closed(c.reader, timeout=3), "idle peer still open after 3 s"
+            assert time.monotonic() - t0 < 3
+            good = await connect(d)
+            await round_trip(good, "good", 0)  # a talking peer is served
+
+    run(scenario())
+
+
+def test_refused_messages_do_not_extend_a_pending_connection() -> None:
+    """Junk every 0.3 s before any valid message: closed at hello_timeout_s; with auth, at once."""
+
+    async def scenario() -> None:
+        async with running_daemon(hello_timeout_s=1.5) as d:
+            r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
+            t0 = time.monotonic()
+            closed = False
+            while time.monotonic() - t0 < 5 and not closed:
+                w.write(b"\x00\x00\x00\x01\x01")  # not a map: refused, not fatal
+                try:
+                    closed = not await asyncio.wait_for(r.read(65536), 0.3)
+                except TimeoutError:
+                    pass
+                except ConnectionError:
+                    closed = True
+            assert closed and time.monotonic() - t0 < 3, "junk kept a pending slot alive"
+            w.close()
+        async with running_daemon(auth_token="s3cret") as d:
+            r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
+            w.write(b"\x00\x00\x00\x01\x01")
+            async with asyncio.timeout(5):
+                while await r.read(65536):
+                    pass  # the not_a_map error, then EOF
+            w.close()
+            good = await connect(d, token="s3cret")
+            await round_trip(good, "good", 0)
+
+    run(scenario())
+
+
+def test_hello_timeout_closes_stalled_connection() -> None:
+    """A peer that sends half a length prefix and stalls is closed after hello_timeout_s."""
+
+    async def scenario() -> None:
+        async with running_daemon(hello_timeout_s=0.3) as d:
+            c = await connect(d, hello=False)
+            c.writer.write(b"\x00\x00")
+            msg = await asyncio.wait_for(c.recv(), 5)
+            assert msg is not None and msg["code"] == p.E_HELLO_TIMEOUT
+            await until(
+                lambda: not connections(d),
+                what="connection released",
+            )
 
     run(scenario())

@@ -144,7 +144,7 @@ def test_skip_frames_and_max_fps_options() -> None:
             assert sk["processed"] == 10 and sk["dropped_by_reason"]["skipped"] == 20
             # 5 fps over 1.5 s is 7 or 8 when the sender keeps its schedule; a loaded box delays
             # sends (a re-anchored schedule loses slots), so only "throttled, not blocked" is
-            # asserted here: the exact policy is tested with an injected clock in test_units.
+            # asserted here: the exact policy is tested with an injected clock in unit/test_policies.py.
             assert 3 <= th["processed"] <= 10, th["processed"]
             assert th["dropped_by_reason"]["throttled"] == 30 - th["processed"]
             assert th["options"] == {
