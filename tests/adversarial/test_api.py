@@ -4,103 +4,26 @@ label churn from streams that come and go."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from clients.lib import DaemonClient
 from tests.conftest import (
     api,
     connect,
-    jpeg,
+    metrics,
+    read_until_closed,
+    round_trip,
     run,
     running_daemon,
+    settled_stats,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow  # a live daemon on real sockets
 
 
-IMG = jpeg(96, 128)
-
-
 TOKEN = "s3cret-token"
-
-
-async def poll(
-    probe: Callable[[], Awaitable[Any]],
-    ok: Callable[[Any], bool],
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> Any:
-    """Call `probe` until `ok(result)` holds (a deadline, never a bare sleep); return the result."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await probe()
-        if ok(last):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
-        await asyncio.sleep(0.05)
-
-
-def unaccounted(stats: dict[str, Any]) -> int:
-    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
-    t = stats["totals"]
-    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
-    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
-
-
-async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
-    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
-
-    async def probe() -> dict[str, Any]:
-        return dict((await h.get("/stats")).json())
-
-    stats: dict[str, Any] = await poll(
-        probe,
-        lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
-        what=f"/stats with >= {min_received} frames received, all accounted for",
-    )
-    return stats
-
-
-async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
-    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
-    await c.send_frame(stream, frame_id, IMG)
-    try:
-        msg = await asyncio.wait_for(c.recv(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
-    assert msg is not None, f"good client on {stream!r} was disconnected"
-    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
-
-
-async def metrics(h: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every /metrics sample, parsed with prometheus_client, keyed by (name, sorted labels)."""
-    text = (await h.get("/metrics")).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-
-
-async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bool:
-    """Drain a socket; True if the server closed it (EOF or reset) within `timeout`."""
-    try:
-        async with asyncio.timeout(timeout):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except (ConnectionError, OSError):
-        return True
-    return True
 
 
 def test_idle_http_connections_do_not_starve_the_api_and_are_closed() -> None:
@@ -110,7 +33,12 @@ def test_idle_http_connections_do_not_starve_the_api_and_are_closed() -> None:
         async with running_daemon(http_max_connections=32, http_idle_timeout_s=2) as d:
             idle = [await asyncio.open_connection("127.0.0.1", d.api_port) for _ in range(64)]
             async with api(d) as h:
-                r = await poll(lambda: h.get("/health"), lambda r: r.status_code == 200, timeout=6)
+                r = await wait_for(
+                    lambda: h.get("/health"),
+                    ok=lambda r: r.status_code == 200,
+                    timeout=6,
+                    interval=0.05,
+                )
                 assert r.json()["status"] == "ok"
             closed = await asyncio.gather(*(read_until_closed(r, timeout=6) for r, _ in idle))
             assert all(closed), f"{closed.count(False)} of 64 idle sockets still open"
@@ -145,18 +73,29 @@ def test_frame_counters_never_decrease_when_streams_expire() -> None:
                 await round_trip(staying, "d", i)
             other = ("vision_daemon_frames_received_total", (("stream", "_other"),))
             before = frame_counters(
-                await poll(lambda: metrics(h), lambda m: m.get(other, 0) >= 10, what="_other >= 10")
+                await wait_for(
+                    lambda: metrics(h),
+                    ok=lambda m: m.get(other, 0) >= 10,
+                    what="_other >= 10",
+                    interval=0.05,
+                )
             )
             await leaving.close()
-            await poll(
+            await wait_for(
                 lambda: h.get("/stats"),
-                lambda r: "c" not in r.json()["streams"],
+                ok=lambda r: "c" not in r.json()["streams"],
                 what="stream c expired",
+                interval=0.05,
             )
             await round_trip(keep, "a", 99)
             a_recv = ("vision_daemon_frames_received_total", (("stream", "a"),))
             after = frame_counters(
-                await poll(lambda: metrics(h), lambda m: m.get(a_recv, 0) >= 4, what="fresh scrape")
+                await wait_for(
+                    lambda: metrics(h),
+                    ok=lambda m: m.get(a_recv, 0) >= 4,
+                    what="fresh scrape",
+                    interval=0.05,
+                )
             )
             assert other in before and other in after
             went_down = {

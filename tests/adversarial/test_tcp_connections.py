@@ -8,28 +8,29 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from clients.lib import ClientError, DaemonClient, pack
 from tests.conftest import (
     SlowDetector,
     accounted,
     api,
+    big_results,
     collect,
     connect,
     connections,
     jpeg,
+    metric,
+    read_until_closed,
+    round_trip,
     run,
     running_daemon,
+    settled_stats,
     stats,
     stream_stats,
-    until,
+    wait_for,
 )
 from vision_daemon import protocol as p
 from vision_daemon.lifecycle import Daemon
@@ -55,18 +56,6 @@ async def good_client_rtts(d: Daemon, name: str, frames: int, fps: float = 50.0)
     return rtts
 
 
-async def metric(d: Daemon, name: str, **labels: str) -> float:
-    """One sample of /metrics, read with prometheus_client's own parser."""
-
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
-        text = (await h.get("/metrics")).text
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            if sample.name in (name, f"{name}_total") and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} not in /metrics")
-
-
 def rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
@@ -88,13 +77,13 @@ def test_slowloris_storm_leaves_good_client_served() -> None:
                 r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
                 w.write(b"\x00\x00")
                 stalled.append((r, w))
-            await until(
+            await wait_for(
                 lambda: connections(d) >= 100,
                 what="stalled peers accepted",
             )
             # each frame answered within good_client_rtts' deadline (latency belongs to benchmarks)
             assert len(await good_client_rtts(d, "busy", 40)) == 40
-            await until(
+            await wait_for(
                 lambda: not connections(d),
                 timeout=10,
                 what="stalled peers closed",
@@ -126,7 +115,7 @@ def test_connect_and_close_storm_releases_every_connection() -> None:
                     await asyncio.sleep(0)  # let the daemon's loop accept and clean up
             rtts = await good
             assert len(rtts) == 60
-            await until(
+            await wait_for(
                 lambda: not connections(d),
                 what="storm connections released",
             )
@@ -145,7 +134,7 @@ def test_half_closed_socket_is_released_and_its_frames_accounted() -> None:
             c = await connect(d, dropped_notices=True)
             for i in range(5):
                 await c.send_frame("half", i, IMG)
-            await until(
+            await wait_for(
                 lambda: "half" in stats(d)["streams"] and stream_stats(d, "half")["received"] == 5
             )
             sock = c.writer.get_extra_info("socket")
@@ -153,11 +142,11 @@ def test_half_closed_socket_is_released_and_its_frames_accounted() -> None:
             async with asyncio.timeout(10):
                 while await c.recv() is not None:
                     pass
-            await until(
+            await wait_for(
                 lambda: not connections(d),
                 what="half-closed connection released",
             )
-            await until(lambda: accounted(d), what="every frame accounted")
+            await wait_for(lambda: accounted(d), what="every frame accounted")
             assert stream_stats(d, "half")["dropped_by_reason"]["disconnected"] >= 1
             assert await good_client_rtts(d, "good", 5)
 
@@ -172,7 +161,7 @@ def test_vanishing_client_mid_frame_releases_queue_inflight_and_stream() -> None
             c = await connect(d)
             for i in range(3):
                 await c.send_frame("gone", i, IMG)
-            await until(
+            await wait_for(
                 lambda: "gone" in stats(d)["streams"] and stream_stats(d, "gone")["received"] == 3
             )
             whole = pack({"type": "frame", "stream_name": "gone", "frame_id": 9, "image": IMG})
@@ -181,25 +170,20 @@ def test_vanishing_client_mid_frame_releases_queue_inflight_and_stream() -> None
             sock = c.writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.writer.transport.abort()
-            await until(
+            await wait_for(
                 lambda: not connections(d),
                 what="connection released",
             )
-            await until(lambda: accounted(d), what="queued and in-flight frames ended")
+            await wait_for(lambda: accounted(d), what="queued and in-flight frames ended")
             assert stream_stats(d, "gone")["received"] == 3  # the half message is not a frame
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
+            async with api(d) as h:
                 assert (await h.get("/streams/gone")).json()["connected"] is False
-                await until(
+                await wait_for(
                     lambda: "gone" not in stats(d)["streams"], timeout=10, what="stream expired"
                 )
                 assert (await h.get("/streams/gone")).status_code == 404
 
     run(scenario())
-
-
-def big_results() -> SlowDetector:
-    """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
-    return SlowDetector(0.0, boxes=2000, label="x" * 40)
 
 
 def test_send_buffer_limit_drops_results_of_a_client_that_stops_reading() -> None:
@@ -210,7 +194,7 @@ def test_send_buffer_limit_drops_results_of_a_client_that_stops_reading() -> Non
             deaf = await connect(d)
             for i in range(300):  # about 30 MB of results; the socket buffers hold far less
                 await deaf.send_frame("deaf", i, IMG)
-                await until(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
+                await wait_for(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
             snap = stats(d)
             lost = snap["streams"]["deaf"]["results_dropped"]
             assert lost > 0 and snap["totals"]["results_dropped"] == lost
@@ -308,81 +292,18 @@ def test_queued_bytes_budget_makes_the_hog_pay() -> None:
             assert (
                 hog_drops > 0 and stream_stats(d, "calm")["dropped_by_reason"]["memory_limit"] == 0
             )
-            await until(
+            await wait_for(
                 lambda: (
                     stats(d)["queued_bytes"]
                     == sum(s["queued_bytes"] for s in stats(d)["streams"].values())
                 )
             )
-            await until(lambda: accounted(d), what="all accounted")
+            await wait_for(lambda: accounted(d), what="all accounted")
 
     run(scenario())
 
 
 TOKEN = "s3cret-token"
-
-
-async def poll(
-    probe: Callable[[], Awaitable[Any]],
-    ok: Callable[[Any], bool],
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> Any:
-    """Call `probe` until `ok(result)` holds (a deadline, never a bare sleep); return the result."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await probe()
-        if ok(last):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
-        await asyncio.sleep(0.05)
-
-
-def unaccounted(stats: dict[str, Any]) -> int:
-    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
-    t = stats["totals"]
-    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
-    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
-
-
-async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
-    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
-
-    async def probe() -> dict[str, Any]:
-        return dict((await h.get("/stats")).json())
-
-    stats: dict[str, Any] = await poll(
-        probe,
-        lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
-        what=f"/stats with >= {min_received} frames received, all accounted for",
-    )
-    return stats
-
-
-async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
-    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
-    await c.send_frame(stream, frame_id, IMG)
-    try:
-        msg = await asyncio.wait_for(c.recv(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
-    assert msg is not None, f"good client on {stream!r} was disconnected"
-    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
-
-
-async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bool:
-    """Drain a socket; True if the server closed it (EOF or reset) within `timeout`."""
-    try:
-        async with asyncio.timeout(timeout):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except (ConnectionError, OSError):
-        return True
-    return True
 
 
 def test_junk_flood_from_a_peer_that_never_reads_is_closed() -> None:
@@ -511,7 +432,7 @@ def test_hello_timeout_closes_stalled_connection() -> None:
             c.writer.write(b"\x00\x00")
             msg = await asyncio.wait_for(c.recv(), 5)
             assert msg is not None and msg["code"] == p.E_HELLO_TIMEOUT
-            await until(
+            await wait_for(
                 lambda: not connections(d),
                 what="connection released",
             )

@@ -9,18 +9,17 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
 import msgpack
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from clients.lib import DaemonClient, pack
+from clients.lib import pack
 from tests.conftest import (
     SlowDetector,
     accounted,
@@ -29,8 +28,10 @@ from tests.conftest import (
     connect,
     connections,
     jpeg,
+    round_trip,
     run,
     running_daemon,
+    settled_stats,
     stats,
 )
 from vision_daemon import protocol as p
@@ -203,56 +204,6 @@ def test_length_header_checks() -> None:
 
 
 IMG = jpeg(96, 128)
-
-
-async def poll(
-    probe: Callable[[], Awaitable[Any]],
-    ok: Callable[[Any], bool],
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> Any:
-    """Call `probe` until `ok(result)` holds (a deadline, never a bare sleep); return the result."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await probe()
-        if ok(last):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
-        await asyncio.sleep(0.05)
-
-
-def unaccounted(stats: dict[str, Any]) -> int:
-    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
-    t = stats["totals"]
-    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
-    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
-
-
-async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
-    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
-
-    async def probe() -> dict[str, Any]:
-        return dict((await h.get("/stats")).json())
-
-    stats: dict[str, Any] = await poll(
-        probe,
-        lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
-        what=f"/stats with >= {min_received} frames received, all accounted for",
-    )
-    return stats
-
-
-async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
-    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
-    await c.send_frame(stream, frame_id, IMG)
-    try:
-        msg = await asyncio.wait_for(c.recv(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
-    assert msg is not None, f"good client on {stream!r} was disconnected"
-    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
 
 
 @pytest.mark.slow

@@ -8,15 +8,12 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from clients.lib import DaemonClient
 from tests.conftest import (
     SlowDetector,
     accounted,
@@ -24,79 +21,22 @@ from tests.conftest import (
     collect,
     connect,
     jpeg,
+    metric,
+    metrics,
     poll_stats,
+    round_trip,
     run,
     running_daemon,
+    settled_stats,
     stats,
-    until,
+    wait_for,
 )
 from vision_daemon import protocol as p
-from vision_daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.slow  # a live daemon on real sockets
 
 
 IMG = jpeg(96, 128)
-
-
-async def poll(
-    probe: Callable[[], Awaitable[Any]],
-    ok: Callable[[Any], bool],
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> Any:
-    """Call `probe` until `ok(result)` holds (a deadline, never a bare sleep); return the result."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await probe()
-        if ok(last):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
-        await asyncio.sleep(0.05)
-
-
-def unaccounted(stats: dict[str, Any]) -> int:
-    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
-    t = stats["totals"]
-    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
-    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
-
-
-async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
-    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
-
-    async def probe() -> dict[str, Any]:
-        return dict((await h.get("/stats")).json())
-
-    stats: dict[str, Any] = await poll(
-        probe,
-        lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
-        what=f"/stats with >= {min_received} frames received, all accounted for",
-    )
-    return stats
-
-
-async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
-    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
-    await c.send_frame(stream, frame_id, IMG)
-    try:
-        msg = await asyncio.wait_for(c.recv(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
-    assert msg is not None, f"good client on {stream!r} was disconnected"
-    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
-
-
-async def metrics(h: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every /metrics sample, parsed with prometheus_client, keyed by (name, sorted labels)."""
-    text = (await h.get("/metrics")).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
 
 
 class NumpyConfDetector(SlowDetector):
@@ -160,12 +100,13 @@ def test_hung_detector_is_replaced_and_the_good_client_gets_results_again() -> N
             await c.send_frame("cam", 0, IMG)
             (msg,) = await collect(c, 1, timeout=5)
             assert msg["type"] == "dropped" and msg["reason"] == "worker_timeout", msg
-            await poll(
+            await wait_for(
                 lambda: metrics(h),
-                lambda m: (
+                ok=lambda m: (
                     m.get(("vision_daemon_worker_restarts_total", (("worker", "0"),)), 0) >= 1
                 ),
                 what="vision_daemon_worker_restarts >= 1",
+                interval=0.05,
             )
             got = False
             deadline = time.monotonic() + 8
@@ -182,7 +123,12 @@ def test_hung_detector_is_replaced_and_the_good_client_gets_results_again() -> N
                 except TimeoutError:
                     pass
             assert got, "no result after the worker was replaced"
-            await poll(lambda: h.get("/ready"), lambda r: r.status_code == 200, what="/ready 200")
+            await wait_for(
+                lambda: h.get("/ready"),
+                ok=lambda r: r.status_code == 200,
+                what="/ready 200",
+                interval=0.05,
+            )
             await settled_stats(h, min_received=i + 1)
 
     try:
@@ -215,22 +161,9 @@ def test_a_worker_loop_failure_drops_its_frames_as_internal_error_and_recovers()
             await c.send_frame("cam", 1, IMG)
             (msg,) = await collect(c, 1, timeout=10)  # after the supervisor's 1 s backoff
             assert msg["type"] == "result" and msg["frame_id"] == 1, msg
-            await until(lambda: accounted(d), what="accounted")
+            await wait_for(lambda: accounted(d), what="accounted")
 
     run(scenario())
-
-
-async def metric(d: Daemon, name: str, **labels: str) -> float:
-    """One sample of /metrics, read with prometheus_client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
-        text = (await h.get("/metrics")).text
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            if sample.name in (name, f"{name}_total") and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} not in /metrics")
 
 
 def test_detector_that_raises_answers_an_error_and_the_worker_goes_on() -> None:
@@ -247,7 +180,7 @@ def test_detector_that_raises_answers_an_error_and_the_worker_goes_on() -> None:
             assert [m["frame_id"] for m in errors] == [2, 5, 8]
             assert {m["code"] for m in errors} == {p.E_DETECTOR}
             assert sum(m["type"] == "result" for m in replies) == 6
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
+            async with api(d) as h:
                 snap = await poll_stats(h, lambda s: s["workers"][0]["errors"] == 3)
             assert snap["workers"][0]["restarts"] == 0
             assert snap["totals"]["dropped_by_reason"]["detector_error"] == 3
@@ -266,28 +199,27 @@ def test_stuck_worker_is_reported_replaced_and_its_frame_dropped() -> None:
             lambda: SlowDetector(0.0, hang=release), workers=1, worker_timeout_s=0.5
         ) as d:
             c = await connect(d, dropped_notices=True)
-            api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}")
-            await c.send_frame("cam", 1, IMG)
-            (msg,) = await collect(c, 1)
-            assert msg == {
-                "type": "dropped",
-                "stream_name": "cam",
-                "frame_id": 1,
-                "reason": "worker_timeout",
-            }
-            ready = await api.get("/ready")
-            worker = (await poll_stats(api, lambda s: s["workers"][0]["restarts"] == 1))["workers"][
-                0
-            ]
-            assert ready.status_code == 503 and "worker" in ready.json()["reason"]
-            assert worker["state"] in ("stuck", "restarting") and worker["restarts"] == 1
-            assert await metric(d, "vision_daemon_worker_restarts", worker="0") == 1
-            release.set()  # the replacement model does not hang
-            await until(lambda: stats(d)["ready"], timeout=10, what="worker restarted")
-            await c.send_frame("cam", 2, IMG)
-            (msg,) = await collect(c, 1)
-            assert msg["type"] == "result" and msg["frame_id"] == 2
-            assert (await api.get("/ready")).status_code == 200
-            await api.aclose()
+            async with api(d) as h:
+                await c.send_frame("cam", 1, IMG)
+                (msg,) = await collect(c, 1)
+                assert msg == {
+                    "type": "dropped",
+                    "stream_name": "cam",
+                    "frame_id": 1,
+                    "reason": "worker_timeout",
+                }
+                ready = await h.get("/ready")
+                worker = (await poll_stats(h, lambda s: s["workers"][0]["restarts"] == 1))[
+                    "workers"
+                ][0]
+                assert ready.status_code == 503 and "worker" in ready.json()["reason"]
+                assert worker["state"] in ("stuck", "restarting") and worker["restarts"] == 1
+                assert await metric(d, "vision_daemon_worker_restarts", worker="0") == 1
+                release.set()  # the replacement model does not hang
+                await wait_for(lambda: stats(d)["ready"], timeout=10, what="worker restarted")
+                await c.send_frame("cam", 2, IMG)
+                (msg,) = await collect(c, 1)
+                assert msg["type"] == "result" and msg["frame_id"] == 2
+                assert (await h.get("/ready")).status_code == 200
 
     run(scenario())

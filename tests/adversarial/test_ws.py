@@ -7,24 +7,23 @@ import asyncio
 import logging
 from typing import Any
 
-import httpx
 import pytest
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
 
-from clients.lib import DaemonClient
 from tests.conftest import (
-    SlowDetector,
+    api,
+    big_results,
     collect,
     connect,
     jpeg,
+    metric,
     poll_stats,
+    round_trip,
     run,
     running_daemon,
     stats,
-    until,
+    wait_for,
 )
-from vision_daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.slow  # a live daemon on real sockets
 
@@ -33,17 +32,6 @@ IMG = jpeg(96, 128)
 
 
 TOKEN = "s3cret-token"
-
-
-async def round_trip(c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0) -> None:
-    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
-    await c.send_frame(stream, frame_id, IMG)
-    try:
-        msg = await asyncio.wait_for(c.recv(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
-    assert msg is not None, f"good client on {stream!r} was disconnected"
-    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
 
 
 class Capture(logging.Handler):
@@ -87,7 +75,7 @@ def test_token_is_never_logged_and_a_refused_ws_closes_with_1008() -> None:
                 async with asyncio.timeout(5):
                     seen = await ws.recv()
                 assert '"frame_id":0' in str(seen).replace(" ", ""), seen
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
+            async with api(d) as h:
                 for path in ("/stats", "/metrics", "/ready", "/streams/good", "/nope"):
                     await h.get(path, params={"token": TOKEN})
                 await h.get("/stats", params={"token": "wrong"})
@@ -132,29 +120,12 @@ def test_ws_subscribers_past_the_cap_are_refused_and_the_rest_are_served() -> No
     run(scenario())
 
 
-async def metric(d: Daemon, name: str, **labels: str) -> float:
-    """One sample of /metrics, read with prometheus_client's own parser."""
-
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
-        text = (await h.get("/metrics")).text
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            if sample.name in (name, f"{name}_total") and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} not in /metrics")
-
-
 def ws_settled(s: dict[str, Any], n: int) -> bool:
     """Every one of n results is sent, dropped, queued or being sent to the one subscriber."""
     clients = s["ws"]["clients"]
     return (
         bool(clients) and sum(clients[0][k] for k in ("sent", "dropped", "queued", "sending")) == n
     )
-
-
-def big_results() -> SlowDetector:
-    """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
-    return SlowDetector(0.0, boxes=2000, label="x" * 40)
 
 
 def test_stalled_ws_subscriber_loses_its_oldest_messages_not_ingest() -> None:
@@ -165,13 +136,13 @@ def test_stalled_ws_subscriber_loses_its_oldest_messages_not_ingest() -> None:
         async with running_daemon(big_results, ws_queue=4) as d:
             url = f"ws://127.0.0.1:{d.api_port}/ws"
             async with websockets.connect(url, max_size=2**24, max_queue=1, compression=None):
-                await until(lambda: stats(d)["ws"]["subscribers"] == 1, what="subscriber")
+                await wait_for(lambda: stats(d)["ws"]["subscribers"] == 1, what="subscriber")
                 c = await connect(d)
                 for i in range(200):
                     await c.send_frame("cam", i, IMG)
                     (msg,) = await collect(c, 1)
                     assert msg["type"] == "result"
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}") as h:
+                async with api(d) as h:
                     ws = (await poll_stats(h, lambda s: ws_settled(s, 200)))["ws"]
                 (sub,) = ws["clients"]
                 assert sub["dropped"] > 0 and sub["queued"] <= 4

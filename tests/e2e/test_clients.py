@@ -25,7 +25,7 @@ from tests.conftest import (
     shared_model,
     stats,
     stream_stats,
-    until,
+    wait_for,
 )
 from vision_daemon.lifecycle import Daemon
 
@@ -264,14 +264,14 @@ def test_ws_viewer_prints_a_row_per_stream_and_filters(tmp_path: Path) -> None:
             lines = asyncio.create_task(
                 program("vision-ws", *api, "--json", "--stream", "a", "--count", "5")
             )
-            await until(
+            await wait_for(
                 lambda: stats(d)["ws"]["subscribers"] == 2, timeout=30, what="2 subscribers"
             )
             c = await connect(d)
             for i in range(6):
                 for name in ("a", "b"):
                     await c.send_frame(name, i, jpeg(64, 80))
-                await until(
+                await wait_for(
                     lambda i=i: (
                         "b" in stats(d)["streams"] and stream_stats(d, "b")["processed"] == i + 1
                     ),  # type: ignore[misc]

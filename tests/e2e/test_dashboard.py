@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import ROOT, VIDEO, connect, jpeg, running_daemon, shared_model
+from tests.conftest import ROOT, VIDEO, connect, jpeg, running_daemon, shared_model, wait_for_sync
 from vision_daemon.config import CameraConfig
 from vision_daemon.lifecycle import Daemon
 
@@ -136,18 +136,6 @@ class LiveDaemon:
         return httpx.Client(base_url=self.base, headers=headers, timeout=10)
 
 
-def poll(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll with a deadline; returns the first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[LiveDaemon]:
     shared_model("yolov8n_int8_openvino_model")
@@ -174,7 +162,7 @@ def daemon() -> Iterator[LiveDaemon]:
                     and r.json()["streams"].get(STREAM, {}).get("processed", 0) > 0
                 )
 
-            poll(processing, 120, "the camera's first processed frame")
+            wait_for_sync(processing, 120, "the camera's first processed frame", interval=0.1)
         yield live
     finally:
         live.stop()
@@ -216,7 +204,12 @@ def many() -> Iterator[LiveDaemon]:
     live.start()
     try:
         with live.http() as h:
-            poll(lambda: len(h.get("/stats").json()["streams"]) == MANY, 30, f"{MANY} streams")
+            wait_for_sync(
+                lambda: len(h.get("/stats").json()["streams"]) == MANY,
+                30,
+                f"{MANY} streams",
+                interval=0.1,
+            )
         yield live
     finally:
         live.stop()
@@ -441,7 +434,9 @@ def test_large_view_draws_and_changes_the_streams_options(
                 return o["skip_frames"], o["max_fps"]
 
             # /streams serves the snapshot, rebuilt every stats_refresh_s
-            poll(lambda: options() == (2, 3.0), 10, "the new options in /streams")
+            wait_for_sync(
+                lambda: options() == (2, 3.0), 10, "the new options in /streams", interval=0.1
+            )
         finally:
             h.patch(f"/streams/{STREAM}", json={"skip_frames": 1, "max_fps": 5.0})
     page.fill("#detail-skip", "0")

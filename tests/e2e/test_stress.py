@@ -146,7 +146,7 @@ def test_live_view_shows_client_counters_and_the_daemons_stats() -> None:
     from rich.console import Console
 
     from stress.cli import LiveView, build_parser
-    from tests.conftest import collect, connect, jpeg, until
+    from tests.conftest import collect, connect, jpeg, wait_for
 
     async def scenario() -> str:
         async with running_daemon() as d:
@@ -158,7 +158,7 @@ def test_live_view_shows_client_counters_and_the_daemons_stats() -> None:
             view = LiveView(args, console, "live test")
             assert view.live is None  # --no-live (and never on a non-terminal)
             poller = asyncio.create_task(view.poll())
-            await until(lambda: view.stats is not None, what="/stats polled")
+            await wait_for(lambda: view.stats is not None, what="/stats polled")
             poller.cancel()
             view.on_progress(
                 {"stress0": {"sent": 1, "results": 1, "dropped": 0, "errors": 0,

@@ -26,7 +26,7 @@ from tests.conftest import (
     run,
     running_daemon,
     stats,
-    until,
+    wait_for,
 )
 from tests.outputs import Broker, Subscriber, Target, verify
 from vision_daemon.analytics import (
@@ -235,7 +235,7 @@ async def _scripted_tracks_give_exact_counts_and_events_despite_dropped_frames()
         ready = asyncio.Event()
         feed = asyncio.create_task(event_feed(d, events, ready))
         await asyncio.wait_for(ready.wait(), 5)
-        await until(lambda: d.hub.subscribers, what="the /ws subscriber")
+        await wait_for(lambda: d.hub.subscribers, what="the /ws subscriber")
         client = await connect(d, options={"skip_frames": 2}, dropped_notices=True)
         try:
             down = DOWN[:10] + DOWN[13:]  # a hole: frames the camera never sent
@@ -252,7 +252,9 @@ async def _scripted_tracks_give_exact_counts_and_events_despite_dropped_frames()
             reasons = Counter(m["reason"] for m in answers if m["type"] == "dropped")
             assert set(reasons) == {"skipped"} and abs(reasons["skipped"] - len(answers) / 2) <= 1
             # The camera goes quiet inside the zone: the idle tick ends the track.
-            await until(lambda: sum(e["type"] == "exit" for e in events) == 2, 5, "the idle exit")
+            await wait_for(
+                lambda: sum(e["type"] == "exit" for e in events) == 2, 5, "the idle exit"
+            )
             async with api(d) as h:
                 counts = (await h.get("/streams/cam/analytics")).json()
                 metrics = (await h.get("/metrics")).text
@@ -448,7 +450,7 @@ def test_events_reach_a_real_broker_and_a_signed_webhook_through_the_daemon(
                 run(_through_outputs(broker.url, target, sub))
                 late = Subscriber(broker.port, "vd/#")  # retained values go to new subscribers
                 try:
-                    run(until(lambda: late.retained().get("vd/cam/lines/mid/out/person") == "1"))
+                    run(wait_for(lambda: late.retained().get("vd/cam/lines/mid/out/person") == "1"))
                     assert late.retained().get("vd/available") == "offline"  # stopped cleanly
                 finally:
                     late.close()
@@ -473,9 +475,9 @@ async def _through_outputs(url: str, target: Target, sub: Subscriber) -> None:
             await play(client, DOWN, 0)
         finally:
             await client.close()
-        await until(lambda: sub.latest().get("vd/cam/lines/mid/out/person") == "1", 10, "count")
-        await until(lambda: sub.on("vd/cam/events"), 10, "the MQTT event")
-        await until(lambda: target.requests, 10, "the webhook")
+        await wait_for(lambda: sub.latest().get("vd/cam/lines/mid/out/person") == "1", 10, "count")
+        await wait_for(lambda: sub.on("vd/cam/events"), 10, "the MQTT event")
+        await wait_for(lambda: target.requests, 10, "the webhook")
         (event,) = [json.loads(m) for m in sub.on("vd/cam/events")]
         assert (event["type"], event["line"], event["direction"]) == ("cross", "mid", "out")
         headers, body = target.requests[0]

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     SlowDetector,
+    api,
     collect,
     connect,
     jpeg,
@@ -23,7 +24,7 @@ from tests.conftest import (
     run,
     running_daemon,
     stats,
-    until,
+    wait_for,
 )
 from vision_daemon.config import load_config
 from vision_daemon.lifecycle import Daemon
@@ -31,11 +32,6 @@ from vision_daemon.lifecycle import Daemon
 pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
 
 IMG = jpeg(96, 128)
-
-
-def http(d: Daemon, token: str | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=10)
 
 
 def per_stream(text: str, family: str) -> dict[str, float]:
@@ -60,9 +56,9 @@ def test_ready_is_503_while_warming_then_200() -> None:
         d = Daemon(cfg, factory=lambda: Gated(0.0))
         start = asyncio.create_task(d.start())
         try:
-            await until(lambda: d.api_port is not None, what="api bound")
-            async with http(d) as h:
-                await until(lambda: d.api_port is not None, what="api listening")
+            await wait_for(lambda: d.api_port is not None, what="api bound")
+            async with api(d) as h:
+                await wait_for(lambda: d.api_port is not None, what="api listening")
                 assert (await h.get("/health")).status_code == 200
                 r = await h.get("/ready")
                 assert r.status_code == 503 and "warming" in r.json()["reason"]
@@ -92,7 +88,7 @@ def test_stats_streams_and_metrics_agree_with_clients() -> None:
             answers = await collect(c, 20)
             results = Counter(m["stream_name"] for m in answers if m["type"] == "result")
             drops = sum(m["type"] == "dropped" for m in answers)
-            async with http(d) as h:
+            async with api(d) as h:
                 s = await poll_stats(h, lambda s: s["processed_frames"] == sum(results.values()))
                 assert s["total_frames"] == 20
                 assert s["dropped_frames"] == drops and s["queue_size"] == 0
@@ -124,7 +120,7 @@ def test_metrics_stream_labels_are_capped() -> None:
             for name in ("s1", "s2", "s3", "s4"):
                 await c.send_frame(name, 1, IMG)
             await collect(c, 4)
-            async with http(d) as h:
+            async with api(d) as h:
                 text = (await h.get("/metrics")).text
             labels = per_stream(text, "vision_daemon_frames_received")
             assert labels == {"s1": 1.0, "s2": 1.0, "_other": 2.0}
@@ -142,7 +138,7 @@ def test_ws_filters_by_stream_and_a_stalled_subscriber_does_not_slow_ingest() ->
                 websockets.connect(f"{url}?stream=a") as only_a,
                 websockets.connect(url, max_size=2**20) as stalled,
             ):
-                await until(lambda: stats(d)["ws"]["subscribers"] == 2, what="subscribers")
+                await wait_for(lambda: stats(d)["ws"]["subscribers"] == 2, what="subscribers")
                 c = await connect(d)
                 t0 = time.monotonic()
                 for i in range(200):
@@ -163,7 +159,7 @@ def test_ws_filters_by_stream_and_a_stalled_subscriber_does_not_slow_ingest() ->
                 except TimeoutError:
                     pass
                 assert seen == {"a"}
-                async with http(d) as h:
+                async with api(d) as h:
                     ws = (await poll_stats(h, lambda s: s["ws"]["subscribers"] == 2))["ws"]
                 assert ws["subscribers"] == 2
                 del stalled  # never read: its queue overflowed or the socket buffered it
@@ -176,11 +172,11 @@ def test_token_guards_http_and_ws_but_not_health() -> None:
 
     async def scenario() -> None:
         async with running_daemon(auth_token="tok") as d:
-            async with http(d) as h:
+            async with api(d) as h:
                 assert (await h.get("/health")).status_code == 200
                 for path in ("/ready", "/stats", "/metrics", "/streams/x"):
                     assert (await h.get(path)).status_code == 401, path
-            async with http(d, "tok") as h:
+            async with api(d, "tok") as h:
                 assert (await h.get("/stats")).status_code == 200
                 assert (await h.get("/stats?token=bad")).status_code == 200  # header wins
             url = f"ws://127.0.0.1:{d.api_port}/ws"
@@ -193,7 +189,7 @@ def test_token_guards_http_and_ws_but_not_health() -> None:
             except websockets.exceptions.InvalidStatus:
                 pass  # refused before the upgrade: also a refusal
             async with websockets.connect(f"{url}?token=tok") as ws:
-                await until(
+                await wait_for(
                     lambda: stats(d)["ws"]["subscribers"] == 1, what="authorised subscriber"
                 )
 

@@ -9,20 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import VIDEO, accounted, run, running_daemon, stats
+from tests.conftest import VIDEO, accounted, api, run, running_daemon, stats, wait_for
 from vision_daemon.config import CameraConfig
 from vision_daemon.lifecycle import Daemon
 
 pytestmark = pytest.mark.slow
-
-
-def http(d: Daemon, token: str | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=10)
 
 
 def short_video(path: Path, frames: int = 20, fps: float = 10.0) -> Path:
@@ -42,17 +36,6 @@ def camera(d: Daemon, name: str) -> dict[str, Any]:
     return cams[name]
 
 
-async def wait_for(
-    cond: Any, timeout: float = 15.0, what: str = "condition", every: float = 0.05
-) -> None:
-    """Poll with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(every)
-
-
 def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) -> None:
     """A 20-frame file with loop = true keeps streaming past its end without a reconnect; every
     frame read is received on the stream and ends processed or dropped with a reason."""
@@ -61,11 +44,13 @@ def test_looping_file_camera_streams_and_accounts_every_frame(tmp_path: Path) ->
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
-            await wait_for(lambda: camera(d, "clip")["frames_read"] > 45, what="a second loop")
+            await wait_for(
+                lambda: camera(d, "clip")["frames_read"] > 45, what="a second loop", timeout=15
+            )
             cam = camera(d, "clip")
             assert cam["state"] == "streaming" and cam["reconnects"] == 0
             assert (cam["source"], cam["width"], cam["height"]) == ("file", 320, 240)
-            await wait_for(lambda: stats(d)["streams"]["clip"]["processed"] >= 5)
+            await wait_for(lambda: stats(d)["streams"]["clip"]["processed"] >= 5, timeout=15)
             s = stats(d)["streams"]["clip"]
             assert s["dropped_by_reason"]["throttled"] > 0  # 10 fps file, analysed at 5
             assert s["options"] == {
@@ -88,11 +73,13 @@ def test_file_camera_without_loop_stops_at_its_end(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
-            await wait_for(lambda: camera(d, "once")["state"] == "stopped", what="stopped")
+            await wait_for(
+                lambda: camera(d, "once")["state"] == "stopped", what="stopped", timeout=15
+            )
             cam = camera(d, "once")
             assert (cam["frames_read"], cam["last_error"]) == (10, "end of file")
             assert cam["failed_attempts"] == 0 and cam["reconnects"] == 0
-            await wait_for(lambda: stats(d)["streams"]["once"]["in_flight"] == 0)
+            await wait_for(lambda: stats(d)["streams"]["once"]["in_flight"] == 0, timeout=15)
             s = stats(d)["streams"]["once"]
             assert s["received"] == 10 and accounted(d)
 
@@ -106,8 +93,8 @@ def test_cameras_added_and_removed_through_the_api_leave_the_others_alone(tmp_pa
     steady = CameraConfig(name="steady", url=str(clip), loop=True)
 
     async def main() -> None:
-        async with running_daemon(cameras=(steady,)) as d, http(d) as h:
-            await wait_for(lambda: camera(d, "steady")["state"] == "streaming")
+        async with running_daemon(cameras=(steady,)) as d, api(d) as h:
+            await wait_for(lambda: camera(d, "steady")["state"] == "streaming", timeout=15)
             body = {"name": "street", "url": str(VIDEO), "max_fps": 2}
             r = await h.post("/cameras", json=body)
             assert r.status_code == 201, r.text
@@ -118,7 +105,9 @@ def test_cameras_added_and_removed_through_the_api_leave_the_others_alone(tmp_pa
             huge = await h.post("/cameras", content=b"{" + b" " * 70_000 + b"}")
             assert huge.status_code == 413
             assert (await h.post("/cameras", content=b"not json")).status_code == 400
-            await wait_for(lambda: stats(d)["streams"].get("street", {}).get("processed", 0) > 0)
+            await wait_for(
+                lambda: stats(d)["streams"].get("street", {}).get("processed", 0) > 0, timeout=15
+            )
             listed = (await h.get("/cameras")).json()
             assert set(listed) == {"steady", "street"}
             assert listed["street"]["state"] == "streaming"
@@ -132,7 +121,9 @@ def test_cameras_added_and_removed_through_the_api_leave_the_others_alone(tmp_pa
             assert (await h.get("/cameras/street")).status_code == 404
             assert (await h.delete("/cameras/street")).status_code == 404
             assert "street" in stats(d)["streams"]  # its stream stays for stream_grace_s
-            await wait_for(lambda: camera(d, "steady")["frames_read"] > read_before + 10)
+            await wait_for(
+                lambda: camera(d, "steady")["frames_read"] > read_before + 10, timeout=15
+            )
             cam = camera(d, "steady")
             assert cam["state"] == "streaming" and cam["reconnects"] == 0
             assert accounted(d)
@@ -146,11 +137,11 @@ def test_camera_api_needs_the_token_and_honours_max_cameras(tmp_path: Path) -> N
 
     async def main() -> None:
         async with running_daemon(auth_token="tok-3141", max_cameras=1) as d:
-            async with http(d) as anon:
+            async with api(d) as anon:
                 assert (await anon.get("/cameras")).status_code == 401
                 r = await anon.post("/cameras", json={"name": "a", "url": str(clip)})
                 assert r.status_code == 401
-            async with http(d, "tok-3141") as h:
+            async with api(d, "tok-3141") as h:
                 r = await h.post("/cameras", json={"name": "a", "url": str(clip), "loop": True})
                 assert r.status_code == 201, r.text
                 r = await h.post("/cameras", json={"name": "b", "url": str(clip)})
@@ -182,12 +173,14 @@ def test_h264_file_decodes_every_frame_or_only_keyframes(tmp_path: Path, keyfram
 
     async def main() -> None:
         async with running_daemon(cameras=(spec,)) as d:
-            await wait_for(lambda: camera(d, "h264")["state"] == "stopped", what="the end")
+            await wait_for(
+                lambda: camera(d, "h264")["state"] == "stopped", what="the end", timeout=15
+            )
             cam = camera(d, "h264")
             assert (cam["codec"], cam["width"], cam["height"]) == ("h264", 640, 480)
             assert cam["keyframes_only"] is (keyframes == "on")
             assert cam["frames_read"] == (2 if keyframes == "on" else 60)
-            await wait_for(lambda: stats(d)["streams"]["h264"]["in_flight"] == 0)
+            await wait_for(lambda: stats(d)["streams"]["h264"]["in_flight"] == 0, timeout=15)
             assert accounted(d)
 
     run(main())
@@ -227,12 +220,12 @@ def test_esp32_mjpeg_camera_is_analysed_at_max_fps_with_results_on_ws() -> None:
         spec = CameraConfig(name="esp32", url=cam.url, max_fps=10, **FAST_RETRY)
 
         async def main() -> None:
-            async with running_daemon(cameras=(spec,)) as d, http(d) as h:
+            async with running_daemon(cameras=(spec,)) as d, api(d) as h:
                 results = await ws_results(d, "esp32", 5)
                 now = time.time()
                 assert all(0 <= now - r["timestamp"] < 10 for r in results)
                 assert [r["frame_id"] for r in results] == sorted(r["frame_id"] for r in results)
-                await wait_for(lambda: camera(d, "esp32")["frames_read"] >= 60)
+                await wait_for(lambda: camera(d, "esp32")["frames_read"] >= 60, timeout=15)
                 cam_stats = camera(d, "esp32")
                 assert (cam_stats["source"], cam_stats["state"]) == ("mjpeg", "streaming")
                 s = stats(d)["streams"]["esp32"]
@@ -255,15 +248,21 @@ def test_mjpeg_camera_killed_and_revived_resumes_and_counts_the_reconnect() -> N
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:
-                await wait_for(lambda: stats(d)["streams"].get("door", {}).get("processed", 0) > 3)
+                await wait_for(
+                    lambda: stats(d)["streams"].get("door", {}).get("processed", 0) > 3, timeout=15
+                )
                 cam.kill()
-                await wait_for(lambda: camera(d, "door")["state"] == "reconnecting", what="lost")
+                await wait_for(
+                    lambda: camera(d, "door")["state"] == "reconnecting", what="lost", timeout=15
+                )
                 assert camera(d, "door")["last_error"] == "the camera closed the connection"
                 before = stats(d)["streams"]["door"]["processed"]
                 cam.revive()
                 # stall_timeout_s (2) + the capped backoff (0.5 +- 20%) + slack for this box
                 await wait_for(lambda: camera(d, "door")["state"] == "streaming", timeout=6)
-                await wait_for(lambda: stats(d)["streams"]["door"]["processed"] > before + 3)
+                await wait_for(
+                    lambda: stats(d)["streams"]["door"]["processed"] > before + 3, timeout=15
+                )
                 c = camera(d, "door")
                 assert c["reconnects"] == 1 and c["reconnects_last_hour"] == 1
                 assert c["quality"] in ("fair", "poor")  # a reconnect in the last hour
@@ -301,7 +300,7 @@ def test_broken_cameras_say_why_leak_no_secret_and_leave_a_good_one_alone(
         }
 
         async def main() -> None:
-            async with running_daemon(cameras=specs) as d, http(d) as h:
+            async with running_daemon(cameras=specs) as d, api(d) as h:
 
                 def settled() -> bool:
                     cams = stats(d)["cameras"]
@@ -312,7 +311,9 @@ def test_broken_cameras_say_why_leak_no_secret_and_leave_a_good_one_alone(
 
                 await wait_for(settled, timeout=20, what=f"the errors {expected}")
                 good = camera(d, "m-ok")
-                await wait_for(lambda: camera(d, "m-ok")["frames_read"] > good["frames_read"] + 30)
+                await wait_for(
+                    lambda: camera(d, "m-ok")["frames_read"] > good["frames_read"] + 30, timeout=15
+                )
                 good = camera(d, "m-ok")
                 assert good["state"] == "streaming" and good["reconnects"] == good["stalls"] == 0
                 assert good["source_fps"] > 15  # the camera sends 30; broken neighbours cost none
@@ -343,7 +344,8 @@ def test_rtsp_camera_streams_h264_over_tcp_and_udp(transport: str) -> None:
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:
                 await wait_for(
-                    lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) >= 5
+                    lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) >= 5,
+                    timeout=15,
                 )
                 c = camera(d, "ipcam")
                 assert (c["source"], c["codec"], c["width"], c["height"]) == (
@@ -376,13 +378,19 @@ def test_rtsp_camera_killed_and_revived_and_wrong_credentials(
 
         async def main() -> None:
             async with running_daemon(cameras=specs) as d:
-                await wait_for(lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) > 2)
+                await wait_for(
+                    lambda: stats(d)["streams"].get("ipcam", {}).get("processed", 0) > 2, timeout=15
+                )
                 cam.kill()
-                await wait_for(lambda: camera(d, "ipcam")["state"] == "reconnecting", what="lost")
+                await wait_for(
+                    lambda: camera(d, "ipcam")["state"] == "reconnecting", what="lost", timeout=15
+                )
                 before = stats(d)["streams"]["ipcam"]["processed"]
                 cam.revive()
                 await wait_for(lambda: camera(d, "ipcam")["state"] == "streaming", timeout=10)
-                await wait_for(lambda: stats(d)["streams"]["ipcam"]["processed"] > before + 2)
+                await wait_for(
+                    lambda: stats(d)["streams"]["ipcam"]["processed"] > before + 2, timeout=15
+                )
                 assert camera(d, "ipcam")["reconnects"] == 1
                 locked_cam = camera(d, "locked")
                 assert locked_cam["state"] == "failed"
@@ -405,7 +413,9 @@ def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
 
         async def main() -> None:
             async with running_daemon(cameras=(polled, sub)) as d:
-                await wait_for(lambda: camera(d, "snap")["frames_read"] >= 8, what="8 polls")
+                await wait_for(
+                    lambda: camera(d, "snap")["frames_read"] >= 8, what="8 polls", timeout=15
+                )
                 c = camera(d, "snap")
                 assert (c["source"], c["state"], c["expected_fps"]) == (
                     "snapshot",
@@ -413,7 +423,9 @@ def test_snapshot_url_is_polled_and_a_substream_is_what_gets_analysed() -> None:
                     4.0,
                 )
                 assert 2.5 <= c["source_fps"] <= 5.5  # polled 4 times a second, not flat out
-                await wait_for(lambda: stats(d)["streams"].get("sub", {}).get("processed", 0) > 2)
+                await wait_for(
+                    lambda: stats(d)["streams"].get("sub", {}).get("processed", 0) > 2, timeout=15
+                )
                 s = camera(d, "sub")
                 assert (s["source"], s["state"]) == ("mjpeg", "streaming")
                 assert s["url"] == "rtsp://***@127.0.0.1:1/main" and s["substream_url"] == cam.url
@@ -432,14 +444,16 @@ def test_a_camera_that_stops_sending_is_a_counted_stall_then_reconnects() -> Non
 
         async def main() -> None:
             async with running_daemon(cameras=(spec,)) as d:
-                await wait_for(lambda: camera(d, "hall")["state"] == "streaming")
+                await wait_for(lambda: camera(d, "hall")["state"] == "streaming", timeout=15)
                 cam.mode = "hang"
-                await wait_for(lambda: camera(d, "hall")["stalls"] == 1, what="a stall")
+                await wait_for(lambda: camera(d, "hall")["stalls"] == 1, what="a stall", timeout=15)
                 c = camera(d, "hall")
                 assert c["stalls_last_hour"] == 1 and c["state"] != "streaming"
                 assert "stall" in c["last_error"] or "no answer" in c["last_error"]
                 cam.mode = "ok"
-                await wait_for(lambda: camera(d, "hall")["reconnects"] == 1, what="reconnect")
+                await wait_for(
+                    lambda: camera(d, "hall")["reconnects"] == 1, what="reconnect", timeout=15
+                )
                 assert camera(d, "hall")["state"] == "streaming" and accounted(d)
 
         run(main())

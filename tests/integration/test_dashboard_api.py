@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, until
+from tests.conftest import api, collect, connect, jpeg, run, running_daemon, stats, wait_for
 from tests.integration.test_cameras import short_video
 from vision_daemon import api as api_module
 from vision_daemon.config import CameraConfig
@@ -75,7 +75,7 @@ def test_stats_history_is_a_bounded_ring_behind_the_token() -> None:
             for i in range(20):
                 await c.send_frame("cam", i, jpeg())
                 await collect(c, 1)
-            await until(lambda: len(d.stats.history.points) == 4, what="four points")
+            await wait_for(lambda: len(d.stats.history.points) == 4, what="four points")
             await asyncio.sleep(0.3)  # more intervals pass: still four, the newest
             doc = (await h.get("/stats/history")).json()
             assert doc["interval_s"] == 0.1 and len(doc["points"]) == 4
@@ -107,7 +107,7 @@ def test_patch_retunes_a_pushed_stream_and_refuses_bad_values() -> None:
             assert r.status_code == 200 and r.json()["skip_frames"] == 2
             for i in range(1, 11):  # one at a time: none superseded or over the queue
                 await c.send_frame("cam", i, jpeg())
-                await until(lambda i=i: settled(stats(d)["streams"]["cam"], i + 1))  # type: ignore[misc]
+                await wait_for(lambda i=i: settled(stats(d)["streams"]["cam"], i + 1))  # type: ignore[misc]
             s = stats(d)["streams"]["cam"]
             assert s["processed"] == 6
             assert {k: v for k, v in s["dropped_by_reason"].items() if v} == {"skipped": 5} and s[
@@ -138,13 +138,13 @@ def test_patch_retunes_a_pulled_camera(tmp_path: Path) -> None:
         async with running_daemon(auth_token=TOKEN, cameras=(spec, dead)) as d, api(d, TOKEN) as h:
             # A camera attaches its stream when added: one that never streamed answers "no frame yet".
             assert (await h.get("/streams/dead/frame.jpg")).status_code == 204
-            await until(lambda: stats(d)["streams"].get("clip", {}).get("processed", 0) > 5, 15)
+            await wait_for(lambda: stats(d)["streams"].get("clip", {}).get("processed", 0) > 5, 15)
             assert stats(d)["streams"]["clip"]["dropped_by_reason"]["throttled"] == 0
             assert (await h.get("/streams/clip/frame.jpg")).status_code in (200, 204)
             r = await h.patch("/streams/clip", json={"max_fps": 2})
             assert r.status_code == 200 and r.json()["max_fps"] == 2.0
             assert (await h.get("/cameras/clip")).json()["options"]["max_fps"] == 2.0
-            await until(
+            await wait_for(
                 lambda: stats(d)["streams"]["clip"]["dropped_by_reason"].get("throttled", 0) > 10,
                 15,
                 "throttled frames",
@@ -167,7 +167,7 @@ def test_a_browser_sends_its_token_as_a_websocket_subprotocol() -> None:
             protocols: Any = ["vision-daemon", bearer(TOKEN)]
             async with websockets.connect(url, subprotocols=protocols, proxy=None) as ws:
                 assert ws.subprotocol == "vision-daemon"
-                await until(lambda: stats(d)["ws"]["subscribers"] == 1)
+                await wait_for(lambda: stats(d)["ws"]["subscribers"] == 1)
                 c = await connect(d, token=TOKEN)
                 await c.send_frame("cam", 5, jpeg())
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 10))

@@ -20,7 +20,7 @@ from tests.conftest import (
     running_daemon,
     stats,
     stream_stats,
-    until,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow  # real sockets, models or subprocesses
@@ -105,10 +105,10 @@ def test_full_queue_drops_oldest_and_notifies() -> None:
             c = await connect(d, dropped_notices=True)
             img = jpeg()
             await c.send_frame("cam", 0, img)  # taken by the worker, which then blocks
-            await until(lambda: stats(d)["workers_busy"] == 1, what="worker busy")
+            await wait_for(lambda: stats(d)["workers_busy"] == 1, what="worker busy")
             for i in range(1, 11):
                 await c.send_frame("cam", i, img)
-            await until(lambda: stream_stats(d, "cam")["received"] == 11, what="frames read")
+            await wait_for(lambda: stream_stats(d, "cam")["received"] == 11, what="frames read")
             gate.set()
             out = await collect(c, 8 + 3)
             dropped = [m["frame_id"] for m in out if m["type"] == "dropped"]
@@ -138,8 +138,8 @@ def test_skip_frames_and_max_fps_options() -> None:
                 s = stream_stats(d, name)
                 return bool(s["processed"] + sum(s["dropped_by_reason"].values()) == 30)
 
-            await until(lambda: settled("sk"), what="sk settled")
-            await until(lambda: settled("th"), what="th settled")
+            await wait_for(lambda: settled("sk"), what="sk settled")
+            await wait_for(lambda: settled("th"), what="th settled")
             sk, th = stream_stats(d, "sk"), stream_stats(d, "th")
             assert sk["processed"] == 10 and sk["dropped_by_reason"]["skipped"] == 20
             # 5 fps over 1.5 s is 7 or 8 when the sender keeps its schedule; a loaded box delays
@@ -169,7 +169,7 @@ def test_frames_older_than_max_age_drop_as_stale() -> None:
             c = await connect(d, dropped_notices=True)
             img = jpeg()
             await c.send_frame("cam", 0, img)
-            await until(lambda: stats(d)["workers_busy"] == 1, what="worker busy")
+            await wait_for(lambda: stats(d)["workers_busy"] == 1, what="worker busy")
             for i in (1, 2):  # wait behind a 300 ms call, past the 100 ms age limit
                 await c.send_frame("cam", i, img)
             out = await collect(c, 3)
@@ -204,7 +204,7 @@ def test_overload_is_fair_oldest_dropped_and_latency_flat() -> None:
                     c.send_nowait(frame_message(f"s{i}", n, img))
                 n += 1
                 await asyncio.sleep(max(0.0, t0 + n * 0.016 - time.monotonic()))
-            await until(
+            await wait_for(
                 lambda: all(
                     s["in_flight"] == 0 and not s["queue_depth"]
                     for s in stats(d)["streams"].values()
@@ -244,8 +244,10 @@ def test_client_that_stops_reading_does_not_slow_others() -> None:
                 await asyncio.sleep(0.002)
             assert got == 100
             # the bad client's frames were all read (never left in socket buffers) and accounted for
-            await until(lambda: stream_stats(d, "bad")["received"] == 400, what="bad frames read")
-            await until(
+            await wait_for(
+                lambda: stream_stats(d, "bad")["received"] == 400, what="bad frames read"
+            )
+            await wait_for(
                 lambda: (
                     stream_stats(d, "bad")["processed"]
                     + sum(stream_stats(d, "bad")["dropped_by_reason"].values())
@@ -264,10 +266,10 @@ def test_shutdown_delivers_in_flight_results_and_counts_the_rest() -> None:
             c = await connect(d)
             img = jpeg()
             await c.send_frame("cam", 0, img)
-            await until(lambda: stats(d)["workers_busy"] == 1, what="in flight")
+            await wait_for(lambda: stats(d)["workers_busy"] == 1, what="in flight")
             for i in (1, 2):
                 await c.send_frame("cam", i, img)
-            await until(lambda: stream_stats(d, "cam")["queue_depth"] == 2, what="queued")
+            await wait_for(lambda: stream_stats(d, "cam")["queue_depth"] == 2, what="queued")
             await d.shutdown()
             out = [m async for m in c.messages()]
             assert [(m["type"], m["frame_id"]) for m in out] == [("result", 0)]

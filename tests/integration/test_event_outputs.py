@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run, until
+from tests.conftest import run, wait_for
 from tests.outputs import (
     BROKERS,
     Broker,
@@ -53,24 +53,24 @@ def test_mqtt_events_arrive_as_json_and_counts_as_retained_numbers(broker: Broke
         sub = Subscriber(broker.port)
         out = MqttOutput(broker.url, topic_prefix="vd", qos=1)
         await out.start()
-        await until(lambda: out.connected, what="connected")
+        await wait_for(lambda: out.connected, what="connected")
         sent = [event(1), event(2, "enter", zone="door"), event(3, "loiter", dwell_s=4.5)]
         odd = event(4, stream="cam/1+x#", snapshot="/9j/4AAQSkZJRg==")
         for e in [*sent, odd]:
             out.offer_event(e)
-        await until(lambda: len(sub.on("vd/walk/events")) == 3, what="3 events")
+        await wait_for(lambda: len(sub.on("vd/walk/events")) == 3, what="3 events")
         assert [json.loads(p) for p in sub.on("vd/walk/events")] == sent
-        await until(lambda: len(sub.on("vd/cam_1_x_/events")) == 1, what="sanitised topic")
+        await wait_for(lambda: len(sub.on("vd/cam_1_x_/events")) == 1, what="sanitised topic")
         assert json.loads(sub.on("vd/cam_1_x_/events")[0]) == odd
-        await until(lambda: out.sent == 4, what="sent counted")
+        await wait_for(lambda: out.sent == 4, what="sent counted")
 
         out.offer_counts("walk", counts({"person": 2, "car": 1}, {"person": 5}, 4))
         occ = "vd/walk/zones/door/occupancy/"
-        await until(lambda: sub.latest().get(occ + "all") == "3", what="occupancy all")
+        await wait_for(lambda: sub.latest().get(occ + "all") == "3", what="occupancy all")
         out.offer_counts("walk", counts({"person": 1}, {"person": 6}, 4))  # the car has left
         now = {occ + "car": "0", occ + "all": "1", occ + "person": "1"}
-        await until(lambda: sub.latest().items() >= now.items(), what="the car back to 0")
-        await until(lambda: out.snapshot()["counts_pending"] == 0, what="counts published")
+        await wait_for(lambda: sub.latest().items() >= now.items(), what="the car back to 0")
+        await wait_for(lambda: out.snapshot()["counts_pending"] == 0, what="counts published")
         published = out.snapshot()["counts_published"]
         out.offer_counts("walk", counts({"person": 1}, {"person": 6}, 4))  # nothing changed
         assert out.snapshot()["counts_pending"] == 0
@@ -86,13 +86,13 @@ def test_mqtt_events_arrive_as_json_and_counts_as_retained_numbers(broker: Broke
             "vd/walk/zones/door/exited/person": "1",
             "vd/walk/lines/mid/in/person": "4",
         }
-        await until(lambda: later.retained() == want, what=f"retained {later.retained()}")
+        await wait_for(lambda: later.retained() == want, what=f"retained {later.retained()}")
         assert not [t for t, _, _ in later.messages if t.endswith("/events")]
         assert len(sub.on(occ + "all")) == 2 and len(sub.on("vd/walk/lines/mid/in/person")) == 1
         s = assert_accounted(out)
         assert s["name"] == "mqtt" and s["connected"] and s["dropped"] == {} and s["sent"] == 4
         await out.stop()
-        await until(lambda: sub.latest().get("vd/available") == "offline", what="offline")
+        await wait_for(lambda: sub.latest().get("vd/available") == "offline", what="offline")
         later.close()
         sub.close()
 
@@ -109,14 +109,14 @@ def test_mqtt_broker_restart_delivers_waiting_events_and_republishes_counts(
         sub = Subscriber(broker.port)
         out = MqttOutput(broker.url, topic_prefix="vd", qos=qos, queue_max=100)
         await out.start()
-        await until(lambda: out.connected, what="connected")
+        await wait_for(lambda: out.connected, what="connected")
         out.offer_counts("walk", counts({"person": 2}, {"person": 7}, 3))
         occ = "vd/walk/zones/door/occupancy/person"
-        await until(lambda: sub.latest().get(occ) == "2", what="counts")
+        await wait_for(lambda: sub.latest().get(occ) == "2", what="counts")
         sub.close()
 
         broker.kill()
-        await until(lambda: not out.connected, what="disconnect noticed")
+        await wait_for(lambda: not out.connected, what="disconnect noticed")
         failures = out.snapshot()["failures"]
         for i in range(5):
             out.offer_event(event(i))
@@ -124,15 +124,15 @@ def test_mqtt_broker_restart_delivers_waiting_events_and_republishes_counts(
         assert (s["queued"], s["in_flight"], s["sent"]) == (5, 0, 0)  # waiting in our queue
         # One failed reconnect first: paho then waits 2 s before trying again, time enough for
         # the test's subscriber to be listening on the restarted broker before the output is.
-        await until(lambda: out.snapshot()["failures"] > failures, what="a failed reconnect")
+        await wait_for(lambda: out.snapshot()["failures"] > failures, what="a failed reconnect")
         broker.start()
         back = Subscriber(broker.port)
-        await until(lambda: out.connected, what="reconnected")
-        await until(lambda: len(back.on("vd/walk/events")) == 5, what="waiting events delivered")
+        await wait_for(lambda: out.connected, what="reconnected")
+        await wait_for(lambda: len(back.on("vd/walk/events")) == 5, what="waiting events delivered")
         assert [json.loads(p)["track_id"] for p in back.on("vd/walk/events")] == list(range(5))
         again = {occ: "2", "vd/walk/zones/door/entered/person": "7", "vd/available": "online"}
-        await until(lambda: back.latest().items() >= again.items(), what="counts republished")
-        await until(lambda: out.sent == 5, what="sent counted")
+        await wait_for(lambda: back.latest().items() >= again.items(), what="counts republished")
+        await wait_for(lambda: out.sent == 5, what="sent counted")
         s = assert_accounted(out)
         assert s["dropped"] == {} and s["queued"] == 0
         await out.stop()
@@ -156,7 +156,7 @@ def test_mqtt_broker_down_start_does_not_block_queue_is_bounded_stop_is_bounded(
             out.offer_event(event(i))
         s = assert_accounted(out)
         assert s["dropped"] == {"queue_full": 15} and s["queued"] == 10 and not s["connected"]
-        await until(lambda: out.snapshot()["failures"] >= 2, what="two failed attempts")
+        await wait_for(lambda: out.snapshot()["failures"] >= 2, what="two failed attempts")
         mqtt_lines = [r for r in caplog.records if r.name.endswith("outputs.mqtt")]
         down = [r for r in mqtt_lines if "unreachable" in r.getMessage()]
         assert len(down) == 1 and down[0].levelno == logging.WARNING, down
@@ -190,7 +190,7 @@ def test_webhook_posts_signed_compact_json_and_keeps_the_secret_out_of_logs(
             sent = event(1, "enter", zone="door", label="café")
             out.offer_event(sent)
             out.offer_counts("walk", counts({"person": 1}, {}, 0))  # a no-op for webhooks
-            await until(lambda: out.sent == 1, what="delivered")
+            await wait_for(lambda: out.sent == 1, what="delivered")
             headers, body = target.requests[0]
             assert json.loads(body) == sent and b" " not in body and "café".encode() in body
             assert headers["content-type"] == "application/json"
@@ -221,7 +221,7 @@ def test_webhook_retries_5xx_and_429_then_delivers_and_counts_failures(
             await out.start()
             out.offer_event(event(1))
             out.offer_event(event(2))
-            await until(lambda: out.sent == 2, what="delivered after retries")
+            await wait_for(lambda: out.sent == 2, what="delivered after retries")
             assert [b["track_id"] for b in target.bodies()] == [1, 1, 1, 2]
             assert all(verify(SECRET, h, b) for h, b in target.requests)
             s = assert_accounted(out)
@@ -246,7 +246,7 @@ def test_webhook_hanging_target_times_out_and_is_dropped_as_failed() -> None:
             await out.start()
             out.offer_event(event(1))
             out.offer_event(event(2))
-            await until(lambda: out.sent == 1, what="the second event")
+            await wait_for(lambda: out.sent == 1, what="the second event")
             assert [b["track_id"] for b in target.bodies()] == [1, 1, 2]
             s = assert_accounted(out)
             assert s["dropped"] == {"failed": 1} and s["failures"] == 2
@@ -265,7 +265,7 @@ def test_webhook_4xx_is_rejected_without_retry() -> None:
             await out.start()
             out.offer_event(event(1))
             out.offer_event(event(2))
-            await until(lambda: out.sent == 1, what="second event sent")
+            await wait_for(lambda: out.sent == 1, what="second event sent")
             assert [b["track_id"] for b in target.bodies()] == [1, 2]
             s = assert_accounted(out)
             assert s["dropped"] == {"rejected": 1} and s["failures"] == 1
@@ -284,7 +284,7 @@ def test_webhook_event_types_filter() -> None:
             await out.start()
             for i, kind in enumerate(["cross", "enter", "loiter", "enter"]):
                 out.offer_event(event(i, kind))
-            await until(lambda: out.sent == 2, what="two enters")
+            await wait_for(lambda: out.sent == 2, what="two enters")
             assert [h["x-vision-daemon-event"] for h, _ in target.requests] == ["enter", "enter"]
             s = assert_accounted(out)
             assert s["filtered"] == 2 and s["offered"] == 2
@@ -310,10 +310,10 @@ def test_webhook_dead_target_offer_returns_at_once_and_drops_the_oldest(
         assert slowest < 0.005, slowest
         s = assert_accounted(out)
         assert s["dropped"] == {"queue_full": 996} and s["queued"] == 4
-        await until(lambda: out.snapshot()["failures"] >= 1, what="a refused attempt")
+        await wait_for(lambda: out.snapshot()["failures"] >= 1, what="a refused attempt")
         assert not out.snapshot()["connected"] and out.snapshot()["last_error"]
         assert_accounted(out)
-        await until(lambda: out.snapshot()["failures"] >= 3, what="more refused attempts")
+        await wait_for(lambda: out.snapshot()["failures"] >= 3, what="more refused attempts")
         failing = [r for r in caplog.records if "delivery failing" in r.getMessage()]
         assert len(failing) == 1 and failing[0].levelno == logging.WARNING  # once per change
         t0 = time.monotonic()
@@ -335,7 +335,7 @@ def test_bad_input_to_an_offer_never_raises_and_is_counted() -> None:
             await out.start()
             out.offer_event({"type": "enter", "stream": "walk", "bad": object()})
             out.offer_event(event(2, "enter"))
-            await until(lambda: out.sent == 1, what="the good event")
+            await wait_for(lambda: out.sent == 1, what="the good event")
             assert assert_accounted(out)["dropped"] == {"invalid": 1}
             await out.stop()
         mq = MqttOutput("mqtt://127.0.0.1:1")

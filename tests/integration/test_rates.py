@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import SlowDetector, connect, jpeg, run, running_daemon, stats, until
+from tests.conftest import SlowDetector, connect, jpeg, run, running_daemon, stats, wait_for
 
 pytestmark = pytest.mark.slow  # a real daemon on real sockets
 
@@ -35,7 +35,7 @@ def test_a_client_that_asked_for_advice_is_told_and_slows_down() -> None:
                 await told.send_frame("advised", i, jpeg())
                 await quiet.send_frame("legacy", i, jpeg())
                 await asyncio.sleep(0.02)
-            await until(lambda: bool(rates), 10, "a rate message")
+            await wait_for(lambda: bool(rates), 10, "a rate message")
             assert 0 < rates[0] < 50
             assert stats(d)["streams"]["advised"]["advised_fps"] == rates[-1]
             assert other == []
@@ -60,7 +60,7 @@ def test_the_welcome_tells_a_client_that_follows_advice_the_rate_it_will_get() -
             for i in range(4):
                 await sender.send_frame("busy", i, jpeg())
                 await asyncio.sleep(0.12)
-            await until(lambda: stats(d)["totals"]["processed"] >= 3, 10, "3 frames processed")
+            await wait_for(lambda: stats(d)["totals"]["processed"] >= 3, 10, "3 frames processed")
             asked = await connect(d, rate_advice=True)
             quiet = await connect(d)
             assert asked.welcome is not None and quiet.welcome is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, until
+from tests.conftest import SlowDetector, collect, connect, jpeg, run, running_daemon, wait_for
 from tests.conftest import accounted as daemon_accounted
 
 pytestmark = pytest.mark.slow  # a real daemon on real sockets
@@ -23,7 +23,7 @@ async def burst(serve: str | None) -> tuple[list[int], dict[int, str], bool]:
         await c.bye()
         results = [m["frame_id"] for m in msgs if m["type"] == "result"]
         drops = {m["frame_id"]: m["reason"] for m in msgs if m["type"] == "dropped"}
-        await until(lambda: daemon_accounted(d))
+        await wait_for(lambda: daemon_accounted(d))
         return results, drops, daemon_accounted(d)
 
 

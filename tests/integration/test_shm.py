@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import httpx
 import numpy as np
 import pytest
 from ultralytics.utils import ASSETS
@@ -32,6 +31,7 @@ from tests.conftest import (
     MODEL_DIR,
     ROOT,
     accounted,
+    api,
     collect,
     poll_stats,
     run,
@@ -39,7 +39,7 @@ from tests.conftest import (
     shared_model,
     stats,
     stream_stats,
-    until,
+    wait_for,
 )
 from tests.e2e.test_clients import program
 from tests.integration.test_ws_ingest import closed_with, pack, recv_bin, ws_connect
@@ -237,7 +237,7 @@ def test_round_trip_over_the_unix_socket_and_loopback_tcp(tmp_path: Path, over: 
         det = RecordingDetector()
         async with (
             daemon_with(tmp_path, det, queue_depth=8) as d,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.api_port}", timeout=10) as h,
+            api(d) as h,
         ):
             c = await shm_client(d, over=over, slots=4)
             name = c.shm.mem.name
@@ -260,7 +260,7 @@ def test_round_trip_over_the_unix_socket_and_loopback_tcp(tmp_path: Path, over: 
             await c.bye()
             s = await poll_stats(h, lambda s: s["connections"]["shm_rings"] == 0)
             assert s["connections"]["shm_mapped_bytes"] == 0
-            await until(lambda: not mapped(name), what="mapping gone")
+            await wait_for(lambda: not mapped(name), what="mapping gone")
             assert not in_dev_shm(name)  # the client removed its segment
             assert stream_stats(d, "ring")["processed"] == 12 and accounted(d)
 
@@ -307,7 +307,7 @@ def test_a_one_slot_ring_is_reused_after_each_result_or_dropped_notice(tmp_path:
             assert [m["type"] for m in msgs] == ["result", "dropped"] * 5
             assert [m["frame_id"] for m in msgs] == list(range(10))
             await c.bye()
-            await until(lambda: stats(d)["connections"]["shm_rings"] == 0)
+            await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
             assert stream_stats(d, "skip")["dropped_by_reason"]["skipped"] == 5
             assert accounted(d)
 
@@ -325,19 +325,19 @@ async def lie_while_held(
         c = await DaemonClient.connect(unix_socket=sock(d), shm=r)
         r.write(0, image(0))
         await c.send(shm_frame(0, 0, stream="held"))
-        await until(lambda: figure(d, "held", "in_flight") == 1, what="frame 0 in the detector")
+        await wait_for(lambda: figure(d, "held", "in_flight") == 1, what="frame 0 in the detector")
         await c.send(second)
         err = await refused(c)
         assert (err["code"], err["frame_id"]) == ("shm_error", second["frame_id"]), err
         assert reason in err["message"], err
-        await until(lambda: stats(d)["connections"]["shm_rings"] == 1)  # the bystander's
+        await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 1)  # the bystander's
         assert mapped(name)  # a worker still reads slot 0: the daemon must not unmap it
         msgs = await round_trip(by, "bystander", [1, 2], first_id)  # served by the other worker
         assert [m["type"] for m in msgs] == ["result", "result"]
         assert figure(d, "held", "in_flight") == 1 and not hang.is_set()
         hang.set()
-        await until(lambda: figure(d, "held", "in_flight") == 0)
-        await until(lambda: not mapped(name), what="unmapped once frame 0 was done")
+        await wait_for(lambda: figure(d, "held", "in_flight") == 0)
+        await wait_for(lambda: not mapped(name), what="unmapped once frame 0 was done")
         hang.clear()
     finally:
         r.close()
@@ -435,8 +435,8 @@ def test_a_second_process_streams_through_its_ring(tmp_path: Path) -> None:
             assert answered == [["result", i] for i in range(30)]
             full = [np.full(SHAPE, i, np.uint8) for i in range(30)]
             assert [s["digest"] for s in det.seen] == [digest(img) for img in full]
-            await until(lambda: stats(d)["connections"]["shm_rings"] == 0)
-            await until(lambda: not mapped(name), what="child's segment unmapped")
+            await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
+            await wait_for(lambda: not mapped(name), what="child's segment unmapped")
             assert not in_dev_shm(name)
             assert accounted(d)
 
@@ -457,7 +457,7 @@ def test_a_client_killed_while_the_daemon_holds_its_slots(tmp_path: Path) -> Non
             try:
                 name = (await line(proc))["name"]
                 assert (await line(proc))["holding"] == 2
-                await until(
+                await wait_for(
                     lambda: (
                         figure(d, "child", "in_flight") == 1
                         and figure(d, "child", "queue_depth") == 1
@@ -467,13 +467,15 @@ def test_a_client_killed_while_the_daemon_holds_its_slots(tmp_path: Path) -> Non
                 assert stats(d)["connections"]["shm_rings"] == 1 and mapped(name)
                 proc.send_signal(signal.SIGKILL)
                 assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
-                await until(lambda: stats(d)["connections"]["open"] == 0, what="connection closed")
+                await wait_for(
+                    lambda: stats(d)["connections"]["open"] == 0, what="connection closed"
+                )
                 assert stats(d)["connections"]["shm_rings"] == 0
                 assert stream_stats(d, "child")["dropped_by_reason"]["disconnected"] == 1
                 assert mapped(name)  # a worker still reads slot 0: the daemon must not unmap it
                 hang.set()
-                await until(lambda: stream_stats(d, "child")["in_flight"] == 0)
-                await until(lambda: not mapped(name), what="mapping gone after the last frame")
+                await wait_for(lambda: stream_stats(d, "child")["in_flight"] == 0)
+                await wait_for(lambda: not mapped(name), what="mapping gone after the last frame")
                 await serves_a_fresh_client(d)
                 assert accounted(d)
                 s = stream_stats(d, "child")
@@ -622,8 +624,8 @@ def test_a_frame_naming_a_slot_the_daemon_will_not_read(
             err = await refused(c)
             assert (err["code"], err["frame_id"]) == ("shm_error", 5), err
             assert reason in err["message"], err
-            await until(lambda: stats(d)["connections"]["shm_rings"] == 1)
-            await until(lambda: not mapped(ring.mem.name), what="liar's ring unmapped")
+            await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 1)
+            await wait_for(lambda: not mapped(ring.mem.name), what="liar's ring unmapped")
             t = stats(d)["totals"]
             assert t["received"] == 2 and t["dropped_by_reason"].get("invalid") == 1, t
             assert len(det.seen) == 1  # the lie never reached a detector
@@ -666,8 +668,8 @@ def test_one_ring_per_connection(tmp_path: Path, ring: ShmSlots) -> None:
             await c.send(hello_message(client_name="twice", shm=ring.announce()))
             err = await refused(c)
             assert err["code"] == "shm_error" and "one per connection" in err["message"]
-            await until(lambda: stats(d)["connections"]["shm_rings"] == 0)
-            await until(lambda: not mapped(ring.mem.name))
+            await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
+            await wait_for(lambda: not mapped(ring.mem.name))
             await serves_a_fresh_client(d)
 
     run(main())
@@ -776,7 +778,7 @@ def test_vision_client_transports(tmp_path: Path, transport: str) -> None:
             assert summary["results"] > 0 and summary["errors"] == 0, summary
             assert summary["results"] + summary["server_drops"] == summary["frames_sent"]
             assert stream_stats(d, "cli")["received"] == summary["frames_sent"]
-            await until(lambda: stats(d)["connections"]["shm_rings"] == 0)
+            await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
             assert accounted(d)
 
     run(main())

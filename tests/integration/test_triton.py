@@ -21,7 +21,7 @@ from tests.conftest import (
     running_daemon,
     shared_model,
     stats,
-    until,
+    wait_for,
 )
 from tests.tritons import ROOT, TritonServer, bus_jpg, free_port, need_triton_venv
 
@@ -169,16 +169,16 @@ def test_two_endpoints_failover_and_recovery() -> None:
                 return next(x for x in stats(d)["backends"] if x["url"] == url)
 
             await pump(30)
-            await until(
+            await wait_for(
                 lambda: backend(a.url())["frames"] > 0 and backend(b.url("grpc"))["frames"] > 0,
                 30,
                 "both endpoints used",
             )
             a.kill()
-            await until(lambda: backend(a.url())["state"] == "down", 15, "a reported down")
+            await wait_for(lambda: backend(a.url())["state"] == "down", 15, "a reported down")
             before = backend(b.url("grpc"))["frames"]
             await pump(20)
-            await until(
+            await wait_for(
                 lambda: backend(b.url("grpc"))["frames"] >= before + 10, 30, "b takes the rest"
             )
             async with api(d) as h:
@@ -188,14 +188,14 @@ def test_two_endpoints_failover_and_recovery() -> None:
             assert f'vision_daemon_backend_up{{endpoint="{a.url()}"}} 0.0' in metrics
 
             a.start()  # same ports
-            await until(lambda: backend(a.url())["state"] == "up", 30, "a taken back")
+            await wait_for(lambda: backend(a.url())["state"] == "up", 30, "a taken back")
             frames_a = backend(a.url())["frames"]
             await pump(20)
-            await until(lambda: backend(a.url())["frames"] > frames_a, 30, "a used again")
+            await wait_for(lambda: backend(a.url())["frames"] > frames_a, 30, "a used again")
 
             a.kill()
             b.kill()
-            await until(lambda: not d.ready()[0], 15, "not ready with both down")
+            await wait_for(lambda: not d.ready()[0], 15, "not ready with both down")
             async with api(d) as h:
                 r = await h.get("/ready")
                 assert (
@@ -203,15 +203,15 @@ def test_two_endpoints_failover_and_recovery() -> None:
                 )
             dropped_before = stats(d)["totals"]["dropped_by_reason"]["backend_error"]
             await pump(5)
-            await until(
+            await wait_for(
                 lambda: (
                     stats(d)["totals"]["dropped_by_reason"]["backend_error"] >= dropped_before + 5
                 ),
                 15,
                 "frames dropped as backend_error",
             )
-            await until(lambda: stats(d)["totals"]["received"] == sent, 10, "all received")
-            await until(
+            await wait_for(lambda: stats(d)["totals"]["received"] == sent, 10, "all received")
+            await wait_for(
                 lambda: accounted(d) and stats(d)["streams"]["cam"]["in_flight"] == 0,
                 10,
                 "every frame accounted",
@@ -252,11 +252,11 @@ def test_an_endpoint_that_stops_answering_times_out_and_comes_back(server: Trito
                 await c.send_frame("cam", 2, image)
                 (msg,) = await collect(c, 1, timeout=10)  # within the timeout, not a hang
                 assert msg["type"] == "error" and msg["code"] == "backend_error", msg
-                await until(lambda: not d.ready()[0], 10, "not ready while frozen")
+                await wait_for(lambda: not d.ready()[0], 10, "not ready while frozen")
             finally:
                 for p in frozen:
                     p.resume()
-            await until(lambda: d.ready()[0], 30, "taken back after SIGCONT")
+            await wait_for(lambda: d.ready()[0], 30, "taken back after SIGCONT")
             await c.send_frame("cam", 3, image)
             (msg,) = await collect(c, 1, timeout=30)
             assert msg["type"] == "result" and msg["frame_id"] == 3, msg

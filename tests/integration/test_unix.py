@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clients.lib import DaemonClient
-from tests.conftest import accounted, collect, jpeg, run, running_daemon, stats, until
+from tests.conftest import accounted, collect, jpeg, run, running_daemon, stats, wait_for
 from tests.e2e.test_clients import program
 from vision_daemon.config import ConfigError, load_config
 from vision_daemon.ingest.tcp import StartupError
@@ -38,7 +38,7 @@ def test_unix_socket_serves_the_protocol_with_mode_0600_and_is_removed_at_shutdo
             assert stats(d)["streams"]["local"]["peer"].startswith("unix:")
             assert stats(d)["connections"]["open"] == 1
             await c.bye()
-            await until(lambda: stats(d)["connections"]["open"] == 0)
+            await wait_for(lambda: stats(d)["connections"]["open"] == 0)
             assert accounted(d)
         assert not path.exists()
 

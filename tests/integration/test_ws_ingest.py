@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection
 from tests.conftest import (
     SlowDetector,
     accounted,
+    big_results,
     collect,
     connect,
     jpeg,
@@ -22,7 +23,7 @@ from tests.conftest import (
     running_daemon,
     stats,
     stream_stats,
-    until,
+    wait_for,
 )
 from vision_daemon.lifecycle import Daemon
 
@@ -99,7 +100,7 @@ def test_ingest_binary_mode_returns_results_for_real_jpegs() -> None:
             await ws.send(pack({"type": "bye"}))
             assert (await recv_bin(ws))["type"] == "bye"
             assert (await closed_with(ws))[0] == 1000
-            await until(lambda: stats(d)["ws_ingest"]["open"] == 0, what="connection gone")
+            await wait_for(lambda: stats(d)["ws_ingest"]["open"] == 0, what="connection gone")
             assert stream_stats(d, "wscam")["processed"] == 5 and accounted(d)
             assert stats(d)["ws_ingest"]["total"] == 1
 
@@ -205,8 +206,8 @@ def test_oversized_message_is_refused_with_1009() -> None:
             async with ws_connect(d, "/ingest/cam") as ws:
                 await ws.send(IMG + b"\0" * (64 * 1024 + 1))
                 assert (await closed_with(ws))[0] == 1009
-            await until(lambda: errors(d).get("message_too_large") == 2, what="counted")
-            await until(lambda: stats(d)["ws_ingest"]["open"] == 0, what="closed")
+            await wait_for(lambda: errors(d).get("message_too_large") == 2, what="counted")
+            await wait_for(lambda: stats(d)["ws_ingest"]["open"] == 0, what="closed")
             assert accounted(d)
 
     run(scenario())
@@ -326,11 +327,6 @@ def test_silent_connections_time_out_with_1008() -> None:
     run(scenario())
 
 
-def big_results() -> SlowDetector:
-    """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
-    return SlowDetector(0.0, boxes=2000, label="x" * 40)
-
-
 def test_slow_reader_loses_results_past_send_buffer_and_stays_connected() -> None:
     """A client that stops reading loses results past send_buffer_messages (counted), stays open."""
 
@@ -342,7 +338,7 @@ def test_slow_reader_loses_results_past_send_buffer_and_stays_connected() -> Non
             n = 200  # about 30 MB of results; the socket buffers hold far less
             for i in range(n):
                 await ws.send(frame("deaf", i))
-                await until(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
+                await wait_for(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
             snap = stats(d)
             lost = snap["streams"]["deaf"]["results_dropped"]
             assert lost > 0 and snap["totals"]["results_dropped"] == lost
@@ -394,7 +390,7 @@ def test_tcp_and_ws_streams_side_by_side_do_not_disturb_each_other() -> None:
                 assert (await recv_json(ws))["code"] == "limit_exceeded"
             s = stats(d)["streams"]
             assert s["tcpcam"]["processed"] == 20 and s["wscam"]["processed"] == 20
-            await until(lambda: accounted(d), what="accounting")
+            await wait_for(lambda: accounted(d), what="accounting")
             await tcp.close()
 
     run(scenario())
@@ -406,7 +402,7 @@ def test_shutdown_delivers_in_flight_results_then_closes_1001() -> None:
     async def scenario() -> None:
         async with running_daemon(lambda: SlowDetector(0.5)) as d, ws_connect(d, "/ingest") as ws:
             await ws.send(frame("cam", 1))
-            await until(lambda: d.pipeline.in_flight() == 1, what="in flight")
+            await wait_for(lambda: d.pipeline.in_flight() == 1, what="in flight")
             stopping = asyncio.create_task(d.shutdown())
             msg = await recv_bin(ws)
             assert (msg["type"], msg["frame_id"]) == ("result", 1)
@@ -460,10 +456,10 @@ def test_a_peer_that_never_reads_is_aborted_after_the_close_grace() -> None:
             await ws.send(pack({"type": "hello", "version": 1}))
             for i in range(60):  # about 9 MB of results it never reads: the buffers fill
                 await ws.send(frame("deaf", i))
-                await until(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
+                await wait_for(lambda i=i: processed(d, "deaf") == i + 1)  # type: ignore[misc]
             assert stats(d)["streams"]["deaf"]["results_dropped"] > 0  # they did fill
             # It then sends nothing: idle_timeout_s ends the connection, which cannot deliver.
-            await until(lambda: stats(d)["ws_ingest"]["open"] == 0, 15, "the connection to end")
-            await until(lambda: open_http_connections(d) == 0, 15, "its socket to be aborted")
+            await wait_for(lambda: stats(d)["ws_ingest"]["open"] == 0, 15, "the connection to end")
+            await wait_for(lambda: open_http_connections(d) == 0, 15, "its socket to be aborted")
 
     run(scenario())
