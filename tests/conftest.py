@@ -1,5 +1,6 @@
-"""Shared helpers: a daemon on ephemeral ports, real clients, one polling helper with a deadline,
-the hostile-peer audit's probes, a deliberately slow detector."""
+"""Shared helpers and fixtures: a daemon on ephemeral ports (in process, or a subprocess through
+tests/launcher.py), real clients, one polling helper with a deadline, the hostile-peer audit's
+probes, a deliberately slow detector."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import cv2
 import httpx
@@ -21,6 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.lib import DaemonClient
+from tests.launcher import DaemonProcess
 from vision_daemon.config import load_config
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 from vision_daemon.lifecycle import Daemon
@@ -299,3 +301,29 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> boo
 def big_results() -> SlowDetector:
     """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
     return SlowDetector(0.0, boxes=2000, label="x" * 40)
+
+
+# ---- daemons in subprocesses (the `vision-daemon` command) --------------------------------------
+
+
+class SpawnDaemon(Protocol):
+    def __call__(self, *args: str, **kw: Any) -> DaemonProcess: ...
+
+
+@pytest.fixture
+def spawn_daemon(tmp_path: Path) -> Iterator[SpawnDaemon]:
+    """Start `vision-daemon ARGS` (log to stderr only, cwd tmp_path) with tests/launcher.py;
+    every daemon started is killed, if still running, at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def spawn(*args: str, **kw: Any) -> DaemonProcess:
+        kw.setdefault("cwd", tmp_path)
+        daemon = DaemonProcess(["--log-dir", "", *args], **kw)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield spawn
+    finally:
+        for daemon in started:
+            daemon.close()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.conftest import SpawnDaemon
 
 pytestmark = pytest.mark.slow  # vision-daemon subprocesses
 
@@ -19,27 +20,35 @@ def daemon_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vision_daemon", "--log-dir", "", *args]
 
 
-def test_cli_starts_on_port_zero_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+def test_cli_starts_on_port_zero_and_exits_0_on_sigterm(spawn_daemon: SpawnDaemon) -> None:
     """The real port is logged; SIGTERM shuts down cleanly with exit status 0."""
-    proc = subprocess.Popen(
-        daemon_cmd("--model", "none", "--tcp-port", "0", "--api-port", "0"),
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    port = None
-    for line in proc.stderr:
-        if "data plane listening on tcp://" in line:
-            port = int(line.rsplit(":", 1)[1])
-            break
-        assert time.monotonic() < deadline
-    assert port and port > 0
+    daemon = spawn_daemon("--model", "none", "--tcp-port", "0", "--api-port", "0")
+    port = daemon.tcp
+    assert port > 0
+    assert f"data plane listening on tcp://127.0.0.1:{port}" in daemon.log_tail(100_000)
     with socket.create_connection(("127.0.0.1", port)):
         pass
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    assert daemon.stop() == 0
+
+
+def test_ports_file_holds_the_real_ports_and_is_removed_at_sigterm(
+    spawn_daemon: SpawnDaemon, tmp_path: Path
+) -> None:
+    """Started on port 0 with --ports-file, the daemon writes its real ports and pid; SIGTERM removes it."""
+    sock = tmp_path / "d.sock"
+    daemon = spawn_daemon(
+        "--model", "none", "--tcp-port", "0", "--api-port", "0", "--unix-socket", str(sock)
+    )
+    ports = daemon.ports()
+    assert set(ports) == {"tcp", "http", "unix", "pid"}
+    assert ports["pid"] == daemon.pid and ports["unix"] == str(sock)
+    assert ports["tcp"] > 0 and ports["http"] > 0 and ports["tcp"] != ports["http"]
+    with socket.create_connection(("127.0.0.1", ports["tcp"])):
+        pass
+    assert httpx.get(f"http://127.0.0.1:{ports['http']}/health", timeout=10).status_code == 200
+    assert [p.name for p in daemon.ports_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert daemon.stop() == 0
+    assert not daemon.ports_file.exists()
 
 
 def test_cli_port_in_use_is_one_line_error() -> None:

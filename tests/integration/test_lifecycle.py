@@ -4,7 +4,6 @@ never holds the process after SIGTERM, and a start-up that fails half-way stops 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import signal
 import socket
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, SlowDetector, jpeg, run
+from tests.launcher import DaemonProcess
 from vision_daemon.config import load_config
 from vision_daemon.ingest.tcp import StartupError
 from vision_daemon.lifecycle import Daemon
@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow  # subprocesses and real sockets
 GRACE_S = 1.0
 
 # The daemon as cli.main runs it (Daemon(config).run() under asyncio.run), with a detector the
-# test controls. It prints `port N` once the data plane listens, `warming` when warm-up starts and
-# `detecting` when a worker is inside detect(); both then block until the process ends.
+# test controls, started by tests/launcher.py (which appends --ports-file PATH: the real ports are
+# there once the daemon listens). It prints `warming` when warm-up starts and `detecting` when a
+# worker is inside detect(); both then block until the process ends.
 SCRIPT = """
 import asyncio, logging, sys, threading, time
 from vision_daemon.config import load_config
@@ -53,17 +54,9 @@ class Blocking:
 
 async def main():
     settings = {"model": "none", "tcp_port": 0, "api_port": 0, "log_dir": "", "workers": 1,
-                "shutdown_grace_s": GRACE}
+                "shutdown_grace_s": GRACE, "ports_file": sys.argv[sys.argv.index("--ports-file") + 1]}
     daemon = Daemon(load_config(overrides=settings, environ={}), factory=Blocking)
-    async def report_port():
-        while daemon.tcp_port is None:
-            await asyncio.sleep(0.01)
-        print(f"port {daemon.tcp_port}", flush=True)
-    reporter = asyncio.ensure_future(report_port())
-    try:
-        await daemon.run()
-    finally:
-        reporter.cancel()
+    await daemon.run()
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 asyncio.run(main())
@@ -74,16 +67,13 @@ class Proc:
     """A daemon subprocess whose stdout lines arrive on a queue (read in a thread, never blocking)."""
 
     def __init__(self, mode: str, log: Path) -> None:
-        self.log = log
-        self._stderr = log.open("w")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, mode, str(GRACE_S)],
+        self.daemon = DaemonProcess(
+            command=[sys.executable, "-c", SCRIPT, mode, str(GRACE_S)],
+            log=log,
             stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
+        self.popen = self.daemon.popen
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -99,9 +89,9 @@ class Proc:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(
-                f"no {prefix!r} line in {timeout:g} s; log:\n{self.stderr()}"
+                f"no {prefix!r} line in {timeout:g} s; log:\n{self.daemon.log_tail()}"
             ) from None
-        assert line.startswith(prefix), (line, self.stderr())
+        assert line.startswith(prefix), (line, self.daemon.log_tail())
         return line
 
     def sigterm_and_wait(self, limit_s: float) -> tuple[int | None, float]:
@@ -114,15 +104,8 @@ class Proc:
             code = None
         return code, time.monotonic() - t0
 
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.log.read_text()[-3000:]
-
     def close(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-        self._stderr.close()
+        self.daemon.close()
 
 
 @contextmanager
@@ -140,13 +123,13 @@ def test_hung_detector_call_does_not_hold_the_process_after_sigterm(tmp_path: Pa
     from clients.lib import frame_message, pack
 
     with daemon_process("hang", tmp_path) as proc:
-        port = int(proc.expect("port ").split()[1])
+        port = proc.daemon.tcp
         with socket.create_connection(("127.0.0.1", port), timeout=5) as camera:
             camera.sendall(pack(frame_message("cam", 1, jpeg(48, 64))))
             proc.expect("detecting")  # the worker is inside the hung call now
             code, took = proc.sigterm_and_wait(GRACE_S + 2)
         assert code == 0 and took < GRACE_S + 2, (
-            f"exit code {code} after {took:.1f} s; log:\n{proc.stderr()}"
+            f"exit code {code} after {took:.1f} s; log:\n{proc.daemon.log_tail()}"
         )
 
 
@@ -155,7 +138,9 @@ def test_sigterm_during_a_long_warmup_exits_at_once(tmp_path: Path) -> None:
     with daemon_process("slow-warmup", tmp_path) as proc:
         proc.expect("warming")
         code, took = proc.sigterm_and_wait(3)
-        assert code == 0 and took < 3, f"exit code {code} after {took:.1f} s; log:\n{proc.stderr()}"
+        assert code == 0 and took < 3, (
+            f"exit code {code} after {took:.1f} s; log:\n{proc.daemon.log_tail()}"
+        )
 
 
 # ---- a start-up that fails half-way, in process ------------------------------------------------
