@@ -37,7 +37,7 @@ import httpx
 import psutil
 import websockets
 
-from benchmarks.throughput import emit, start_daemon
+from benchmarks.harness import emit, start_daemon
 from clients.lib import drift, percentiles
 
 
@@ -153,8 +153,8 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         try:
             return asyncio.run(latency_run(args, api, proc.pid, cam.url))
         finally:
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
+            proc.close()
 
 
 # ---- capacity -----------------------------------------------------------------------------------
@@ -227,8 +227,8 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         row = asyncio.run(capacity_run(args, api, proc.pid, url, n, keyframes))
                     finally:
-                        proc.terminate()
-                        proc.wait(30)
+                        proc.stop()
+                        proc.close()
                     row["kind"] = kind
                     print(json.dumps(row), flush=True)
                     out["runs"].append(row)

@@ -33,10 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from benchmarks.harness import ROOT, VIDEO
 from vision_daemon.outputs import encode_jpeg
 
-ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
 MODEL_DIR = Path(os.environ.get("VISION_DAEMON_MODEL_DIR", ROOT.parent / "shared" / "models"))
 MODEL = "yolov8n_int8_openvino_model"
 

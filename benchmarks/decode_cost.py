@@ -50,8 +50,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
+from benchmarks.harness import ROOT, VIDEO
 
 # The encodes: 640x480 at 30 fps, a keyframe every 30 frames (1 s).
 VARIANTS: dict[str, list[str]] = {

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.throughput import (
+from benchmarks.harness import (
     VIDEO,
     add_run_args,
     drive_daemon,
@@ -145,8 +145,8 @@ def capacity(args: argparse.Namespace, gate: float, source: list[str], out: Path
         ]  # fmt: skip
         subprocess.run(cmd, check=False, capture_output=True, timeout=1800)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.stop()
+        proc.close()
     found = json.loads((out / "capacity.json").read_text())
     best = found["capacity_streams"]
     at = next((s for s in found["steps"] if s["streams"] == best), None)

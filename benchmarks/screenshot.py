@@ -22,11 +22,10 @@ import httpx
 from PIL import Image
 from playwright.async_api import async_playwright
 
+from benchmarks.harness import ROOT, VIDEO
 from vision_daemon.config import load_config
 from vision_daemon.lifecycle import Daemon
 
-ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
 CAMERAS = (("street-a", 5.0), ("street-b", 3.0), ("street-c", 2.0))
 CAMERA_STAGGER_S = 12.0
 

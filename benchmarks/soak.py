@@ -47,8 +47,8 @@ from typing import Any
 import httpx
 import psutil
 
+from benchmarks.harness import ROOT, VIDEO, add_run_args, drive_daemon, emit, load
 from benchmarks.hostile import GRACE_S
-from benchmarks.throughput import ROOT, VIDEO, add_run_args, drive_daemon, emit, load
 from clients.lib import drift, percentiles
 from clients.sources import VideoSource
 from stress.load import encode_frames

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from benchmarks.throughput import VIDEO
+from benchmarks.harness import VIDEO
 from clients.sources import VideoSource
 from stress.load import encode_frames
 

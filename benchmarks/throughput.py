@@ -11,28 +11,16 @@ drops by reason and latency drift (median of the last third vs the first third).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import subprocess
-import sys
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import IO, Any
 
 import cv2
-import httpx
 import numpy as np
 
+from benchmarks.harness import VIDEO, add_run_args, drive_daemon, emit, fairness, load
 from clients.lib import drift, percentiles
 from clients.sources import VideoSource
-from stress.load import LoadSpec, encode_frames, run_load
-
-ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
+from stress.load import encode_frames
 
 
 def ceiling(model: str, model_dir: str, jpegs: list[bytes], seconds: float) -> dict[str, float]:
@@ -60,131 +48,6 @@ def ceiling(model: str, model_dir: str, jpegs: list[bytes], seconds: float) -> d
         "frames": len(times),
         "backend": det.info.backend,
     }
-
-
-def start_daemon(
-    args: argparse.Namespace, log_path: str | None = None
-) -> tuple[subprocess.Popen[str], int, int]:
-    """A `vision-daemon` subprocess of this checkout on free ports; its stderr to `log_path`."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "vision_daemon",
-        "--model",
-        args.model,
-        "--model-dir",
-        args.model_dir,
-        "--workers",
-        str(args.workers),
-        "--tcp-port",
-        "0",
-        "--api-port",
-        "0",
-        "--log-dir",
-        "",
-        "--max-batch",
-        str(args.max_batch),
-        *args.daemon_args,
-    ]
-    # This checkout's package first, whichever one the interpreter has installed.
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
-    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - the drain thread closes it
-    tcp = api = 0
-    for line in proc.stderr:
-        if log:
-            log.write(line)
-        if "control plane listening on http://" in line:
-            api = int(line.rsplit(":", 1)[1])
-        if "data plane listening on tcp://" in line:
-            tcp = int(line.rsplit(":", 1)[1])
-            break
-    if not tcp:
-        raise SystemExit(f"daemon did not start: {' '.join(cmd)}")
-    # Keep draining the daemon's stderr: a full pipe would block its logging, and the daemon.
-    threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
-    return proc, tcp, api
-
-
-def _drain(proc: subprocess.Popen[str], log: IO[str] | None) -> None:
-    for line in proc.stderr or ():
-        if log:
-            log.write(line)
-    if log:
-        log.close()
-
-
-def drive_daemon(
-    args: argparse.Namespace,
-    drive: Callable[[int, int, int], Coroutine[Any, Any, dict[str, Any]]],
-    log_path: str | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Start a daemon, run `drive(tcp_port, pid, api_port)` against it, read its /stats, stop it."""
-    proc, tcp, api = start_daemon(args, log_path)
-    try:
-        result = asyncio.run(drive(tcp, proc.pid, api))
-        stats = httpx.get(f"http://127.0.0.1:{api}/stats", timeout=10).json()
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    return result, stats
-
-
-async def load(args: argparse.Namespace, tcp: int, jpegs: list[bytes]) -> dict[str, Any]:
-    """vision-stress's simulated cameras (one connection each, absolute schedules spread across
-    the period, each starting at a different frame) fed with the ceiling's own JPEGs."""
-    spec = LoadSpec(
-        "127.0.0.1",
-        tcp,
-        None,
-        args.fps,
-        args.duration,
-        "video",
-        None,
-        prefix="cam",
-        rate_advice=getattr(args, "rate_aware", False),
-    )
-    results = await run_load(spec, args.streams, 1, lambda _: None, frames=jpegs)
-    return {
-        "samples": [(t, rtt) for r in results for _, t, rtt in r.samples],  # (send time, rtt ms)
-        "sent": sum(r.sent for r in results),
-        "drops": dict(sum((r.drops for r in results), Counter[str]())),  # notices, by reason
-        "errors": dict(sum((r.errors for r in results), Counter[str]())),
-        "closed_by_server": sum(r.closed_by_server for r in results),
-        "late_sends": sum(r.late_sends for r in results),
-        "skipped_slots": sum(r.skipped_slots for r in results),
-    }
-
-
-def fairness(stats: dict[str, Any]) -> float | None:
-    """Frames processed by the least served stream over the most served one (1 = equal turns)."""
-    done = [s["processed"] for s in stats["streams"].values()]
-    return round(min(done) / max(done), 3) if done and max(done) else None
-
-
-def emit(summary: dict[str, Any], json_out: str | None) -> None:
-    """Print the summary; with --json-out also append it as one JSON line."""
-    print(json.dumps(summary, indent=2))
-    if json_out:
-        with open(json_out, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
-
-
-def add_run_args(ap: argparse.ArgumentParser, duration: float) -> None:
-    """The model, the daemon's workers, the load and --json-out: flags every benchmark shares."""
-    ap.add_argument("--model", default="yolov8n")
-    ap.add_argument(
-        "--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "../shared/models")
-    )
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--fps", type=float, default=10.0)
-    ap.add_argument("--duration", type=float, default=duration)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json-out", help="append the summary as one JSON line to this file")
 
 
 def main() -> None:

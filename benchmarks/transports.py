@@ -40,15 +40,13 @@ import cv2
 import numpy as np
 import psutil
 
-from benchmarks.throughput import emit, start_daemon
+from benchmarks.harness import VIDEO, emit, start_daemon
 from clients.lib import DaemonClient, percentiles
 from clients.transports import ShmSlots, WsDaemonClient
 from vision_daemon.decode import decode
 from vision_daemon.detectors.none import NoneDetector
 from vision_daemon.protocol import Frame
 
-ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
 SIZES = {"1080p": (1920, 1080), "480p": (640, 480)}
 VARIANTS = ("none", "tcp-jpeg", "tcp-raw", "unix-raw", "shm-raw", "ws-jpeg")
 
@@ -206,8 +204,8 @@ def transport(args: argparse.Namespace) -> dict[str, Any]:
             results[size_name] = {v: summarize(r) for v, r in runs.items()}
             print(size_name, results[size_name], file=sys.stderr)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.stop()
+        proc.close()
     return {"part": "transport", "window": args.window, "repeat": args.repeat, "results": results}
 
 
@@ -261,8 +259,8 @@ def ws_model(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 print(kind, clients, out[f"{kind} x{clients}"], file=sys.stderr)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.stop()
+        proc.close()
     return {"part": "ws-model", "model": args.model, "seconds": args.seconds, "results": out}
 
 

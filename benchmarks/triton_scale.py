@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.throughput import VIDEO, add_run_args, drive_daemon, emit, fairness, load
+from benchmarks.harness import VIDEO, add_run_args, drive_daemon, emit, fairness, load
 from clients.lib import percentiles
 from clients.sources import VideoSource
 from stress.load import encode_frames

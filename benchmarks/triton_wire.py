@@ -26,12 +26,11 @@ import cv2
 import numpy as np
 import tritonclient.http as triton_http
 
+from benchmarks.harness import ROOT, VIDEO
 from triton_serve import options
 from triton_serve.process import TritonProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 BUS = Path(cv2.__file__).parents[1] / "ultralytics" / "assets" / "bus.jpg"
-VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
 
 
 def body_size(inputs: list[Any], outputs: list[Any]) -> int:

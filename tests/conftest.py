@@ -1,23 +1,28 @@
-"""Shared helpers: a daemon on ephemeral ports, real clients, a deliberately slow detector."""
+"""Shared helpers and fixtures: a daemon on ephemeral ports (in process, or a subprocess through
+tests/launcher.py), real clients, one polling helper with a deadline, the hostile-peer audit's
+probes, a deliberately slow detector."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 from hypothesis import settings as hypothesis_settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients.lib import DaemonClient
+from tests.launcher import DaemonProcess
 from vision_daemon.config import load_config
 from vision_daemon.detectors.base import Detection, Image, ModelInfo
 from vision_daemon.lifecycle import Daemon
@@ -25,12 +30,16 @@ from vision_daemon.lifecycle import Daemon
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("VISION_DAEMON_MODEL_DIR", ROOT.parent / "shared" / "models"))
 VIDEO = ROOT.parent / "shared" / "data" / "vtest.avi"
+T = TypeVar("T")
 
 
 def jpeg(h: int = 240, w: int = 320, value: int = 128) -> bytes:
     img = np.full((h, w, 3), value, np.uint8)
     cv2.rectangle(img, (w // 4, h // 4), (w // 2, h // 2), (0, 0, 255), -1)
     return bytes(cv2.imencode(".jpg", img)[1].tobytes())
+
+
+GOOD_IMAGE = jpeg(96, 128)  # what round_trip's well-behaved client sends
 
 
 class SlowDetector:
@@ -88,11 +97,13 @@ async def running_daemon(
 
 
 @asynccontextmanager
-async def api(d: Daemon, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+async def api(
+    d: Daemon, token: str | None = None, timeout: float = 10.0
+) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the daemon's control plane (Bearer token when given)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=5
+        base_url=f"http://127.0.0.1:{d.api_port}", headers=headers, timeout=timeout
     ) as h:
         yield h
 
@@ -102,13 +113,54 @@ async def connect(daemon: Daemon, **kw: Any) -> DaemonClient:
     return await DaemonClient.connect("127.0.0.1", daemon.tcp_port, **kw)
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll with a deadline (never a bare sleep as synchronisation)."""
+# ---- polling with a deadline: the one helper (never a bare sleep as synchronisation) -----------
+
+
+def _timed_out(what: str, timeout: float, last: Any) -> AssertionError:
+    return AssertionError(
+        f"timed out after {timeout:g} s waiting for {what}; last seen: {last!r}"[:2000]
+    )
+
+
+async def wait_for(
+    probe: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    ok: Callable[[T], object] = bool,
+    interval: float = 0.01,
+) -> T:
+    """Call `probe` (plain or async) until `ok` of its value holds (by default: the value is
+    truthy); the value, or an AssertionError naming `what` and the last value at the deadline."""
     deadline = time.monotonic() + timeout
-    while not cond():
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if ok(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+            raise _timed_out(what, timeout, value)
+        await asyncio.sleep(interval)
+
+
+def wait_for_sync(
+    probe: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    ok: Callable[[T], object] = bool,
+    interval: float = 0.02,
+) -> T:
+    """wait_for outside an event loop: for other threads, processes, browsers and files."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise _timed_out(what, timeout, value)
+        time.sleep(interval)  # polling another thread or process with a deadline
 
 
 async def collect(client: DaemonClient, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -168,17 +220,110 @@ def connections(d: Daemon) -> int:
     return int(c["open"] + c["pending"])
 
 
+async def get_stats(h: httpx.AsyncClient) -> dict[str, Any]:
+    """GET /stats (the snapshot the API rebuilds every stats_refresh_s)."""
+    r = await h.get("/stats")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
 async def poll_stats(
-    h: Any, cond: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    h: httpx.AsyncClient, cond: Callable[[dict[str, Any]], bool], timeout: float = 10.0
 ) -> dict[str, Any]:
-    """GET /stats until `cond` holds (the API serves a snapshot rebuilt every stats_refresh_s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = await h.get("/stats")
-        assert r.status_code == 200, r.text
-        s: dict[str, Any] = r.json()
-        if cond(s):
-            return s
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/stats never met the condition; last: {s}")
-        await asyncio.sleep(0.02)
+    """GET /stats until `cond` holds."""
+    return await wait_for(lambda: get_stats(h), timeout, "/stats to meet the condition", ok=cond)
+
+
+def unaccounted(stats: dict[str, Any]) -> int:
+    """received - (processed + dropped + queued + in flight): 0 when every frame is accounted for."""
+    t = stats["totals"]
+    pending = sum(s["queue_depth"] + s["in_flight"] for s in stats["streams"].values())
+    return int(t["received"] - t["processed"] - sum(t["dropped_by_reason"].values()) - pending)
+
+
+async def settled_stats(h: httpx.AsyncClient, min_received: int = 0) -> dict[str, Any]:
+    """/stats once it has seen `min_received` frames and every one of them is accounted for."""
+    return await wait_for(
+        lambda: get_stats(h),
+        what=f"/stats with >= {min_received} frames received, all accounted for",
+        ok=lambda s: s["totals"]["received"] >= min_received and unaccounted(s) == 0,
+        interval=0.05,
+    )
+
+
+async def metrics(h: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every /metrics sample, parsed with prometheus_client, keyed by (name, sorted labels)."""
+    text = (await h.get("/metrics")).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+async def metric(d: Daemon, name: str, **labels: str) -> float:
+    """One sample of /metrics (a counter by its name with or without _total)."""
+    async with api(d) as h:
+        samples = await metrics(h)
+    key = tuple(sorted(labels.items()))
+    for n in (name, f"{name}_total"):
+        if (n, key) in samples:
+            return samples[n, key]
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+async def round_trip(
+    c: DaemonClient, stream: str, frame_id: int, timeout: float = 5.0, image: bytes | None = None
+) -> None:
+    """A well-behaved frame: sent, and answered by its own result within `timeout`."""
+    await c.send_frame(stream, frame_id, image if image is not None else GOOD_IMAGE)
+    try:
+        msg = await asyncio.wait_for(c.recv(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"good client on {stream!r}: no answer in {timeout:g} s") from None
+    assert msg is not None, f"good client on {stream!r} was disconnected"
+    assert msg["type"] == "result" and msg["frame_id"] == frame_id, msg
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """Drain a socket; True if the server closed it (EOF or reset) within `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True
+    return True
+
+
+def big_results() -> SlowDetector:
+    """2000 boxes with long labels per frame: large results fill a non-reader's buffers quickly."""
+    return SlowDetector(0.0, boxes=2000, label="x" * 40)
+
+
+# ---- daemons in subprocesses (the `vision-daemon` command) --------------------------------------
+
+
+class SpawnDaemon(Protocol):
+    def __call__(self, *args: str, **kw: Any) -> DaemonProcess: ...
+
+
+@pytest.fixture
+def spawn_daemon(tmp_path: Path) -> Iterator[SpawnDaemon]:
+    """Start `vision-daemon ARGS` (log to stderr only, cwd tmp_path) with tests/launcher.py;
+    every daemon started is killed, if still running, at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def spawn(*args: str, **kw: Any) -> DaemonProcess:
+        kw.setdefault("cwd", tmp_path)
+        daemon = DaemonProcess(["--log-dir", "", *args], **kw)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield spawn
+    finally:
+        for daemon in started:
+            daemon.close()

@@ -171,6 +171,9 @@ class Config:
         "", "server", "also serve the TCP protocol on this Unix domain socket path ('' = off)"
     )
     unix_socket_mode: str = _f("0600", "server", "file mode of the Unix socket (octal)")
+    ports_file: str = _f(
+        "", "server", "write the real ports here as JSON once listening; removed at exit ('' = off)"
+    )
     api_host: str = _f("127.0.0.1", "server", "control-plane (HTTP) bind address")
     api_port: int = _f(8000, "server", "control-plane HTTP port (0 = pick one, -1 = off)")
     auth_token: str = _f(

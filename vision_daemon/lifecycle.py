@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from vision_daemon import __version__, analytics
+from vision_daemon import __version__, analytics, portsfile
 from vision_daemon import protocol as p
 from vision_daemon.api import create_app
 from vision_daemon.config import Config, ConfigError
@@ -226,6 +226,10 @@ class Daemon:
         stack.push_async_callback(self._guard, "cameras", self.cameras.aclose)
         stack.callback(self._stop_accepting)
         self._spawn(stack, "stats", self.stats.run())
+        if cfg.ports_file:  # launchers read the real ports here, not from the log
+            ports = {"tcp": self.tcp_port, "http": self.api_port, "unix": self.ingest.unix_path}
+            portsfile.write(cfg.ports_file, {**ports, "pid": os.getpid()})
+            stack.callback(portsfile.remove, cfg.ports_file)
 
     def _spawn(
         self,

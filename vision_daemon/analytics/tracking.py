@@ -96,7 +96,7 @@ def _byte_tracker_class() -> Any:
         K S K^T = K (H P) = K P[:4, :]. In this filter every coordinate is coupled only with its
         own velocity (a diagonal start, a per-coordinate motion model, diagonal noises), so
         P[:4, :4] and S are diagonal and S^-1 is a division. Same result to rounding
-        (tests/test_analytics.py compares it with the library's)."""
+        (tests/unit/test_analytics.py compares it with the library's)."""
 
         def update(
             self,

@@ -313,7 +313,7 @@ def openvino_backend(model: Any) -> tuple[Any, Any, Any] | None:
 
     The one place that reads ultralytics internals: `model.predictor.model.backend` with
     `compile_model` (a functools.partial holding the compile config) and `ov_compiled_model`.
-    None when that shape is not there (tests/test_yolo.py fails loudly if it changes).
+    None when that shape is not there (tests/integration/test_yolo.py fails loudly if it changes).
     """
     predictor = getattr(model, "predictor", None)
     backend = getattr(getattr(predictor, "model", None), "backend", None)

@@ -1,0 +1,127 @@
+"""Hostile use of the HTTP control plane: idle connections, the docs behind the token, and metric
+label churn from streams that come and go."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    api,
+    connect,
+    metrics,
+    read_until_closed,
+    round_trip,
+    run,
+    running_daemon,
+    settled_stats,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow  # a live daemon on real sockets
+
+
+TOKEN = "s3cret-token"
+
+
+def test_idle_http_connections_do_not_starve_the_api_and_are_closed() -> None:
+    """64 silent sockets on the API port: /health still answers and the server closes them."""
+
+    async def scenario() -> None:
+        async with running_daemon(http_max_connections=32, http_idle_timeout_s=2) as d:
+            idle = [await asyncio.open_connection("127.0.0.1", d.api_port) for _ in range(64)]
+            async with api(d) as h:
+                r = await wait_for(
+                    lambda: h.get("/health"),
+                    ok=lambda r: r.status_code == 200,
+                    timeout=6,
+                    interval=0.05,
+                )
+                assert r.json()["status"] == "ok"
+            closed = await asyncio.gather(*(read_until_closed(r, timeout=6) for r, _ in idle))
+            assert all(closed), f"{closed.count(False)} of 64 idle sockets still open"
+            for _, w in idle:
+                w.close()
+            good = await connect(d)
+            await round_trip(good, "good", 0)
+
+    run(scenario())
+
+
+def test_frame_counters_never_decrease_when_streams_expire() -> None:
+    """metrics_max_streams=2: a stream folded into _other expires; no frames counter goes down."""
+
+    def frame_counters(m: dict[Any, float]) -> dict[Any, float]:
+        return {
+            k: v
+            for k, v in m.items()
+            if k[0].startswith("vision_daemon_frames_") and k[0].endswith("_total")
+        }
+
+    async def scenario() -> None:
+        async with running_daemon(metrics_max_streams=2, stream_grace_s=1) as d, api(d) as h:
+            keep = await connect(d)
+            for i in range(3):
+                await round_trip(keep, "a", i)
+                await round_trip(keep, "b", i)
+            await metrics(h)  # a and b take the two labels
+            leaving, staying = await connect(d), await connect(d)
+            for i in range(5):
+                await round_trip(leaving, "c", i)
+                await round_trip(staying, "d", i)
+            other = ("vision_daemon_frames_received_total", (("stream", "_other"),))
+            before = frame_counters(
+                await wait_for(
+                    lambda: metrics(h),
+                    ok=lambda m: m.get(other, 0) >= 10,
+                    what="_other >= 10",
+                    interval=0.05,
+                )
+            )
+            await leaving.close()
+            await wait_for(
+                lambda: h.get("/stats"),
+                ok=lambda r: "c" not in r.json()["streams"],
+                what="stream c expired",
+                interval=0.05,
+            )
+            await round_trip(keep, "a", 99)
+            a_recv = ("vision_daemon_frames_received_total", (("stream", "a"),))
+            after = frame_counters(
+                await wait_for(
+                    lambda: metrics(h),
+                    ok=lambda m: m.get(a_recv, 0) >= 4,
+                    what="fresh scrape",
+                    interval=0.05,
+                )
+            )
+            assert other in before and other in after
+            went_down = {
+                k: (before[k], after[k])
+                for k in before.keys() & after.keys()
+                if after[k] < before[k]
+            }
+            assert not went_down, f"counters went backwards: {went_down}"
+            await round_trip(staying, "d", 99)
+            await settled_stats(h, min_received=18)
+
+    run(scenario())
+
+
+def test_api_docs_need_the_token_when_auth_is_on() -> None:
+    """/docs, /redoc and /openapi.json answer 401 without the token when auth_token is set."""
+
+    async def scenario() -> None:
+        async with running_daemon(auth_token=TOKEN) as d:
+            async with api(d) as h:
+                codes = {
+                    path: (await h.get(path)).status_code
+                    for path in ("/docs", "/redoc", "/openapi.json")
+                }
+            assert codes == {"/docs": 401, "/redoc": 401, "/openapi.json": 401}, codes
+            good = await connect(d, token=TOKEN)
+            await round_trip(good, "good", 0)
+
+    run(scenario())
