@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from vision_daemon import __version__
-from vision_daemon.config import FIELDS, ConfigError, camera_from_flag, load_config
+from vision_daemon.config import FIELDS, ConfigError, bounds_text, camera_from_flag, load_config
 from vision_daemon.detectors import ModelError
 from vision_daemon.httpserver import HttpStartupError
 from vision_daemon.ingest.tcp import StartupError
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        helptext = f"{f.metadata['help']} [{f.metadata['section']}]"
+        bounds = bounds_text(f)
+        where = f"{f.metadata['section']}; {bounds}" if bounds else f.metadata["section"]
+        helptext = f"{f.metadata['help']} [{where}]"
         if name == "model":  # repeated: more Triton endpoints (the rest go to `backends`)
             parser.add_argument(flag, dest=name, action="append", metavar="MODEL", help=helptext)
         elif isinstance(f.default, bool):
