@@ -87,6 +87,20 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
     return p.parse_options(raw), flags["dropped_notices"] in ("1", "true")
 
 
+def _encode(msg: dict[str, Any], browser: bool) -> bytes | str:
+    """A binary msgpack map for /ingest, a JSON text for browser mode."""
+    if browser:
+        return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+    return p.pack(msg)[p.HEADER_SIZE :]
+
+
+async def _send(websocket: WebSocket, msg: bytes | str) -> None:
+    if isinstance(msg, str):
+        await websocket.send_text(msg)
+    else:
+        await websocket.send_bytes(msg)
+
+
 class WsConnection(PeerConnection):
     """One WebSocket peer: one message per WebSocket message on a `PeerConnection`, closed with
     a close code; `stream` set means browser mode (JPEGs in, JSON out, no hello)."""
@@ -117,17 +131,11 @@ class WsConnection(PeerConnection):
 
     # ---- framing --------------------------------------------------------------------------------
     def encode(self, msg: dict[str, Any]) -> bytes | str:
-        """A binary msgpack map for /ingest, a JSON text for browser mode."""
-        if self.browser:
-            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
-        return p.pack(msg)[p.HEADER_SIZE :]
+        return _encode(msg, self.browser)
 
     def encode_result(self, payload: bytes) -> bytes | str:
         body = payload[p.HEADER_SIZE :]  # the pipeline packs for TCP: drop the length prefix
-        if self.browser:
-            msg: dict[str, Any] = msgpack.unpackb(body, raw=False)
-            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
-        return body
+        return _encode(msgpack.unpackb(body, raw=False), True) if self.browser else body
 
     async def run(self) -> None:
         if self.browser:
@@ -181,11 +189,7 @@ class WsConnection(PeerConnection):
         return None if data is None else bytes(data)
 
     async def write(self, outbox: deque[Any]) -> None:
-        msg = outbox.popleft()
-        if isinstance(msg, str):
-            await self.ws.send_text(msg)
-        else:
-            await self.ws.send_bytes(msg)
+        await _send(self.ws, outbox.popleft())
 
     def stop_reading(self) -> None:
         if self._receiving and self._reader_task is not None:
@@ -283,15 +287,9 @@ class WsIngest(PeerIngest[WsConnection]):
         self, websocket: WebSocket, browser: bool, code: str, message: str, close: int
     ) -> None:
         """An error message in the mode's format, then a close with its code and reason."""
-        msg = p.error_message(code, message)
         try:
             async with asyncio.timeout(2.0):
-                if browser:
-                    await websocket.send_text(
-                        json.dumps(msg, separators=(",", ":"), allow_nan=False)
-                    )
-                else:
-                    await websocket.send_bytes(p.pack(msg)[p.HEADER_SIZE :])
+                await _send(websocket, _encode(p.error_message(code, message), browser))
                 await websocket.close(close, code)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass
