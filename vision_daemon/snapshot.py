@@ -92,8 +92,8 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "total": c.ingest.total,
             "refused": c.ingest.refused,
             "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
-            "shm_rings": sum(1 for x in c.ingest.connections if x.shm is not None),
-            "shm_mapped_bytes": sum(x.shm.ring.size for x in c.ingest.connections if x.shm),
+            "shm_rings": sum(1 for x in c.ingest.connections if x.attachment.mapped_bytes),
+            "shm_mapped_bytes": sum(x.attachment.mapped_bytes for x in c.ingest.connections),
         },
         "ws_ingest": (
             c.ws_ingest.counts()

@@ -1,9 +1,10 @@
 """What every pushing peer's connection shares (TCP, Unix socket, WebSocket): the Sink side and
-one bounded outbox.
+one bounded outbox, and the tasks that serve an ingest's connections.
 
-A transport says how a message is encoded (`encode`, `encode_result`) and how it closes a peer
-that does not read (`close_slow_consumer`); the bound, the drop-or-close rule and the per-frame
-tally live here once.
+`PeerSink` is the half of the peer connection core (`ingest/core.py`, `PeerConnection`) that the
+pipeline sees: a transport says how a message is encoded (`encode`, `encode_result`) and the
+core how a peer that does not read is closed (`close_slow_consumer`); the bound, the
+drop-or-close rule and the per-frame tally live here once.
 """
 
 from __future__ import annotations

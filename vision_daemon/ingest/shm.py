@@ -12,19 +12,29 @@ fault (SIGBUS), which no Python code can catch. So the segment must be a regular
 the daemon's own user and writable by nobody else: the only processes that could shrink it can
 already signal the daemon. A shrink by such a process is still detected before each frame is
 handed on (`ShmRing.frame`), which catches a client that resizes its segment by mistake.
+
+`SharedMemory` is the connection's side of it (an `ingest.core.Attachment`): who may map a ring
+(a same-host peer, one ring per connection, within max_shm_mb), and the release rule: the hello
+maps, each shm frame takes a slot, its result or drop gives it back, the connection's end unmaps.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import mmap
 import os
 import stat
+import time
 from typing import Any
 
 import numpy as np
 
 from vision_daemon import protocol as p
+from vision_daemon.ingest.core import Attachment
+from vision_daemon.log import RateLimiter, log_limited, peer_host
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (shm_open names)
 
@@ -140,3 +150,68 @@ class ShmRing:
             self.map.close()
         except BufferError:  # views alive: the mapping goes with the last of them (refcount)
             pass
+
+
+class SharedMemory(Attachment):
+    """A stream-socket connection's shared-memory ring, once its hello mapped one."""
+
+    def __init__(self, peer: str, same_host: bool, max_mb: int, log_limit: RateLimiter) -> None:
+        super().__init__("shm frames need a hello that announced a segment")
+        self.peer = peer
+        self.same_host = same_host
+        self.max_mb = max_mb
+        self.log_limit = log_limit
+        self.ring: ShmRing | None = None
+
+    @property
+    def lossless(self) -> bool:
+        """A mapped ring's client learns from results and drops that a slot is free again."""
+        return self.ring is not None
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.ring.ring.size if self.ring is not None else 0
+
+    def attach(self, hello: p.Hello) -> None:
+        """Map the segment a hello announced (once per connection), or raise a fatal refusal."""
+        ring = hello.shm
+        if ring is None:
+            return
+        why = None
+        if self.max_mb == 0:
+            why = "shared-memory ingest is off on this server (max_shm_mb = 0)"
+        elif not self.same_host:
+            why = "shared memory needs the Unix socket or a loopback connection"
+        elif self.ring is not None:
+            why = "this connection has mapped its segment already; one per connection"
+        if why is not None:
+            raise _refuse(why)
+        self.ring = ShmRing(ring, self.max_mb * 2**20)
+        log_limited(  # a peer reconnecting in a loop must not flood the log
+            log,
+            self.log_limit,
+            "shm:" + peer_host(self.peer),
+            time.monotonic(),
+            logging.INFO,
+            "%s mapped shared memory %s: %d slots of %d bytes",
+            self.peer,
+            ring.name,
+            ring.slots,
+            ring.slot_bytes,
+        )
+
+    def frame(self, frame: p.Frame) -> p.Frame:
+        """An shm frame with its pixels read in place (its slot now held); others as they are."""
+        if frame.encoding != "shm" or self.ring is None:
+            return super().frame(frame)
+        return self.ring.frame(frame)
+
+    def release(self, stream: str, frame_id: int) -> None:
+        if self.ring is not None:
+            self.ring.release(stream, frame_id)
+
+    def close(self) -> None:
+        """Unmapped now, or by the last worker still reading a slot; nothing kept after."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None

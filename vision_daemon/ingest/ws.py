@@ -11,9 +11,11 @@ Two modes share one connection object:
 The WebSocket layer (uvicorn + websockets) frames messages, refuses any over `ws_max_size`
 (set to `max_message_bytes`) with close code 1009 before reading it, and holds at most one
 unread message per connection (it stops reading the socket until the app takes it). Auth is
-checked by the route before a connection gets here. What this module adds is what a TCP
-`Connection` has: a connection cap, a bounded outbox with the same drop rules, timeouts, and a
-shutdown that delivers the results of frames already accepted before closing with 1001.
+checked by the route before a connection gets here. A `WsConnection` is the framing on the peer
+core (`ingest/core.py`), which a TCP `Connection` shares: the bounded outbox with its drop rules,
+timeouts, hello -> welcome, bye, and a shutdown that delivers the results of frames already
+accepted before closing (with 1001 when the daemon stops). This module adds the connection cap,
+the two modes' encodings and the close codes.
 Close codes are in docs/PROTOCOL.md ("WebSocket ingest").
 """
 
@@ -23,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,21 +35,30 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from vision_daemon import protocol as p
 from vision_daemon.config import Config
 from vision_daemon.decode import JPEG_MAGIC
-from vision_daemon.ingest.peer import ConnectionTasks, PeerSink
-from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.ingest.core import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    Attachment,
+    Close,
+    PeerConnection,
+    PeerIngest,
+)
+from vision_daemon.log import log_limited
 from vision_daemon.options import OptionError, parse_text
 from vision_daemon.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-WS_NORMAL = 1000  # after the client's bye
-WS_GOING_AWAY = 1001  # daemon shutting down
+WS_NORMAL = CLOSE_NORMAL  # after the client's bye
+WS_GOING_AWAY = CLOSE_GOING_AWAY  # daemon shutting down
 WS_UNSUPPORTED_DATA = 1003  # a text message where binary is expected
-WS_POLICY_VIOLATION = 1008  # wrong token (the route), a fatal refusal, timeouts, slow_consumer
+WS_POLICY_VIOLATION = CLOSE_POLICY_VIOLATION  # wrong token (the route), refusals, timeouts
 WS_MESSAGE_TOO_BIG = 1009  # sent by the WebSocket layer for a message over max_message_bytes
 WS_INTERNAL_ERROR = 1011  # a bug in this module (logged with a traceback)
 WS_TRY_AGAIN_LATER = 1013  # ws_ingest_max_connections reached, or the daemon not serving yet
 MAX_REASON = 120  # a close reason must fit in 123 bytes (RFC 6455); ours are ASCII
+NO_SHM = "shared memory needs the Unix socket or loopback TCP, not WebSocket"
 
 
 def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
@@ -64,9 +76,26 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
         raise p.ProtocolError(p.E_INVALID, str(exc)) from None
 
 
-class WsConnection(PeerSink):
-    """One WebSocket peer: a reader that never waits on inference and a writer with a bounded
-    outbox (as a TCP `Connection`); `stream` set means browser mode."""
+def _encode(msg: dict[str, Any], browser: bool) -> bytes | str:
+    """A binary msgpack map for /ingest, a JSON text for browser mode."""
+    if browser:
+        return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+    return p.pack(msg)[p.HEADER_SIZE :]
+
+
+async def _send(websocket: WebSocket, msg: bytes | str) -> None:
+    if isinstance(msg, str):
+        await websocket.send_text(msg)
+    else:
+        await websocket.send_bytes(msg)
+
+
+class WsConnection(PeerConnection):
+    """One WebSocket peer: one message per WebSocket message on a `PeerConnection`, closed with
+    a close code; `stream` set means browser mode (JPEGs in, JSON out, no hello)."""
+
+    ingest: WsIngest
+    write_errors = (WebSocketDisconnect, RuntimeError, OSError)
 
     def __init__(
         self,
@@ -76,193 +105,102 @@ class WsConnection(PeerSink):
         options: p.StreamOptions | None = None,
         notices: bool = False,
     ) -> None:
-        super().__init__(ingest.config, ingest.pipeline, notices)
-        self.ingest = ingest
-        self.ws = websocket
         client = websocket.client
-        self.peer = f"{client.host}:{client.port}" if client else "?"
+        peer = f"{client.host}:{client.port}" if client else "?"
+        super().__init__(ingest, peer, Attachment(NO_SHM), notices)
+        self.ws = websocket
         self.stream = stream
         self.browser = stream is not None
         self.options = options or p.StreamOptions()
-        self.hello: p.Hello | None = None
         self.greeted = self.browser  # the URL is a browser's hello; /ingest waits for one
         self.next_id = 0  # browser mode numbers the frames
-        self.reading = True
-        self.saying_bye = False
         self.peer_gone = False  # the client closed (or vanished): nothing to close
-        self.closing: tuple[int, str] | None = None  # close code and reason, once decided
-        self.messages = 0
         self._receiving = False
         self._reader_task: asyncio.Task[None] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
-    # ---- the transport's part of PeerSink ----------------------------------------------------
+    # ---- framing --------------------------------------------------------------------------------
     def encode(self, msg: dict[str, Any]) -> bytes | str:
-        """A binary msgpack map for /ingest, a JSON text for browser mode."""
-        if self.browser:
-            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
-        return p.pack(msg)[p.HEADER_SIZE :]
+        return _encode(msg, self.browser)
 
     def encode_result(self, payload: bytes) -> bytes | str:
         body = payload[p.HEADER_SIZE :]  # the pipeline packs for TCP: drop the length prefix
+        return _encode(msgpack.unpackb(body, raw=False), True) if self.browser else body
+
+    async def run(self) -> None:
         if self.browser:
-            msg: dict[str, Any] = msgpack.unpackb(body, raw=False)
-            return json.dumps(msg, separators=(",", ":"), allow_nan=False)
-        return body
+            self._send(self.welcome_for(False))
+        await super().run()
 
-    def close_slow_consumer(self) -> None:
-        self.shutdown(WS_POLICY_VIOLATION, p.E_SLOW_CONSUMER)
-
-    async def _write_loop(self) -> None:
+    async def read_messages(self) -> None:
+        """In a task of its own, which `stop_reading` cancels while it waits for a message."""
+        self._reader_task = asyncio.create_task(super().read_messages())
         try:
-            while self.open or self.outbox:
-                await self._has_output.wait()
-                self._has_output.clear()
-                while self.outbox:
-                    msg = self.outbox.popleft()
-                    if isinstance(msg, str):
-                        await self.ws.send_text(msg)
-                    else:
-                        await self.ws.send_bytes(msg)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            self.open = False
-            self.outbox.clear()
+            await self._reader_task
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this connection itself is being cancelled
+            # else: shutdown() ended the reader while it waited for a message
+        except Exception:  # a bug here must not take the control plane with it
+            self.closing = Close(WS_INTERNAL_ERROR, "internal error")
+            log_limited(
+                log,
+                self.ingest.log_limit,
+                "bug",
+                time.monotonic(),
+                logging.ERROR,
+                "WebSocket ingest connection from %s failed",
+                self.peer,
+                exc_info=True,
+            )
+        finally:
+            if not self._reader_task.done():
+                self._reader_task.cancel()
 
-    # ---- lifecycle ----------------------------------------------------------------------------
-    def shutdown(self, code: int = WS_GOING_AWAY, reason: str = "daemon shutting down") -> None:
-        """Stop reading: nothing new is accepted; `run` then delivers what is owed and closes."""
-        if self.closing is None:
-            self.closing = (code, reason)
-        self.reading = False
-        if self._timer is not None:
-            self._timer.cancel()
+    async def receive(self) -> bytes | None:
+        self._receiving = True
+        try:
+            message = await self.ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            message = {"type": "websocket.disconnect", "code": 1006}
+        finally:
+            self._receiving = False
+        if message["type"] == "websocket.disconnect":
+            self.peer_gone = True
+            if message.get("code") == WS_MESSAGE_TOO_BIG:  # refused by the WebSocket layer
+                self.pipeline.count_error(p.E_TOO_LARGE)
+            return None
+        data = message.get("bytes")
+        if data is None and self.reading:
+            self.pipeline.count_error(p.E_NOT_BINARY)
+            self.error(p.E_NOT_BINARY, "text message; this endpoint takes binary messages")
+            self.shutdown(Close(WS_UNSUPPORTED_DATA, "binary messages only"))
+        return None if data is None else bytes(data)
+
+    async def write(self, outbox: deque[Any]) -> None:
+        await _send(self.ws, outbox.popleft())
+
+    def stop_reading(self) -> None:
         if self._receiving and self._reader_task is not None:
             self._reader_task.cancel()  # only ever while it waits for a message: none is lost
 
-    def _arm_timer(self) -> None:
-        """One re-armed timer per connection: hello_timeout_s until the first valid message,
-        then idle_timeout_s between messages (as on TCP; browser mode starts greeted)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        first = not self.greeted
-        limit = self.config.hello_timeout_s if first else self.config.idle_timeout_s
-        self._timer = asyncio.get_running_loop().call_later(limit, self._on_timeout, first, limit)
-
-    def _on_timeout(self, first: bool, limit: float) -> None:
-        code = p.E_HELLO_TIMEOUT if first else p.E_IDLE_TIMEOUT
-        what = "no valid first message" if first else "no complete message"
-        self.pipeline.count_error(code)
-        self.error(code, f"{what} for {limit:g} s; closing")
-        self.shutdown(WS_POLICY_VIOLATION, code)
-
-    async def run(self) -> None:
-        self._writer_task = asyncio.create_task(self._write_loop())
-        self._reader_task = asyncio.create_task(self._read_loop())
-        self._arm_timer()
-        if self.browser:
-            self._send(self.ingest.welcome_json)
-        try:
+    async def close_transport(self, close: Close, flushed: bool) -> None:
+        if not self.peer_gone:
             try:
-                await self._reader_task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this connection itself is being cancelled
-                # else: shutdown() ended the reader while it waited for a message
-            except Exception:  # a bug here must not take the control plane with it
-                self.closing = (WS_INTERNAL_ERROR, "internal error")
-                log_limited(
-                    log,
-                    self.ingest.log_limit,
-                    "bug",
-                    time.monotonic(),
-                    logging.ERROR,
-                    "WebSocket ingest connection from %s failed",
-                    self.peer,
-                    exc_info=True,
-                )
-            if self.saying_bye:  # results of frames already accepted are delivered first
-                await self.wait_idle(self.config.shutdown_grace_s)
-                self._send(self.encode({"type": "bye"}))
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            if not self._reader_task.done():
-                self._reader_task.cancel()
-            await self._close()
+                await asyncio.wait_for(self.ws.close(close.code, close.reason[:MAX_REASON]), 2.0)
+            except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+                pass
 
-    async def _read_loop(self) -> None:
-        cfg = self.config
-        while self.reading:
-            self._receiving = True
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                message = {"type": "websocket.disconnect", "code": 1006}
-            finally:
-                self._receiving = False
-            if message["type"] == "websocket.disconnect":
-                self.peer_gone = True
-                if message.get("code") == WS_MESSAGE_TOO_BIG:  # refused by the WebSocket layer
-                    self.pipeline.count_error(p.E_TOO_LARGE)
-                return
-            if not self.reading:  # shut down while this message waited: not taken
-                return
-            self.messages += 1
-            data = message.get("bytes")
-            if data is None:
-                self.pipeline.count_error(p.E_NOT_BINARY)
-                self.error(p.E_NOT_BINARY, "text message; this endpoint takes binary messages")
-                self.shutdown(WS_UNSUPPORTED_DATA, "binary messages only")
-                return
-            data = bytes(data)
-            if self.browser:
-                self._handle_jpeg(data)
-            elif not self._handle(data):
-                return
-            if self.greeted and self.reading:
-                self._arm_timer()
-            if len(self.outbox) > cfg.send_buffer_messages // 2:
-                # A burst of messages must not fill the outbox before the writer had a turn.
-                await asyncio.sleep(0)
-
-    async def _close(self) -> None:
-        """The one teardown path: detach streams, deliver what is owed, close, leave the pool."""
-        self.pipeline.detach(self)
-        try:
-            if self.ingest.stopping:  # results of frames already in a detector go out first
-                await self.wait_idle(self.config.shutdown_grace_s)
-            self.open = False
-            self._has_output.set()
-            if self._writer_task is not None:
-                try:
-                    await asyncio.wait_for(self._writer_task, 2.0)
-                except TimeoutError:
-                    pass  # a peer that does not read gets no more time
-            if not self.peer_gone:
-                code, reason = self.closing or (WS_NORMAL, "")
-                try:
-                    await asyncio.wait_for(self.ws.close(code, reason[:MAX_REASON]), 2.0)
-                except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
-                    pass
-        finally:  # also when shutdown cancels a connection that ran out of time
-            if self._writer_task is not None:
-                self._writer_task.cancel()
-            self.ingest.forget(self)
-
-    # ---- input --------------------------------------------------------------------------------
-    def _submit(self, frame: p.Frame, options: p.StreamOptions) -> None:
-        self.pending += 1
-        self._idle.clear()
-        self.pipeline.submit(self, frame, options)
-
-    def _handle_jpeg(self, data: bytes) -> None:
-        """Browser mode: one JPEG, numbered here and stamped with the server's receive time."""
+    # ---- input ----------------------------------------------------------------------------------
+    def handle(self, body: bytes) -> bool:
+        """Browser mode: one JPEG, numbered here and stamped with the server's receive time;
+        /ingest: one protocol message."""
+        if not self.browser:
+            return super().handle(body)
         assert self.stream is not None
         frame_id = self.next_id
         self.next_id += 1
-        if not data.startswith(JPEG_MAGIC):
+        if not body.startswith(JPEG_MAGIC):
             exc = p.ProtocolError(
                 p.E_DECODE,
                 "message is not a JPEG; send one JPEG image per binary message",
@@ -270,93 +208,22 @@ class WsConnection(PeerSink):
             )
             self.pipeline.refuse_message(exc)  # counted as received and dropped (invalid)
             self.error(exc.code, exc.message, frame_id)
-            return
-        self._submit(p.Frame(self.stream, frame_id, time.time(), data, "jpeg"), self.options)
-
-    def _handle(self, body: bytes) -> bool:
-        """One protocol message (/ingest); False ends the connection."""
-        msg = self.parse(body)
-        if isinstance(msg, p.ProtocolError):
-            if msg.fatal:
-                self.shutdown(WS_POLICY_VIOLATION, msg.code)
-                return False
             return True
-        if (isinstance(msg, p.Hello) and msg.shm) or (
-            isinstance(msg, p.Frame) and msg.encoding == "shm"
-        ):
-            code, why = (
-                p.E_SHM,
-                "shared memory needs the Unix socket or loopback TCP, not WebSocket",
-            )
-            self.pipeline.refuse_message(p.ProtocolError(code, why, frame_id=_frame_id(msg)))
-            self.error(code, why, _frame_id(msg))
-            self.shutdown(WS_POLICY_VIOLATION, code)
-            return False
-        self.greeted = True
-        if isinstance(msg, p.Hello):  # the token was checked at the handshake; this one is not
-            self.hello = msg
-            self.notices = msg.dropped_notices
-            self.rate_advice = msg.rate_advice
-            self._send(self.ingest.welcome_for(msg.rate_advice))
-            return True
-        if isinstance(msg, p.Bye):
-            self.saying_bye = True
-            self.shutdown(WS_NORMAL, "bye")
-            return False
-        hello = self.hello
-        options = hello.stream_options.get(msg.stream_name, hello.options) if hello else None
-        self._submit(msg, options or p.StreamOptions())
+        self.submit(p.Frame(self.stream, frame_id, time.time(), body, "jpeg"), self.options)
         return True
 
 
-def _frame_id(msg: p.Message) -> int | None:
-    return msg.frame_id if isinstance(msg, p.Frame) else None
-
-
-class WsIngest:
+class WsIngest(PeerIngest[WsConnection]):
     """The WebSocket ingest connections: at most `ws_ingest_max_connections`, served only
     between `start()` (the workers are up) and `stop_accepting()`."""
 
     def __init__(self, config: Config, pipeline: Pipeline) -> None:
-        self.config = config
-        self.pipeline = pipeline
-        self.connections: set[WsConnection] = set()
-        self._tasks = ConnectionTasks()
+        super().__init__(config, pipeline)
         self.started = False
-        self.stopping = False
-        self.welcome_bin = b""
-        self.welcome_json = ""
-        self.welcome_dict: dict[str, Any] = {}
-        self.total = 0
-        self.refused = 0
-        self.log_limit = RateLimiter()
-
-    def welcome_for(self, rate_advice: bool) -> bytes:
-        """The welcome; to a client that follows advice, with the rate a new stream gets now."""
-        fps = self.pipeline.newcomer_fps() if rate_advice else None
-        if fps is None:
-            return self.welcome_bin
-        return p.pack({**self.welcome_dict, "advised_fps": fps})[p.HEADER_SIZE :]
 
     def start(self, welcome: dict[str, Any]) -> None:
-        self.welcome_dict = welcome
-        self.welcome_bin = p.pack(welcome)[p.HEADER_SIZE :]
-        self.welcome_json = json.dumps(welcome, separators=(",", ":"))
+        self.welcome = welcome
         self.started = True
-
-    def stop_accepting(self) -> None:
-        """Refuse new connections and stop reading every open one (shutdown, first phase)."""
-        self.stopping = True
-        for conn in list(self.connections):
-            conn.shutdown()
-
-    async def aclose(self, timeout: float) -> None:
-        """Wait for every connection to deliver what it owes and close (shutdown, last phase)."""
-        self.stop_accepting()
-        await self._tasks.aclose(timeout)
-
-    def forget(self, conn: WsConnection) -> None:
-        self.connections.discard(conn)
 
     def counts(self) -> dict[str, int]:
         """What /stats shows under `ws_ingest`."""
@@ -409,15 +276,9 @@ class WsIngest:
         self, websocket: WebSocket, browser: bool, code: str, message: str, close: int
     ) -> None:
         """An error message in the mode's format, then a close with its code and reason."""
-        msg = p.error_message(code, message)
         try:
             async with asyncio.timeout(2.0):
-                if browser:
-                    await websocket.send_text(
-                        json.dumps(msg, separators=(",", ":"), allow_nan=False)
-                    )
-                else:
-                    await websocket.send_bytes(p.pack(msg)[p.HEADER_SIZE :])
+                await _send(websocket, _encode(p.error_message(code, message), browser))
                 await websocket.close(close, code)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass
