@@ -45,6 +45,8 @@ def run_one(checkout: Path, streams: int, fps: float, args: argparse.Namespace) 
             str(args.duration),
             "--ceiling-s",
             str(args.ceiling_s),
+            "--video",
+            str(Path(args.video).resolve()),
             "--json-out",
             out.name,
         ]
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument(
         "--model-dir", default=os.environ.get("VISION_DAEMON_MODEL_DIR", "../shared/models")
     )
+    ap.add_argument("--video", default=str(HERE.parent / "shared" / "data" / "vtest.avi"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--ceiling-s", type=float, default=3.0)
