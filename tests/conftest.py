@@ -192,7 +192,8 @@ hypothesis_settings.load_profile("vision-daemon")
 
 def stats(d: Daemon) -> dict[str, Any]:
     """A fresh /stats snapshot of the daemon (what the API serves, built now)."""
-    return d.snapshot().data
+    data: dict[str, Any] = d.snapshot().model.model_dump(mode="json")
+    return data
 
 
 def stream_stats(d: Daemon, name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
 from vision_daemon.pipeline import Pipeline
-from vision_daemon.schema import Snapshot
+from vision_daemon.schema import CameraStats, Snapshot
 from vision_daemon.snapshot import SnapshotCache
 
 NO_STREAM = "no stream of that name"
@@ -105,16 +105,16 @@ class DaemonControl:
         }
 
     # ---- cameras ------------------------------------------------------------------------------
-    def cameras(self) -> dict[str, dict[str, Any]]:
+    def cameras(self) -> dict[str, CameraStats]:
         return self._cameras.health(time.monotonic()) if self._cameras else {}
 
-    def camera(self, name: str) -> dict[str, Any]:
+    def camera(self, name: str) -> CameraStats:
         camera = self._cameras.get(name) if self._cameras else None
         if camera is None:
             raise NotFound(f"no camera named {name[:64]!r}")
         return camera.health(time.monotonic())
 
-    def add_camera(self, spec: CameraConfig) -> dict[str, Any]:
+    def add_camera(self, spec: CameraConfig) -> CameraStats:
         if self._cameras is None:
             raise Unavailable("cameras are not available in this daemon")
         try:

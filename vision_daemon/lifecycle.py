@@ -103,7 +103,7 @@ class Daemon:
             config.stats_refresh_s,
             History(config.stats_history_points, config.stats_history_interval_s),
         )
-        self.metrics.watch(self.stats.data)
+        self.metrics.watch(self.stats.model)
         self.stopping = False
         self._failed: str | None = None  # a background task that ended with an exception
         self._stop = asyncio.Event()

@@ -10,12 +10,12 @@ its slot; no aggregate is lowered by that.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from vision_daemon.schema import BackendStats, CameraStats, OutputStats, Stats, StreamStats
 from vision_daemon.stats import DROP_REASONS
 
 OTHER = "_other"
@@ -124,7 +124,7 @@ class Metrics:
         for stage, ms in timings.items():
             self.latency.labels(stage.removesuffix("_ms")).observe(ms / 1000)
 
-    def watch(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+    def watch(self, snapshot: Callable[[], Stats | None]) -> None:
         """Gauges (and per-worker counters) are read from the latest snapshot at scrape time."""
         self.gauges = _SnapshotGauges(snapshot, self)
         self.registry.register(self.gauges)
@@ -134,7 +134,7 @@ class Metrics:
 
 
 class _SnapshotGauges(Collector):
-    def __init__(self, snapshot: Callable[[], dict[str, Any] | None], metrics: Metrics) -> None:
+    def __init__(self, snapshot: Callable[[], Stats | None], metrics: Metrics) -> None:
         self._snapshot = snapshot
         self._metrics = metrics
 
@@ -146,19 +146,19 @@ class _SnapshotGauges(Collector):
             "vision_daemon_queue_depth", "Frames waiting per stream", labels=["stream"]
         )
         depth: dict[str, int] = {}
-        for s in snap["streams"].values():
-            label = s["metric_label"] or OTHER
-            depth[label] = depth.get(label, 0) + s["queue_depth"]
+        for s in snap.streams.values():
+            label = s.metric_label or OTHER
+            depth[label] = depth.get(label, 0) + s.queue_depth
         for label, n in depth.items():
             queue.add_metric([label], n)
         yield queue
         batches = CounterMetricFamily(
             "vision_daemon_batches", "Detector calls by batch size", labels=["size"]
         )
-        for size, n in snap["batch_sizes"].items():
+        for size, n in snap.batch_sizes.items():
             batches.add_metric([size], n)
         yield batches
-        workers = snap["workers"]
+        workers = snap.workers
         yield GaugeMetricFamily("vision_daemon_workers", "Inference workers", value=len(workers))
         restarts = CounterMetricFamily(
             "vision_daemon_worker_restarts",
@@ -172,38 +172,38 @@ class _SnapshotGauges(Collector):
             "vision_daemon_worker_up", "1 while the worker can take frames", labels=["worker"]
         )
         for w in workers:
-            restarts.add_metric([str(w["id"])], w["restarts"])
-            failures.add_metric([str(w["id"])], w["errors"])
-            up.add_metric([str(w["id"])], int(w["state"] in ("ready", "busy")))
+            restarts.add_metric([str(w.id)], w.restarts)
+            failures.add_metric([str(w.id)], w.errors)
+            up.add_metric([str(w.id)], int(w.state in ("ready", "busy")))
         yield restarts
         yield failures
         yield up
         yield CounterMetricFamily(
             "vision_daemon_ws_messages_dropped",
             "/ws messages a slow subscriber lost",
-            value=snap["ws"]["dropped"],
+            value=snap.ws.dropped,
         )
         yield GaugeMetricFamily(
             "vision_daemon_workers_busy",
             "Workers running a detector call now",
-            value=snap["workers_busy"],
+            value=snap.workers_busy,
         )
         yield GaugeMetricFamily(
-            "vision_daemon_connections", "Open TCP connections", value=snap["connections"]["open"]
+            "vision_daemon_connections", "Open TCP connections", value=snap.connections["open"]
         )
         yield GaugeMetricFamily(
-            "vision_daemon_ready", "1 when ready to serve", value=int(snap["ready"])
+            "vision_daemon_ready", "1 when ready to serve", value=int(snap.ready)
         )
         yield GaugeMetricFamily(
-            "vision_daemon_ws_subscribers", "Open /ws subscribers", value=snap["ws"]["subscribers"]
+            "vision_daemon_ws_subscribers", "Open /ws subscribers", value=snap.ws.subscribers
         )
-        yield from _camera_metrics(snap.get("cameras", {}))
-        yield from _analytics_metrics(snap["streams"])
-        yield from _output_metrics(snap.get("outputs", []))
-        yield from _backend_metrics(snap.get("backends", []))
+        yield from _camera_metrics(snap.cameras)
+        yield from _analytics_metrics(snap.streams)
+        yield from _output_metrics(snap.outputs)
+        yield from _backend_metrics(snap.backends)
 
 
-def _analytics_metrics(streams: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+def _analytics_metrics(streams: dict[str, StreamStats]) -> Iterator[Metric]:
     """Counts of tracked streams that have their own label (streams past metrics_max_streams
     are in /stats only: summing zones of different cameras would mean nothing). Zones and lines
     are at most 16 per stream, and labels are the model's classes."""
@@ -230,24 +230,28 @@ def _analytics_metrics(streams: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     )
     tracks = GaugeMetricFamily("vision_daemon_tracks", "Live tracks", labels=["stream"])
     for s in streams.values():
-        a, label = s.get("analytics"), s["metric_label"]
+        a, label = s.analytics, s.metric_label
         if a is None or not label or label == OTHER:
             continue
-        tracks.add_metric([label], a["tracks"])
-        for kind, n in a["events"].items():
+        tracks.add_metric([label], a.tracks)
+        for kind, n in a.events.items():
             events.add_metric([label, kind], n)
-        for zone, z in a["zones"].items():
-            for family, key in ((occupancy, "occupancy"), (entered, "entered"), (exited, "exited")):
-                for what, n in z[key].items():
+        for zone, z in a.zones.items():
+            for family, counts in (
+                (occupancy, z.occupancy),
+                (entered, z.entered),
+                (exited, z.exited),
+            ):
+                for what, n in counts.items():
                     family.add_metric([label, zone, what], n)
-        for line, directions in a["lines"].items():
+        for line, directions in a.lines.items():
             for direction, by_label in directions.items():
                 for what, n in by_label.items():
                     crossed.add_metric([label, line, direction, what], n)
     yield from (tracks, events, occupancy, entered, exited, crossed)
 
 
-def _output_metrics(outputs: list[dict[str, Any]]) -> Iterator[Metric]:
+def _output_metrics(outputs: list[OutputStats]) -> Iterator[Metric]:
     """Each event output's deliveries and losses."""
     sent = CounterMetricFamily(
         "vision_daemon_output_sent", "Events (and count updates) delivered", labels=["output"]
@@ -266,15 +270,15 @@ def _output_metrics(outputs: list[dict[str, Any]]) -> Iterator[Metric]:
         labels=["output"],
     )
     for o in outputs:
-        sent.add_metric([o["name"]], o["sent"])
-        queued.add_metric([o["name"]], o["queued"])
-        up.add_metric([o["name"]], int(bool(o["connected"])))
-        for reason, n in o["dropped"].items():
-            dropped.add_metric([o["name"], reason], n)
+        sent.add_metric([o.name], o.sent)
+        queued.add_metric([o.name], o.queued)
+        up.add_metric([o.name], int(bool(o.connected)))
+        for reason, n in o.dropped.items():
+            dropped.add_metric([o.name, reason], n)
     yield from (sent, dropped, queued, up)
 
 
-def _backend_metrics(backends: list[dict[str, Any]]) -> Iterator[Metric]:
+def _backend_metrics(backends: list[BackendStats]) -> Iterator[Metric]:
     """Each Triton endpoint's state and traffic (at most 64 endpoints, from the config)."""
     up = GaugeMetricFamily(
         "vision_daemon_backend_up", "1 while the Triton endpoint answers", labels=["endpoint"]
@@ -293,12 +297,12 @@ def _backend_metrics(backends: list[dict[str, Any]]) -> Iterator[Metric]:
         labels=["endpoint", "direction"],
     )
     for b in backends:
-        url = b["url"]
-        up.add_metric([url], int(b["state"] == "up"))
-        frames.add_metric([url], b["frames"])
-        failures.add_metric([url], b["failures"])
-        wire.add_metric([url, "up"], b["bytes_up"])
-        wire.add_metric([url, "down"], b["bytes_down"])
+        url = b.url
+        up.add_metric([url], int(b.state == "up"))
+        frames.add_metric([url], b.frames)
+        failures.add_metric([url], b.failures)
+        wire.add_metric([url, "up"], b.bytes_up)
+        wire.add_metric([url, "down"], b.bytes_down)
     yield from (up, frames, failures, wire)
 
 
@@ -306,7 +310,7 @@ CAMERA_STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")
 CAMERA_QUALITY = {"unusable": 0, "poor": 1, "fair": 2, "excellent": 3}
 
 
-def _camera_metrics(cameras: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+def _camera_metrics(cameras: dict[str, CameraStats]) -> Iterator[Metric]:
     """Pulled cameras' health, one series per camera (bounded by max_cameras)."""
     state = GaugeMetricFamily(
         "vision_daemon_camera_state", "1 for the camera's current state", labels=["camera", "state"]
@@ -332,16 +336,20 @@ def _camera_metrics(cameras: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     }
     for name, c in cameras.items():
         for s in CAMERA_STATES:
-            state.add_metric([name, s], int(c["state"] == s))
-        values = dict(c)
-        values["quality"] = CAMERA_QUALITY.get(c["quality"], 0)
-        if values["decode_ms"] is not None:
-            values["decode_ms"] = values["decode_ms"] / 1000
+            state.add_metric([name, s], int(c.state == s))
+        values: dict[str, float | None] = {
+            "source_fps": c.source_fps,
+            "analysed_fps": c.analysed_fps,
+            "last_frame_age_s": c.last_frame_age_s,
+            "decode_ms": None if c.decode_ms is None else c.decode_ms / 1000,
+            "quality": CAMERA_QUALITY.get(c.quality, 0),
+        }
         for key, family in gauges.items():
-            if values[key] is not None:
-                family.add_metric([name], values[key])
+            value = values[key]
+            if value is not None:
+                family.add_metric([name], value)
         for key, counter in counters.items():
-            counter.add_metric([name], c[key])
+            counter.add_metric([name], getattr(c, key))
     yield state
     yield from gauges.values()
     yield from counters.values()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vision_daemon.options import SPECS
 
@@ -95,6 +95,9 @@ class StreamStats(FrameCounts):
     analytics: AnalyticsStats | None = Field(
         None, description="tracking, zones and lines; null when the stream is not tracked"
     )
+    # The label its Prometheus series carry (its name, or "other" past metrics_max_streams); read
+    # by /metrics, not served.
+    metric_label: str = Field("", exclude=True)
 
 
 class WorkerStatsModel(BaseModel):
@@ -163,6 +166,37 @@ class CameraStats(BaseModel):
     options: CameraOptionsModel
 
 
+class HubStats(BaseModel):
+    """The /ws hub: subscribers, their cap, refusals, messages lost to slow subscribers."""
+
+    model_config = ConfigDict(extra="allow")  # and each client's figures
+    subscribers: int
+    dropped: int
+
+
+class OutputStats(BaseModel):
+    """An event output (MQTT, webhooks): what /metrics reads; the rest is served as it is."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    sent: int
+    queued: int
+    connected: bool | None
+    dropped: dict[str, int]
+
+
+class BackendStats(BaseModel):
+    """A Triton endpoint: what /metrics reads; the rest is served as it is."""
+
+    model_config = ConfigDict(extra="allow")
+    url: str
+    state: str
+    frames: int
+    failures: int
+    bytes_up: int
+    bytes_down: int
+
+
 class Stats(BaseModel):
     # The seed's flat fields, kept at the top level for existing dashboards.
     total_frames: int = Field(description="frames received, all streams")
@@ -194,17 +228,17 @@ class Stats(BaseModel):
         description="WebSocket /ingest connections: open, total, refused, outbox_max"
     )
     errors: dict[str, int] = Field(description="refused messages by protocol error code")
-    ws: dict[str, Any]
+    ws: HubStats
     streams_evicted: int = Field(
         description="disconnected streams removed before their grace to make room (max_streams)"
     )
     streams: dict[str, StreamStats]
     cameras: dict[str, CameraStats]
     events: dict[str, int] = Field(description="analytics events by type, every stream")
-    outputs: list[dict[str, Any]] = Field(
+    outputs: list[OutputStats] = Field(
         description="event outputs (MQTT, webhooks): sent, queued, dropped by reason, state"
     )
-    backends: list[dict[str, Any]] = Field(
+    backends: list[BackendStats] = Field(
         description="Triton endpoints (remote models): state, calls, frames, failures, wire bytes"
     )
 

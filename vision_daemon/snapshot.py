@@ -208,8 +208,9 @@ class SnapshotCache:
     def latest(self) -> Snapshot:
         return self._latest if self._latest is not None else self.refresh()
 
-    def data(self) -> dict[str, Any] | None:
-        return self._latest.data if self._latest is not None else None
+    def model(self) -> Stats | None:
+        """The latest snapshot's typed model (what /metrics reads at scrape time), if any."""
+        return self._latest.model if self._latest is not None else None
 
     async def run(self) -> None:
         while True:

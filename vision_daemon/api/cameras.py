@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
@@ -17,17 +15,17 @@ def router(control: Control) -> APIRouter:
     r = APIRouter()
 
     @r.get("/cameras", response_model=dict[str, CameraStats])
-    async def list_cameras() -> dict[str, Any]:
+    async def list_cameras() -> dict[str, CameraStats]:
         """Every pulled camera's health, now."""
         return control.cameras()
 
     @r.get("/cameras/{name}", response_model=CameraStats)
-    async def get_camera(name: str) -> dict[str, Any]:
+    async def get_camera(name: str) -> CameraStats:
         with answers():
             return control.camera(name)
 
     @r.post("/cameras", status_code=201, response_model=CameraStats)
-    async def add_camera(request: Request) -> dict[str, Any]:
+    async def add_camera(request: Request) -> CameraStats:
         """Start pulling a camera: a JSON object with the fields of a [[cameras]] table."""
         try:
             spec = camera_from_dict(await read_json(request))

@@ -15,7 +15,7 @@ from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.config import CameraConfig
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
-from vision_daemon.schema import Snapshot
+from vision_daemon.schema import CameraStats, Snapshot
 
 
 class NotFound(Exception):
@@ -71,15 +71,15 @@ class Control(Protocol):
         """Replace a stream's lines and zones. Raises Invalid, Refused or Unavailable."""
         ...
 
-    def cameras(self) -> dict[str, dict[str, Any]]:
+    def cameras(self) -> dict[str, CameraStats]:
         """Every pulled camera's health, now."""
         ...
 
-    def camera(self, name: str) -> dict[str, Any]:
+    def camera(self, name: str) -> CameraStats:
         """One camera's health. Raises NotFound."""
         ...
 
-    def add_camera(self, spec: CameraConfig) -> dict[str, Any]:
+    def add_camera(self, spec: CameraConfig) -> CameraStats:
         """Start pulling a camera; its health. Raises Refused or Unavailable."""
         ...
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from vision_daemon.config import CameraConfig, Config
 from vision_daemon.ingest.cameras import FLUSH_INTERVAL_S, Camera, CameraRefused
@@ -15,6 +14,7 @@ from vision_daemon.ingest.sources import (
     redact_url,
 )
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.schema import CameraStats
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class CameraManager:
 
         await asyncio.to_thread(join_all)
 
-    def health(self, now: float) -> dict[str, dict[str, Any]]:
+    def health(self, now: float) -> dict[str, CameraStats]:
         return {name: c.health(now) for name, c in sorted(self.cameras.items())}
 
     def get(self, name: str) -> Camera | None:

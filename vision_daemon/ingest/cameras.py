@@ -24,7 +24,6 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from typing import Any
 
 from vision_daemon.config import CameraConfig
 from vision_daemon.ingest.sources import (
@@ -41,6 +40,7 @@ from vision_daemon.log import RateLimiter, log_limited
 from vision_daemon.outputs import as_image
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.protocol import Frame, StreamOptions
+from vision_daemon.schema import CameraOptionsModel, CameraStats
 from vision_daemon.stats import Window
 from vision_daemon.streams import Gate
 
@@ -363,7 +363,7 @@ class Camera:
             self._snapshot_jpeg = (frame.frame_id, body)
         return body
 
-    def health(self, now: float) -> dict[str, Any]:
+    def health(self, now: float) -> CameraStats:
         """What /cameras shows: state, rates, reconnects, stalls, errors, quality."""
         with self._lock:
             while self._events and now - self._events[0][0] > HOUR_S:
@@ -381,45 +381,45 @@ class Camera:
                 else None
             )
             decode = self._decode.percentiles(now)
-            return {
-                "name": self.name,
-                "url": redact_url(self.spec.url),
-                "substream_url": redact_url(self.spec.substream_url)
+            return CameraStats(
+                name=self.name,
+                url=redact_url(self.spec.url),
+                substream_url=redact_url(self.spec.substream_url)
                 if self.spec.substream_url
                 else None,
-                "source": info.kind if info else kind_of(self.url),
-                "codec": info.codec if info else None,
-                "width": info.width if info else None,
-                "height": info.height if info else None,
-                "keyframes_only": bool(info and info.keyframes_only),
-                "state": self.state,
-                "state_for_s": round(now - self.state_since, 1),
-                "expected_fps": round(expected, 2) if expected else None,
-                "source_fps": source_fps,
-                "analysed_fps": self._analysed.rate(now),
-                "frames_read": self.frames_read,
-                "frames_analysed": self.frames_analysed,
-                "frame_errors": self.frame_errors,
-                "reconnects": self.reconnects,
-                "reconnects_last_hour": reconnects_h,
-                "stalls": self.stalls,
-                "stalls_last_hour": stalls_h,
-                "failed_attempts": self.failed_attempts,
-                "last_frame_age_s": (
+                source=info.kind if info else kind_of(self.url),
+                codec=info.codec if info else None,
+                width=info.width if info else None,
+                height=info.height if info else None,
+                keyframes_only=bool(info and info.keyframes_only),
+                state=self.state,
+                state_for_s=round(now - self.state_since, 1),
+                expected_fps=round(expected, 2) if expected else None,
+                source_fps=source_fps,
+                analysed_fps=self._analysed.rate(now),
+                frames_read=self.frames_read,
+                frames_analysed=self.frames_analysed,
+                frame_errors=self.frame_errors,
+                reconnects=self.reconnects,
+                reconnects_last_hour=reconnects_h,
+                stalls=self.stalls,
+                stalls_last_hour=stalls_h,
+                failed_attempts=self.failed_attempts,
+                last_frame_age_s=(
                     None if self.last_frame_at is None else round(now - self.last_frame_at, 3)
                 ),
-                "last_error": self.last_error,
-                "last_error_age_s": (
+                last_error=self.last_error,
+                last_error_age_s=(
                     None if self.last_error_at is None else round(now - self.last_error_at, 1)
                 ),
-                "decode_ms": decode["mean"],
-                "quality": grade(self.state, reconnects_h + stalls_h, share),
-                "options": {
+                decode_ms=decode["mean"],
+                quality=grade(self.state, reconnects_h + stalls_h, share),
+                options=CameraOptionsModel(
                     **self.options.to_dict(),
-                    "rtsp_transport": self.spec.rtsp_transport,
-                    "keyframes_only": self.spec.keyframes_only,
-                    "decode_threads": self.spec.decode_threads,
-                    "loop": self.spec.loop,
-                    "stall_timeout_s": self.spec.stall_timeout_s,
-                },
-            }
+                    rtsp_transport=self.spec.rtsp_transport,
+                    keyframes_only=self.spec.keyframes_only,
+                    decode_threads=self.spec.decode_threads,
+                    loop=self.spec.loop,
+                    stall_timeout_s=self.spec.stall_timeout_s,
+                ),
+            )
