@@ -24,7 +24,7 @@ from vision_daemon.config import Config, ConfigError
 from vision_daemon.control import DaemonControl
 from vision_daemon.decode import quiet_codecs
 from vision_daemon.detectors import DetectorFactory, ModelInfo, load_detector_factory
-from vision_daemon.detectors.triton import Endpoints
+from vision_daemon.detectors.triton import Endpoints, TritonFactory
 from vision_daemon.httpserver import HttpServer
 from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
@@ -136,17 +136,16 @@ class Daemon:
         if pool is None or self.model_info is None:
             states = [w.stats.state for w in pool.workers] if pool else []
             return False, f"model loading/warming up (workers: {states or 'not started'})"
-        down = pool.down()
-        if down:
-            why = {w.id: w.stats.state for w in pool.workers if w.id in down}
-            return False, f"worker(s) down: {why}"
-        if self.backends is not None and self.backends.all_down():
-            return False, f"every Triton endpoint is down ({self.backends.why_down()})"
-        if not self.ingest.listening:
-            return False, "TCP listener not up"
-        if self.backends is not None and self.backends.why_down():  # some, not all
-            return True, f"ready; Triton endpoint(s) down: {self.backends.why_down()}"
-        return True, "ready"
+        notes = []
+        for part in (pool, self.backends, self.ingest):  # each component says how it is
+            if part is None:
+                continue
+            ok, why = part.health()
+            if not ok:
+                return False, why
+            if why:
+                notes.append(why)
+        return True, "; ".join(["ready", *notes])
 
     # ---- start-up, in order; each stop registered as its part starts -------------------------
     async def start(self) -> None:
@@ -199,10 +198,9 @@ class Daemon:
             reduced_decode=cfg.reduced_decode,
         )
         self.components.pool = self.pool
-        endpoints = getattr(factory, "endpoints", None)
-        if isinstance(endpoints, Endpoints):  # remote inference: probed while the daemon runs
-            self.backends = self.components.backends = endpoints
-            self._spawn(stack, "backend probe", self._probe(endpoints))
+        if isinstance(factory, TritonFactory):  # remote inference: probed while the daemon runs
+            self.backends = self.components.backends = factory.endpoints
+            self._spawn(stack, "backend probe", self._probe(factory.endpoints))
         # Registered before loading: a failed load or warm-up still ends the workers' threads.
         stack.push_async_callback(self._guard, "workers", self._stop_workers)
         t0 = time.perf_counter()

@@ -22,10 +22,11 @@ import psutil
 
 from vision_daemon import __version__
 from vision_daemon.detectors import ModelInfo
+from vision_daemon.detectors.endpoints import Endpoints
 from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.tcp import TcpIngest
 from vision_daemon.ingest.ws import WsIngest
-from vision_daemon.outputs import Hub
+from vision_daemon.outputs import EventOutput, Hub
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.schema import Snapshot, Stats
 from vision_daemon.streams import Analysis
@@ -47,8 +48,8 @@ class Components:
     pool: WorkerPool | None = None
     model_info: ModelInfo | None = None
     ws_ingest: WsIngest | None = None
-    outputs: Sequence[Any] = ()  # event outputs, each with snapshot()
-    backends: Any = None  # Triton endpoints (detectors.triton.Endpoints), with snapshot()
+    outputs: Sequence[EventOutput] = ()  # event outputs, each with snapshot()
+    backends: Endpoints | None = None  # Triton endpoints, when the model is remote
 
 
 def build(c: Components, proc: psutil.Process) -> dict[str, Any]:

@@ -206,6 +206,14 @@ class WorkerPool:
             if w.detector is None or w.stats.state in ("stuck", "restarting", "failed")
         ]
 
+    def health(self) -> tuple[bool, str]:
+        """(whether every worker can take frames, why not)."""
+        down = self.down()
+        if down:
+            why = {w.id: w.stats.state for w in self.workers if w.id in down}
+            return False, f"worker(s) down: {why}"
+        return True, ""
+
     def busy(self) -> int:
         """Workers inside a detector call now: the one count the core-sharing policy reads."""
         return sum(1 for w in self.workers if w.stats.busy_since is not None)

@@ -244,6 +244,13 @@ class Endpoints:
     def why_down(self) -> str:
         return "; ".join(f"{e.url}: {e.last_error or 'down'}" for e in self.items if not e.up)
 
+    def health(self) -> tuple[bool, str]:
+        """(whether any endpoint answers, which ones do not)."""
+        if self.all_down():
+            return False, f"every Triton endpoint is down ({self.why_down()})"
+        why = self.why_down()
+        return True, f"Triton endpoint(s) down: {why}" if why else ""
+
     def probe(self) -> None:
         """Ask every endpoint whether its model is ready (blocking: run it off the event loop)."""
         for e in self.items:

@@ -222,6 +222,10 @@ class TcpIngest(PeerIngest[Connection]):
     def listening(self) -> bool:
         return self.server is not None and not self.stopping
 
+    def health(self) -> tuple[bool, str]:
+        """(whether the data plane listens, why not)."""
+        return self.listening, "" if self.listening else "TCP listener not up"
+
     def stop_accepting(self) -> None:
         """Close the listener and stop reading every connection (shutdown, first phase)."""
         self.stopping = True
