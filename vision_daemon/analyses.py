@@ -121,7 +121,7 @@ class Analyses:
                 output.offer_event(data)
         if counts is not None:
             for output in self.outputs:
-                output.offer_counts(stream.name, dict(counts))
+                output.offer_counts(stream.name, counts.copy())
 
     def tick(self, streams: Iterable[Stream]) -> None:
         """Streams with no frame for longer than the track timeout: their tracks end now, not at

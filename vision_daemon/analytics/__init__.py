@@ -4,7 +4,7 @@ A pure policy layer: no sockets, threads or clocks. The daemon keeps one StreamA
 stream and feeds it each frame's detections with the frame's timestamp.
 """
 
-from vision_daemon.analytics.counting import Event, LineCounter, ZoneCounter, ZoneCounts
+from vision_daemon.analytics.counting import Event, EventData, LineCounter, ZoneCounter, ZoneCounts
 from vision_daemon.analytics.settings import (
     AnalyticsConfig,
     LineConfig,
@@ -21,6 +21,7 @@ from vision_daemon.analytics.tracking import StreamTracker, Track, TrackStep, pr
 __all__ = [
     "AnalyticsConfig",
     "Event",
+    "EventData",
     "LineConfig",
     "LineCounter",
     "StreamAnalytics",

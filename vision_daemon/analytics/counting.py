@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 from vision_daemon.analytics.geometry import Line, Point, Polygon, anchor_point
 from vision_daemon.analytics.settings import LineConfig, ZoneConfig
@@ -20,6 +20,24 @@ from vision_daemon.analytics.tracking import Track
 
 EventType = Literal["enter", "exit", "cross", "loiter", "new_object"]
 EVENT_TYPES: tuple[str, ...] = ("enter", "exit", "cross", "loiter", "new_object")
+
+
+class EventData(TypedDict, total=False):
+    """An event as the outputs send it: `Event.to_dict()`, then its Unix time, and the frame id
+    and snapshot (base64 JPEG) when it has them."""
+
+    type: str
+    stream: str
+    time: float
+    track_id: int
+    label: str
+    box: tuple[float, float, float, float]
+    zone: str
+    line: str
+    direction: str
+    dwell_s: float
+    frame_id: int
+    snapshot: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +55,9 @@ class Event:
     direction: str | None = None  # cross: "in" (to the line's left) or "out"
     dwell_s: float | None = None  # exit, loiter: time since it entered
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EventData:
         """The event as JSON-ready values; fields that do not apply are left out."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return cast(EventData, {k: v for k, v in asdict(self).items() if v is not None})
 
 
 def _event(kind: EventType, stream: str, t: float, track: Track, **more: Any) -> Event:

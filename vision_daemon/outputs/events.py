@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
+from vision_daemon.analytics import EventData, StreamCounts
 from vision_daemon.log import RateLimiter, log_limited
 
 T = TypeVar("T")
@@ -37,10 +38,10 @@ class EventOutput(Protocol):
     sent: int
     dropped: Counter[str]
 
-    def offer_event(self, event: dict[str, Any]) -> None:
+    def offer_event(self, event: EventData) -> None:
         """Queue an event (Event.to_dict()); on the loop thread, returns at once, never raises."""
 
-    def offer_counts(self, stream: str, counts: dict[str, Any]) -> None:
+    def offer_counts(self, stream: str, counts: StreamCounts) -> None:
         """Hand over a stream's latest StreamCounts; same rules as offer_event."""
 
     async def start(self) -> None:
@@ -99,7 +100,7 @@ class DropQueue(Generic[T]):
         return iter(self._items)
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
+def encode_event(event: EventData) -> bytes:
     """The event as compact UTF-8 JSON (raises TypeError or ValueError if it is not JSON)."""
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
@@ -124,7 +125,7 @@ class QueuedOutput:
         self.connected = False
         self.last_error: str | None = None
         self.dropped: Counter[str] = Counter()
-        self.queue: DropQueue[dict[str, Any]] = DropQueue(queue_max, self.dropped)
+        self.queue: DropQueue[EventData] = DropQueue(queue_max, self.dropped)
         self._stopping = False  # stop() has begun: offers are counted as dropped "shutdown"
         self._wake = asyncio.Event()  # set when there is something for the sender to do
         self._log = logger
@@ -134,11 +135,11 @@ class QueuedOutput:
     def in_flight(self) -> int:
         return 0
 
-    def wants(self, event: dict[str, Any]) -> bool:
+    def wants(self, event: EventData) -> bool:
         """Whether this output takes events of this kind at all (a filter, not a drop)."""
         return True
 
-    def offer_event(self, event: dict[str, Any]) -> None:
+    def offer_event(self, event: EventData) -> None:
         """Queue an event: O(1), no I/O, never raises; past queue_max the oldest is dropped."""
         try:
             if not self.wants(event):

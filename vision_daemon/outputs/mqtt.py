@@ -45,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from vision_daemon.analytics import EventData, StreamCounts
 from vision_daemon.outputs.events import QueuedOutput, encode_event, short_error
 from vision_daemon.outputs.mqtt_topics import MqttTarget as MqttTarget
 from vision_daemon.outputs.mqtt_topics import check_topic_prefix, flatten
@@ -89,7 +90,7 @@ class MqttOutput(QueuedOutput):
         self._published: dict[str, int] = {}  # count topic -> value last handed to the broker
         self._pending: dict[str, None] = {}  # count topics to publish, oldest change first
         self._occupancy: dict[str, set[str]] = {}  # stream level -> its occupancy topics now
-        self._inflight: dict[int, dict[str, Any]] = {}  # mid -> event handed to paho
+        self._inflight: dict[int, EventData] = {}  # mid -> event handed to paho
         self._inflight_counts: set[int] = set()  # mids of count publishes handed to paho
         self._closed = False  # past stop()'s flush: paho's late news is ignored
         self._flushed = asyncio.Event()  # nothing queued, pending or in flight
@@ -104,13 +105,13 @@ class MqttOutput(QueuedOutput):
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    def offer_event(self, event: dict[str, Any]) -> None:
+    def offer_event(self, event: EventData) -> None:
         """Queue an event for <prefix>/<stream>/events; O(1), no I/O, never raises."""
         super().offer_event(event)
         if len(self.queue):
             self._flushed.clear()
 
-    def offer_counts(self, stream: str, counts: dict[str, Any]) -> None:
+    def offer_counts(self, stream: str, counts: StreamCounts) -> None:
         """Record a stream's latest counts; changed values are published as retained numbers."""
         try:
             if self._stopping:

@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from vision_daemon.analytics import EventData, StreamCounts
 from vision_daemon.outputs.events import QueuedOutput, encode_event, short_error
 
 logger = logging.getLogger(__name__)
@@ -139,18 +140,18 @@ class WebhookOutput(QueuedOutput):
     def in_flight(self) -> int:
         return int(self._sending)
 
-    def wants(self, event: dict[str, Any]) -> bool:
+    def wants(self, event: EventData) -> bool:
         if not self.event_types:
             return True
         return isinstance(event, dict) and event.get("type") in self.event_types
 
-    def offer_event(self, event: dict[str, Any]) -> None:
+    def offer_event(self, event: EventData) -> None:
         """Queue an event for POSTing; O(1), no I/O, never raises."""
         super().offer_event(event)
         if len(self.queue):
             self._idle.clear()
 
-    def offer_counts(self, stream: str, counts: dict[str, Any]) -> None:
+    def offer_counts(self, stream: str, counts: StreamCounts) -> None:
         """A no-op: webhooks carry events only (counts are state; see /stats or MQTT)."""
 
     async def start(self) -> None:
@@ -215,7 +216,7 @@ class WebhookOutput(QueuedOutput):
                 self.log_limited("deliver", "%s: delivery failed", self.name, exc_info=True)
             self._sending = False
 
-    async def _deliver(self, event: dict[str, Any]) -> None:
+    async def _deliver(self, event: EventData) -> None:
         """Send one event with retries; it ends sent or counted in dropped."""
         try:
             body = encode_event(event)
