@@ -297,7 +297,7 @@ class Daemon:
             sum(totals.dropped.values()),
         )
 
-    def welcome(self) -> dict[str, Any]:
+    def welcome(self) -> p.Welcome:
         cfg = self.config
         return {
             "type": "welcome",

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 
@@ -130,7 +131,7 @@ class Bye:
 Message = Frame | Hello | Bye
 
 
-def pack(msg: dict[str, Any]) -> bytes:
+def pack(msg: Mapping[str, object]) -> bytes:
     """One length-prefixed msgpack message, ready for the socket."""
     body: bytes = msgpack.packb(msg, use_bin_type=True)
     return HEADER.pack(len(body)) + body
@@ -368,6 +369,27 @@ def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
     return Hello(
         version, client[:MAX_CLIENT_NAME], token, options, per_stream, notices, shm, advice
     )
+
+
+class Limits(TypedDict):
+    """The bounds a welcome tells the client (docs/PROTOCOL.md, "welcome")."""
+
+    max_message_bytes: int
+    max_image_pixels: int
+    max_streams_per_connection: int
+    queue_depth: int
+    max_frame_age_ms: float
+    send_buffer_messages: int
+
+
+class Welcome(TypedDict):
+    """The server's answer to a hello (`advised_fps` is added for clients that follow advice)."""
+
+    type: str
+    version: int
+    server: str
+    model: dict[str, object] | None
+    limits: Limits
 
 
 def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class PeerIngest(Generic[C]):
         self.config = config
         self.pipeline = pipeline
         self.connections: set[C] = set()
-        self.welcome: dict[str, Any] = {}  # the lifecycle's welcome, given to `start`
+        self.welcome: p.Welcome | None = None  # the lifecycle's welcome, given to `start`
         self.stopping = False
         self.total = 0
         self.refused = 0
@@ -191,6 +191,7 @@ class PeerConnection(PeerSink):
     def welcome_for(self, rate_advice: bool) -> Any:
         """The welcome; to a client that follows advice, with the rate a new stream gets now."""
         welcome = self.ingest.welcome
+        assert welcome is not None, "an ingest is started with its welcome before it accepts"
         fps = self.pipeline.newcomer_fps() if rate_advice else None
         return self.encode(welcome if fps is None else {**welcome, "advised_fps": fps})
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from vision_daemon import protocol as p
@@ -67,7 +67,7 @@ class PeerSink:
         self.rate_advice = False  # the hello asked for `rate` messages
 
     # ---- what a transport provides --------------------------------------------------------------
-    def encode(self, msg: dict[str, Any]) -> Any:
+    def encode(self, msg: Mapping[str, object]) -> Any:
         """One message as this transport sends it."""
         raise NotImplementedError
 

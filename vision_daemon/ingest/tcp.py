@@ -18,6 +18,7 @@ import socket
 import stat
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ class Connection(PeerConnection):
         return self.attachment.ring
 
     # ---- framing --------------------------------------------------------------------------------
-    def encode(self, msg: dict[str, Any]) -> bytes:
+    def encode(self, msg: Mapping[str, object]) -> bytes:
         return p.pack(msg)
 
     async def receive(self) -> bytes:
@@ -192,7 +193,7 @@ class TcpIngest(PeerIngest[Connection]):
         self._unix_inode: tuple[int, int] | None = None
         self.port: int | None = None
 
-    async def start(self, welcome: dict[str, Any]) -> None:
+    async def start(self, welcome: p.Welcome) -> None:
         cfg = self.config
         self.welcome = welcome
         try:

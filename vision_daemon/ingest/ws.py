@@ -76,7 +76,7 @@ def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
         raise p.ProtocolError(p.E_INVALID, str(exc)) from None
 
 
-def _encode(msg: dict[str, Any], browser: bool) -> bytes | str:
+def _encode(msg: Mapping[str, object], browser: bool) -> bytes | str:
     """A binary msgpack map for /ingest, a JSON text for browser mode."""
     if browser:
         return json.dumps(msg, separators=(",", ":"), allow_nan=False)
@@ -119,7 +119,7 @@ class WsConnection(PeerConnection):
         self._reader_task: asyncio.Task[None] | None = None
 
     # ---- framing --------------------------------------------------------------------------------
-    def encode(self, msg: dict[str, Any]) -> bytes | str:
+    def encode(self, msg: Mapping[str, object]) -> bytes | str:
         return _encode(msg, self.browser)
 
     def encode_result(self, payload: bytes) -> bytes | str:
@@ -221,7 +221,7 @@ class WsIngest(PeerIngest[WsConnection]):
         super().__init__(config, pipeline)
         self.started = False
 
-    def start(self, welcome: dict[str, Any]) -> None:
+    def start(self, welcome: p.Welcome) -> None:
         self.welcome = welcome
         self.started = True
 
