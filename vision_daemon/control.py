@@ -20,7 +20,7 @@ from vision_daemon.ingest.ws import WsIngest
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
 from vision_daemon.pipeline import Pipeline
-from vision_daemon.schema import CameraStats, Snapshot
+from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
 from vision_daemon.snapshot import SnapshotCache
 
 NO_STREAM = "no stream of that name"
@@ -70,18 +70,18 @@ class DaemonControl:
         return await self._pipeline.frames.image(name, time.monotonic())
 
     # ---- analytics ----------------------------------------------------------------------------
-    def analytics(self) -> dict[str, dict[str, Any]]:
+    def analytics(self) -> dict[str, AnalyticsView]:
         streams = self._pipeline.streams
         return {n: self._analytics_of(n) for n, s in streams.items() if s.analysis is not None}
 
-    def analytics_of(self, name: str) -> dict[str, Any]:
+    def analytics_of(self, name: str) -> AnalyticsView:
         if name not in self._pipeline.streams and not any(self._pipeline.geometry_of(name)):
             raise NotFound("no stream of that name, and no lines or zones for it")
         return self._analytics_of(name)
 
     def set_geometry(
         self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
-    ) -> dict[str, Any]:
+    ) -> AnalyticsView:
         pipeline, limit = self._pipeline, self._config.max_streams
         if name not in pipeline.geometry and len(pipeline.geometry) >= limit:
             raise Refused(f"lines and zones are set for max_streams={limit} streams")
@@ -91,7 +91,7 @@ class DaemonControl:
             raise Invalid(str(exc)) from None
         return self._analytics_of(name)
 
-    def _analytics_of(self, name: str) -> dict[str, Any]:
+    def _analytics_of(self, name: str) -> AnalyticsView:
         lines, zones = self._pipeline.geometry_of(name)
         stream = self._pipeline.streams.get(name)
         analysis = stream.analysis if stream is not None else None

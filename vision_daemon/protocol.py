@@ -10,7 +10,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import msgpack
 
@@ -166,7 +166,7 @@ class _ContainerBudget:
         return obj
 
 
-def unpack_body(body: bytes, max_map_len: int = 64) -> dict[str, Any]:
+def unpack_body(body: bytes, max_map_len: int = 64) -> dict[str, object]:
     """Decode one msgpack body into a map, within bounds; the framing is intact: not fatal.
 
     Every length a peer declares is checked against a limit before msgpack allocates for it,
@@ -199,12 +199,12 @@ def unpack_body(body: bytes, max_map_len: int = 64) -> dict[str, Any]:
     return obj
 
 
-def _frame_id_of(obj: dict[str, Any]) -> int | None:
+def _frame_id_of(obj: Mapping[str, object]) -> int | None:
     fid = obj.get("frame_id")
     return fid if isinstance(fid, int) and not isinstance(fid, bool) else None
 
 
-def _require(obj: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> Any:
+def _require(obj: Mapping[str, object], key: str, types: tuple[type, ...], what: str) -> Any:
     value = obj.get(key)
     if value is None or isinstance(value, bool) or not isinstance(value, types):
         raise ProtocolError(E_INVALID, f"field '{key}' must be {what}", frame_id=_frame_id_of(obj))
@@ -234,13 +234,13 @@ def parse_options(raw: Any) -> StreamOptions:
         raise ProtocolError(E_INVALID, str(exc)) from None
 
 
-def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:
+def _opt(obj: Mapping[str, object], key: str, default: Any) -> Any:
     """An optional field: absent and nil both mean the default."""
     value = obj.get(key)
     return default if value is None else value
 
 
-def parse_message(obj: dict[str, Any], max_streams: int = 64) -> Message:
+def parse_message(obj: Mapping[str, object], max_streams: int = 64) -> Message:
     """Validate a decoded map into a typed message, or raise ProtocolError (not fatal)."""
     mtype = obj.get("type")
     if mtype == "frame":
@@ -256,7 +256,7 @@ def parse_message(obj: dict[str, Any], max_streams: int = 64) -> Message:
     )
 
 
-def _parse_frame(obj: dict[str, Any]) -> Frame:
+def _parse_frame(obj: Mapping[str, object]) -> Frame:
     frame_id = _require(obj, "frame_id", (int,), "an integer")
     name = validate_stream_name(obj.get("stream_name"), frame_id)
     timestamp = _opt(obj, "timestamp", 0.0)
@@ -292,7 +292,7 @@ def _parse_frame(obj: dict[str, Any]) -> Frame:
     return Frame(name, frame_id, float(timestamp), image, encoding, shape)
 
 
-def _shape(obj: dict[str, Any], frame_id: int, encoding: str) -> tuple[int, int, int]:
+def _shape(obj: Mapping[str, object], frame_id: int, encoding: str) -> tuple[int, int, int]:
     raw_shape = obj.get("shape")
     if (
         not isinstance(raw_shape, list | tuple)
@@ -333,7 +333,7 @@ def _parse_shm(raw: Any) -> ShmRing:
     return ShmRing(name, slots, slot_bytes, token)
 
 
-def _parse_hello(obj: dict[str, Any], max_streams: int) -> Hello:
+def _parse_hello(obj: Mapping[str, object], max_streams: int) -> Hello:
     version = _opt(obj, "version", PROTOCOL_VERSION)
     if isinstance(version, bool) or not isinstance(version, int):
         raise ProtocolError(E_INVALID, "hello 'version' must be an integer")
@@ -392,8 +392,17 @@ class Welcome(TypedDict):
     limits: Limits
 
 
-def error_message(code: str, message: str, frame_id: int | None = None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+class ErrorMessage(TypedDict):
+    """A refusal: its code, one line, and the frame it refuses if it was one."""
+
+    type: str
+    code: str
+    message: str
+    frame_id: NotRequired[int]
+
+
+def error_message(code: str, message: str, frame_id: int | None = None) -> ErrorMessage:
+    msg: ErrorMessage = {"type": "error", "code": code, "message": message}
     if frame_id is not None:
         msg["frame_id"] = frame_id
     return msg

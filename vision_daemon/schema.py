@@ -6,10 +6,11 @@ without importing the components that fill them in (vision_daemon/snapshot.py bu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from vision_daemon.analytics import StreamCounts
 from vision_daemon.options import SPECS
 
 
@@ -195,6 +196,18 @@ class BackendStats(BaseModel):
     failures: int
     bytes_up: int
     bytes_down: int
+
+
+class AnalyticsView(TypedDict):
+    """One stream's lines and zones (the config's or an operator's) and its counts: what
+    /analytics and /streams/{name}/analytics serve."""
+
+    stream: str
+    tracked: bool
+    lines: list[dict[str, object]]
+    zones: list[dict[str, object]]
+    counts: StreamCounts | None
+    events: dict[str, int]
 
 
 class Stats(BaseModel):

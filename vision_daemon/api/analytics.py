@@ -11,25 +11,26 @@ from vision_daemon.api.body import answers, read_json
 from vision_daemon.api.control import Control, Invalid
 from vision_daemon.checks import NAME_RE
 from vision_daemon.config import ConfigError
+from vision_daemon.schema import AnalyticsView
 
 
 def router(control: Control) -> APIRouter:
     r = APIRouter()
 
-    @r.get("/analytics")
-    async def analytics() -> dict[str, Any]:
+    @r.get("/analytics", response_model=None)
+    async def analytics() -> dict[str, AnalyticsView]:
         """Every tracked stream's counts: live tracks, zone occupancy, enters, exits and dwell,
         line crossings by direction and label, and events by type."""
         return control.analytics()
 
-    @r.get("/streams/{name}/analytics")
-    async def stream_analytics(name: str) -> dict[str, Any]:
+    @r.get("/streams/{name}/analytics", response_model=None)
+    async def stream_analytics(name: str) -> AnalyticsView:
         """One stream's lines and zones (the config's, or those an operator set) and counts."""
         with answers():
             return control.analytics_of(name)
 
-    @r.put("/streams/{name}/analytics")
-    async def set_stream_analytics(name: str, request: Request) -> dict[str, Any]:
+    @r.put("/streams/{name}/analytics", response_model=None)
+    async def set_stream_analytics(name: str, request: Request) -> AnalyticsView:
         """Replace a stream's lines and zones (a JSON object with `lines` and `zones`, each a
         list of [[lines]] / [[zones]] tables without `stream`). The stream need not exist yet;
         a live one's tracks end and its counts start again from zero."""

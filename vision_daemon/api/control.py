@@ -15,7 +15,7 @@ from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.config import CameraConfig
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
-from vision_daemon.schema import CameraStats, Snapshot
+from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
 
 
 class NotFound(Exception):
@@ -57,17 +57,17 @@ class Control(Protocol):
         """The stream's latest analysed frame (None until one is kept). Raises NotFound."""
         ...
 
-    def analytics(self) -> dict[str, dict[str, Any]]:
+    def analytics(self) -> dict[str, AnalyticsView]:
         """Every tracked stream's lines, zones and counts."""
         ...
 
-    def analytics_of(self, name: str) -> dict[str, Any]:
+    def analytics_of(self, name: str) -> AnalyticsView:
         """One stream's lines, zones and counts. Raises NotFound."""
         ...
 
     def set_geometry(
         self, name: str, lines: tuple[LineConfig, ...], zones: tuple[ZoneConfig, ...]
-    ) -> dict[str, Any]:
+    ) -> AnalyticsView:
         """Replace a stream's lines and zones. Raises Invalid, Refused or Unavailable."""
         ...
 
