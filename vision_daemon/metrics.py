@@ -5,6 +5,8 @@ so every series only ever goes up. Stream labels are capped at `metrics_max_stre
 streams; the rest count under `stream="_other"`, which is a counter too (never a sum over live
 streams, which would fall when one expires). An expired stream's series are removed, which frees
 its slot; no aggregate is lowered by that.
+
+A little over 350 lines: one declaration per series, each with its help text.
 """
 
 from __future__ import annotations

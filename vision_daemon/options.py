@@ -154,7 +154,7 @@ class StreamOptions:
         high=1,
     )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in SPECS}
 
 
@@ -186,7 +186,7 @@ def parse_text(query: Mapping[str, str]) -> StreamOptions:
     return StreamOptions(**{k: SPECS[k].check_text(v) for k, v in query.items() if k in SPECS})
 
 
-def parse_overrides(raw: Any) -> dict[str, Any]:
+def parse_overrides(raw: Any) -> dict[str, object]:
     """An operator's PATCH body: a non-empty map of operator options. Raises OptionError."""
     if not isinstance(raw, dict) or not raw or set(raw) - set(OPERATOR_OPTIONS):
         names = ", ".join(OPERATOR_OPTIONS)
@@ -194,7 +194,7 @@ def parse_overrides(raw: Any) -> dict[str, Any]:
     return {k: SPECS[k].check(v) for k, v in raw.items()}
 
 
-def defaults_of(config: Any) -> dict[str, Any]:
+def defaults_of(config: Any) -> dict[str, object]:
     """The daemon's settings that unset options resolve to, read once from its Config."""
     return {n: getattr(config, s.daemon) for n, s in SPECS.items() if s.daemon}
 

@@ -7,13 +7,13 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from vision_daemon.ingest.tcp import StartupError
 
 
-def write(path: str, ports: dict[str, Any]) -> None:
+def write(path: str, ports: Mapping[str, object]) -> None:
     """`ports` as one JSON object: a temp file in the same folder, then os.replace (atomic)."""
     target = Path(path)
     try:

@@ -1,6 +1,10 @@
 """Wire protocol: framing (4-byte big-endian length + one msgpack map) and message validation.
 
 Pure functions and plain data only: no sockets, no clocks. See docs/PROTOCOL.md.
+
+Longer than most modules (about 410 lines) because it is docs/PROTOCOL.md in code: the error
+codes, the limits, each message's type and its validation stay in one file, so the document has
+one counterpart to be checked against.
 """
 
 from __future__ import annotations

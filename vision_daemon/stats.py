@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 # Every reason a received frame may end without a result. A frame is processed or dropped with one.
 DROP_REASONS = (
@@ -124,7 +123,7 @@ class Counts:
         for stage, value in timings.items():
             self.stages[stage].add(value, now)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, object]:
         return {
             "received": self.received,
             "processed": self.processed,
@@ -174,7 +173,7 @@ class WorkerStats:
             busy += now - self.busy_since
         return round(min(1.0, busy / self._busy.span), 3)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, object]:
         return {
             "id": self.worker_id,
             "state": self.state,

@@ -89,7 +89,7 @@ class Analysis:
 
     def update(
         self, detections: Sequence[Detection], t: float
-    ) -> tuple[list[dict[str, Any]], list[Event], StreamCounts | None]:
+    ) -> tuple[list[dict[str, object]], list[Event], StreamCounts | None]:
         """One analysed frame: its detections with track_id, its events, and the stream's counts
         if they changed."""
         with self.lock:
@@ -222,7 +222,7 @@ class Stream:
     metric_label: str = ""  # the label this stream's Prometheus series carry
     advised_fps: float | None = None  # the rate the pipeline last advised (rates.py)
     # options an operator set (PATCH /streams/{name}): they win over the client's
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, object] = field(default_factory=dict)
     motion_refresh_s: float = 5.0
     gate: Gate = field(init=False)
     motion: MotionGate | None = field(init=False)  # set when options.motion_gate > 0
@@ -270,7 +270,7 @@ class Stream:
         self.budget.used -= size
         return job
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, object]:
         snap = self.counts.snapshot(now)
         snap.update(
             {

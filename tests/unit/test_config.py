@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from vision_daemon.camera_config import CAMERA_FIELDS
 from vision_daemon.config import (
-    CAMERA_FIELDS,
     FIELDS,
     Config,
     ConfigError,

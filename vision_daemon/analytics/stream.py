@@ -53,7 +53,7 @@ class StreamAnalytics:
 
     def update(
         self, detections: Sequence[Mapping[str, Any]], timestamp: float
-    ) -> tuple[list[dict[str, Any]], list[Event]]:
+    ) -> tuple[list[dict[str, object]], list[Event]]:
         """One frame: copies of its detections, each with `track_id` (an int, or None while a
         new object is not yet confirmed), and the events it caused, in this order: new_object;
         then per track seen, its zones' enter/exit and its lines' cross; loiter; then the exits

@@ -20,7 +20,7 @@ def open_router(started_at: float) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> dict[str, object]:
         """Liveness: answers while the model loads."""
         return {"status": "ok", "uptime_s": round(time.monotonic() - started_at, 1)}
 
@@ -69,7 +69,7 @@ def router(control: Control, metrics: Metrics, refresh_s: float) -> APIRouter:
         return Response(image.body, media_type=image.media_type, headers=headers)
 
     @r.patch("/streams/{name}", response_model=StreamOptionsModel)
-    async def retune_stream(name: str, request: Request) -> dict[str, Any]:
+    async def retune_stream(name: str, request: Request) -> dict[str, object]:
         """An operator's options for a stream, pushed or pulled (those marked PATCH in
         docs/PROTOCOL.md): they win over what its client said, for as long as the stream lives."""
         try:

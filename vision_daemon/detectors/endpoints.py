@@ -72,7 +72,7 @@ def infer(
     return result.as_numpy(output)  # type: ignore[no-any-return]
 
 
-def _call_kw(scheme: str, timeout_s: float) -> dict[str, Any]:
+def _call_kw(scheme: str, timeout_s: float) -> dict[str, float]:
     return {"client_timeout": timeout_s} if scheme == "grpc" else {}
 
 
@@ -102,7 +102,7 @@ class Endpoint:
     bytes_up: int = 0
     bytes_down: int = 0
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, object]:
         return {
             "url": self.url,
             "model": self.model,
@@ -163,7 +163,7 @@ def describe(scheme: str, netloc: str, model: str, timeout_s: float) -> tuple[st
     return fmt, names
 
 
-def _served(c: Any, scheme: str, kw: dict[str, Any]) -> str:
+def _served(c: Any, scheme: str, kw: dict[str, float]) -> str:
     """What the server says it serves, as the end of an error message."""
     try:
         if scheme == "grpc":
@@ -261,7 +261,7 @@ class Endpoints:
                 continue
             self.set_up(e, fmt, names)
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> list[dict[str, object]]:
         now = time.monotonic()
         with self._lock:
             return [e.snapshot(now) for e in self.items]

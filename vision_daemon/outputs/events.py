@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from vision_daemon.analytics import EventData, StreamCounts
 from vision_daemon.log import RateLimiter, log_limited
@@ -50,7 +50,7 @@ class EventOutput(Protocol):
     async def stop(self, timeout_s: float = 2.0) -> None:
         """Flush for at most timeout_s; what is left is counted as dropped 'shutdown'."""
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         """JSON-ready state: name, connected, offered, sent, queued, in_flight, dropped, ..."""
 
 
@@ -175,7 +175,7 @@ class QueuedOutput:
             exc_info=exc_info,
         )
 
-    def base_snapshot(self) -> dict[str, Any]:
+    def base_snapshot(self) -> dict[str, object]:
         return {
             "name": self.name,
             "connected": self.connected,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(eq=False)
@@ -102,7 +101,7 @@ class Hub:
         self.subscribers.discard(sub)
         self.dropped_total += sub.dropped
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         return {
             "subscribers": len(self.subscribers),
             "max_subscribers": self.max_subscribers,

@@ -29,6 +29,10 @@ Threading: paho runs its network thread (loop_start); its callbacks only forward
 the event loop with call_soon_threadsafe. All of this object's state is read and changed on the
 loop thread, and publish() is called there too, so a confirmation is always handled after the
 publish it confirms was recorded; no lock is needed.
+
+Longer than most modules (about 410 lines) because it is one client whose state (the queue, the
+in-flight window, the retained counts) is only correct read as a whole; the topic names are in
+mqtt_topics.py.
 """
 
 from __future__ import annotations
@@ -209,7 +213,7 @@ class MqttOutput(QueuedOutput):
             await self._join(client)
         self.connected = False
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         """The common keys plus broker, qos, topic_prefix, topics, counts_pending and
         counts_published."""
         return self.base_snapshot() | {

@@ -44,7 +44,7 @@ import math
 import random
 import re
 import time
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -189,7 +189,7 @@ class WebhookOutput(QueuedOutput):
             except Exception as exc:
                 logger.debug("%s: closing the HTTP client failed: %s", self.name, short_error(exc))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         """The common keys plus signed (a secret is set) and event_types (empty: all)."""
         return self.base_snapshot() | {
             "signed": self._secret is not None,
