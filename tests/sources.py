@@ -39,7 +39,10 @@ __all__ = ["VIDEO", "MjpegServer", "Mode", "RtspServer", "jpeg_frames", "wait_un
 
 VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vtest.avi"
 
-Mode = Literal["ok", "404", "garbage", "hang"]
+# ok: frames at fps; 404; garbage: bytes with no boundary; hang: silent, connection open;
+# trickle_head: the response head at 1 byte every 0.5 s; trickle_part: a part (or a /capture
+# body) at 1 byte a second; flood: boundary "a", thousands of empty parts and one JPEG a second
+Mode = Literal["ok", "404", "garbage", "hang", "trickle_head", "trickle_part", "flood"]
 T = TypeVar("T")
 
 
@@ -191,6 +194,10 @@ class _MjpegHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.server.killed.wait()  # accepted, read, never answered
             return
+        if cam.mode == "trickle_head":
+            self.close_connection = True
+            self._trickle(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" * 100, 0.5)
+            return
         if cam.mode == "404" or path not in ("/stream", "/capture"):
             self._plain(404, "This URI does not exist")
             return
@@ -214,8 +221,30 @@ class _MjpegHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _trickle(self, data: bytes, every_s: float, chunked: bool = False) -> None:
+        """Write `data` one byte every `every_s` (each its own chunk when `chunked`) until done,
+        killed, or the client goes."""
+        killed = self.server.killed
+        try:
+            for i in range(len(data)):
+                byte = data[i : i + 1]
+                self.wfile.write(b"1\r\n%b\r\n" % byte if chunked else byte)
+                if killed.wait(every_s):
+                    return
+        except OSError:
+            pass  # the client gave up: what a trickle test wants
+
     def _capture(self) -> None:
         cam = self.server.camera
+        if cam.mode == "trickle_part":
+            self.close_connection = True
+            body = cam._frame_at(time.monotonic())
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self._trickle(body, 1.0)
+            return
         body = os.urandom(4096) if cam.mode == "garbage" else cam._frame_at(time.monotonic())
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
@@ -237,8 +266,11 @@ class _MjpegHandler(BaseHTTPRequestHandler):
         killed = self.server.killed
         self.close_connection = True
         self.send_response(200)
-        self.send_header("Content-Type", MjpegServer.CONTENT_TYPE)
-        if cam.chunked:
+        flood = cam.mode == "flood"
+        self.send_header(
+            "Content-Type", "multipart/x-mixed-replace;boundary=a" if flood else cam.CONTENT_TYPE
+        )
+        if cam.chunked and not flood:
             self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("X-Framerate", "60")  # the sketch always says 60
@@ -256,8 +288,17 @@ class _MjpegHandler(BaseHTTPRequestHandler):
                     break  # a status cannot change mid-response: the camera drops the stream
                 if mode == "garbage":
                     self._send(_garbage(4096))
+                elif mode == "flood":
+                    self._flood(killed)
+                    break
+                elif mode == "trickle_part":
+                    jpeg = cam._frame_at(due)
+                    self._send(_PART_BOUNDARY + _PART_HEADER % (len(jpeg), _timestamp().encode()))
+                    self._trickle(jpeg, 1.0, chunked=cam.chunked)
+                    break
                 elif mode == "ok":
                     jpeg = cam._frame_at(due)
+                    cam._sending(time.time())
                     self._send(_PART_BOUNDARY)
                     self._send(_PART_HEADER % (len(jpeg), _timestamp().encode()))
                     self._send(jpeg)
@@ -271,6 +312,17 @@ class _MjpegHandler(BaseHTTPRequestHandler):
             pass  # the client went away, or kill() cut the connection
         finally:
             cam._streams_delta(-1)
+
+    def _flood(self, killed: threading.Event) -> None:
+        """Empty parts as fast as the client reads them, and one real JPEG part a second."""
+        empties = b"--a\r\n\r\n" * 4096
+        next_jpeg = time.monotonic()
+        while not killed.is_set():
+            if time.monotonic() >= next_jpeg:
+                jpeg = self.server.camera._jpegs[0]
+                self.wfile.write(b"--a\r\nContent-Type: image/jpeg\r\n\r\n" + jpeg + b"\r\n")
+                next_jpeg += 1.0
+            self.wfile.write(empties)
 
 
 _BOUNDARY = "123456789000000000000987654321"
@@ -333,6 +385,7 @@ class MjpegServer:
         self._lock = threading.Lock()
         self._frames_sent = 0
         self._streams = 0
+        self.sent_at: list[float] = []  # time.time() as each "ok" part's first byte is written
 
     # lifecycle
 
@@ -424,6 +477,10 @@ class MjpegServer:
     def _frame_at(self, due: float) -> bytes:
         """The frame of the slot due at monotonic time `due`: every client sees the same one."""
         return self._jpegs[round((due - self._t0) * self.fps) % len(self._jpegs)]
+
+    def _sending(self, wall: float) -> None:
+        with self._lock:
+            self.sent_at.append(wall)
 
     def _count_frame(self) -> None:
         with self._lock:

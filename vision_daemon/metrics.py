@@ -308,7 +308,7 @@ def _backend_metrics(backends: list[BackendStats]) -> Iterator[Metric]:
     yield from (up, frames, failures, wire)
 
 
-CAMERA_STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")
+CAMERA_STATES = ("connecting", "streaming", "reconnecting", "stalled", "failed", "stopped")
 CAMERA_QUALITY = {"unusable": 0, "poor": 1, "fair": 2, "excellent": 3}
 
 

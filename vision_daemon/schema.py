@@ -144,7 +144,9 @@ class CameraStats(BaseModel):
     width: int | None
     height: int | None
     keyframes_only: bool = Field(description="only keyframes are decoded now")
-    state: str = Field(description="connecting, streaming, reconnecting, failed or stopped")
+    state: str = Field(
+        description="connecting, streaming, reconnecting, stalled, failed or stopped"
+    )
     state_for_s: float
     expected_fps: float | None = Field(
         description="the camera's rate: its fps setting or the stream's"

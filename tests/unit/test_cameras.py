@@ -25,6 +25,7 @@ from vision_daemon.config import (
 )
 from vision_daemon.ingest import cameras
 from vision_daemon.ingest.cameras import Camera, grade
+from vision_daemon.ingest.http_sources import MAX_BAD_PARTS
 from vision_daemon.ingest.sources import (
     MAX_PART_HEADER,
     MAX_PREAMBLE,
@@ -54,7 +55,7 @@ def test_mjpeg_parser_cuts_parts_with_and_without_content_length(length: bool) -
     frames = [jpeg(value=v) for v in (10, 20, 30)]
     stream = b"".join(esp32_part(f, length) for f in frames) + b"--" + BOUNDARY
     parser = MjpegParser(BOUNDARY, 1 << 20)
-    assert parser.feed(stream) == frames
+    assert [jpeg for jpeg, _ in parser.feed(stream)] == frames
     assert parser.bad_parts == 0
 
 
@@ -70,9 +71,9 @@ def test_mjpeg_parser_does_not_care_how_bytes_are_chunked(cuts: list[int]) -> No
     for cut in cuts * 100:
         if pos >= len(stream):
             break
-        out += parser.feed(stream[pos : pos + cut])
+        out += [jpeg for jpeg, _ in parser.feed(stream[pos : pos + cut])]
         pos += cut
-    out += parser.feed(stream[pos:])
+    out += [jpeg for jpeg, _ in parser.feed(stream[pos:])]
     assert out == frames
 
 
@@ -100,7 +101,7 @@ def test_mjpeg_parser_skips_parts_that_are_not_jpeg() -> None:
     """A text part in the stream is counted and skipped; the JPEG after it comes out."""
     good = jpeg()
     parser = MjpegParser(BOUNDARY, 1 << 20)
-    assert parser.feed(esp32_part(b"hello") + esp32_part(good)) == [good]
+    assert parser.feed(esp32_part(b"hello") + esp32_part(good)) == [(good, 0.0)]
     assert parser.bad_parts == 1
 
 
@@ -222,7 +223,9 @@ def run_camera(
     """Start a Camera on a fake source for `seconds`, stop it, let the loop settle."""
     FakeSource.opens = 0
 
-    def fake_open(url: str, camera: CameraConfig, max_bytes: int, keyframes: bool) -> Any:
+    def fake_open(
+        url: str, camera: CameraConfig, max_bytes: int, keyframes: bool, stop: Any = None
+    ) -> Any:
         source = FakeSource(frames, every)
         source.frames = frames  # type: ignore[assignment]
         return type(
@@ -315,3 +318,27 @@ def test_camera_flag_errors_never_echo_the_argument() -> None:
     with pytest.raises(ConfigError) as err:
         camera_from_dict({"name": "rtsp://admin:hunter22@h", "url": "rtsp://h/s"})
     assert "hunter22" not in str(err.value)
+
+
+def test_mjpeg_parser_stamps_each_jpeg_with_its_first_byte() -> None:
+    """A part fed in three reads at t=1, 2, 3 is stamped 1; the next, begun in the same read
+    that ended the first, is stamped with that read's time."""
+    a, b = esp32_part(jpeg(value=10)), esp32_part(jpeg(value=20))
+    parser = MjpegParser(BOUNDARY, 1 << 20)
+    third = len(a) // 3
+    assert parser.feed(a[:third], 1.0) == []
+    assert parser.feed(a[third : 2 * third], 2.0) == []
+    out = parser.feed(a[2 * third :] + b[:10], 3.0)
+    assert [t for _, t in out] == [1.0]
+    out = parser.feed(b[10:] + b"--" + BOUNDARY, 4.0)
+    assert [t for _, t in out] == [3.0]
+
+
+def test_mjpeg_parser_gives_up_after_too_many_empty_parts_in_a_row() -> None:
+    """Empty parts are budgeted: MAX_BAD_PARTS in a row pass, one more ends the stream; a JPEG
+    in between starts the count again."""
+    empty = b"--" + BOUNDARY + b"\r\n\r\n"
+    parser = MjpegParser(BOUNDARY, 1 << 20)
+    parser.feed(empty * MAX_BAD_PARTS + esp32_part(jpeg(60, 80)) + empty * MAX_BAD_PARTS)
+    with pytest.raises(MjpegError, match="empty or non-image parts in a row"):
+        parser.feed(empty * 3)

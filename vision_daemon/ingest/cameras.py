@@ -46,7 +46,7 @@ from vision_daemon.streams import Gate
 
 log = logging.getLogger(__name__)
 
-STATES = ("connecting", "streaming", "reconnecting", "failed", "stopped")
+STATES = ("connecting", "streaming", "reconnecting", "stalled", "failed", "stopped")
 QUALITY = ("unusable", "poor", "fair", "excellent")
 HOUR_S = 3600.0
 FLUSH_INTERVAL_S = 0.5  # frames a reader gated are counted on its stream at least this often
@@ -181,7 +181,9 @@ class Camera:
             opened_at = time.monotonic()
             first_frame_at: float | None = None
             try:
-                source = open_source(self.url, spec, self._max_bytes, self.keyframes_only)
+                source = open_source(
+                    self.url, spec, self._max_bytes, self.keyframes_only, self._stop
+                )
                 try:
                     with self._lock:
                         self.info = source.info
@@ -259,7 +261,15 @@ class Camera:
                 self.stalls += 1
                 self._events.append((now, "stall"))
             ever = self._ever_streamed or streamed
-            state = "failed" if exc.permanent else "reconnecting" if ever else "connecting"
+            state = (
+                "failed"
+                if exc.permanent
+                else "stalled"
+                if exc.stall
+                else "reconnecting"
+                if ever
+                else "connecting"
+            )
             if self.state != state:
                 self.state, self.state_since = state, now
         log_limited(

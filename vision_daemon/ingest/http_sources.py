@@ -1,5 +1,13 @@
 """HTTP camera sources: MJPEG (multipart/x-mixed-replace, through a bounded parser) and JPEG
-snapshot URLs polled at the camera's rate (httpx; Basic auth, Digest when asked)."""
+snapshot URLs polled at the camera's rate (httpx; Basic auth, Digest when asked).
+
+Fresh frames (issue 28): the body is read as the socket delivers it (`iter_raw()` with no chunk
+size: each read returns what one recv gives, at most 64 KiB), so a frame is handed over as soon
+as its last byte arrives, never held until a fixed-size chunk fills. A frame's time is that of
+its first byte. A `Deadline` bounds the whole response head (open_timeout_s) and each whole part
+or body (stall_timeout_s), so a trickle is a stall. Empty or non-image parts are budgeted: past
+MAX_BAD_PARTS in a row the camera fails with that reason and reconnects with backoff.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from collections.abc import Iterator
 import httpx
 
 from vision_daemon.config import CameraConfig
+from vision_daemon.ingest.deadlines import Deadline
 from vision_daemon.ingest.source_types import (
     Grab,
     Source,
@@ -25,10 +34,13 @@ log = logging.getLogger(__name__)
 
 MAX_PART_HEADER = 8192  # bytes of one multipart part's headers
 MAX_PREAMBLE = 65536  # bytes before the first boundary (a real camera sends a CRLF or nothing)
+MAX_BAD_PARTS = 100  # empty or non-image parts in a row before the stream is given up
 
 
 # ---- HTTP: MJPEG (multipart/x-mixed-replace) or a JPEG snapshot URL ----------------------------
-def open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
+def open_http(
+    url: str, camera: CameraConfig, max_bytes: int, stop: threading.Event | None = None
+) -> Source:
     bare, credentials = split_credentials(url)
     timeout = httpx.Timeout(
         connect=camera.open_timeout_s,
@@ -43,9 +55,10 @@ def open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
         # identity: a compressed body would be inflated past our bounds before we could count it
         headers={"User-Agent": "vision-daemon", "Accept-Encoding": "identity"},
     )
+    deadline = Deadline(stop)
     try:
         try:
-            response = _get(client, bare, credentials)
+            response = _get(client, bare, credentials, deadline, camera.open_timeout_s)
         except httpx.ReadTimeout:
             raise SourceError(
                 "the camera accepted the connection but sent no answer within stall_timeout_s"
@@ -56,29 +69,41 @@ def open_http(url: str, camera: CameraConfig, max_bytes: int) -> Source:
             if match is None:
                 response.close()
                 raise SourceError("multipart response without a boundary", permanent=True)
-            return MjpegSource(client, response, match.group(1).encode(), max_bytes, camera)
+            boundary = match.group(1).encode()
+            return MjpegSource(client, response, boundary, max_bytes, camera, deadline)
         if ctype.startswith(("image/jpeg", "image/jpg")):
-            first = _read_bounded(response, max_bytes, camera.stall_timeout_s)
-            return SnapshotSource(client, bare, credentials, camera, max_bytes, first)
+            arrived = (time.monotonic(), time.time())
+            first = _read_bounded(response, max_bytes, camera.stall_timeout_s, deadline)
+            return SnapshotSource(
+                client, bare, credentials, camera, max_bytes, (first, *arrived), deadline
+            )
         response.close()
         raise SourceError(
             f"not an MJPEG stream or a JPEG snapshot (Content-Type {ctype[:40] or 'missing'})",
             permanent=True,
         )
     except BaseException:
+        deadline.close()
         client.close()
         raise
 
 
-def _get(client: httpx.Client, url: str, credentials: tuple[str, str] | None) -> httpx.Response:
-    """GET, streaming; Basic auth first, Digest when the camera asks for it (many do)."""
+def _get(
+    client: httpx.Client,
+    url: str,
+    credentials: tuple[str, str] | None,
+    deadline: Deadline,
+    head_s: float,
+) -> httpx.Response:
+    """GET, streaming; Basic auth first, Digest when the camera asks for it (many do). The
+    whole response head must arrive within `head_s`."""
     auth: httpx.Auth | None = httpx.BasicAuth(*credentials) if credentials else None
-    response = client.send(client.build_request("GET", url), auth=auth, stream=True)
+    response = _send(client, url, auth, deadline, head_s)
     challenge = response.headers.get("www-authenticate", "").lower()
     if response.status_code == 401 and credentials and challenge.startswith("digest"):
         response.close()
         auth = httpx.DigestAuth(*credentials)
-        response = client.send(client.build_request("GET", url), auth=auth, stream=True)
+        response = _send(client, url, auth, deadline, head_s)
     if response.status_code in (401, 403):
         response.close()
         raise SourceError(
@@ -94,8 +119,28 @@ def _get(client: httpx.Client, url: str, credentials: tuple[str, str] | None) ->
     return response
 
 
-def _read_bounded(response: httpx.Response, max_bytes: int, deadline_s: float) -> bytes:
+def _send(
+    client: httpx.Client, url: str, auth: httpx.Auth | None, deadline: Deadline, head_s: float
+) -> httpx.Response:
+    request = client.build_request("GET", url, extensions={"trace": deadline.trace})
+    deadline.expect(head_s)
+    try:
+        response = client.send(request, auth=auth, stream=True)
+    except httpx.TransportError:
+        if deadline.fired:
+            raise SourceError(
+                "stalled: no complete response head within open_timeout_s", stall=True
+            ) from None
+        raise
+    deadline.clear()
+    return response
+
+
+def _read_bounded(
+    response: httpx.Response, max_bytes: int, deadline_s: float, deadline: Deadline
+) -> bytes:
     """A snapshot body: identity-encoded, at most max_bytes, complete within deadline_s."""
+    deadline.expect(deadline_s)
     try:
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding not in ("", "identity"):
@@ -106,16 +151,19 @@ def _read_bounded(response: httpx.Response, max_bytes: int, deadline_s: float) -
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise SourceError(f"snapshot of {declared} bytes exceeds {max_bytes}", permanent=True)
         body = bytearray()
-        give_up = time.monotonic() + deadline_s
-        for chunk in response.iter_raw(65536):
-            body += chunk
-            if len(body) > max_bytes:
-                raise SourceError(f"snapshot larger than {max_bytes} bytes", permanent=True)
-            if time.monotonic() > give_up:  # a byte every few seconds is a stall too
+        try:
+            for chunk in response.iter_raw():  # what each read gives: no waiting for a chunk
+                body += chunk
+                if len(body) > max_bytes:
+                    raise SourceError(f"snapshot larger than {max_bytes} bytes", permanent=True)
+        except httpx.TransportError:
+            if deadline.fired:  # a byte every few seconds is a stall too
                 raise SourceError(
                     "stalled: snapshot not complete within stall_timeout_s", stall=True
-                )
+                ) from None
+            raise
     finally:
+        deadline.clear()
         response.close()
     if not body.startswith(b"\xff\xd8"):
         raise SourceError("snapshot is not a JPEG", permanent=True)
@@ -135,7 +183,9 @@ class MjpegParser:
     Written by hand: no maintained library parses an endless x-mixed-replace stream on the
     client side. Parts with a Content-Length (the ESP32-CAM sends one) are cut by it; others at
     the next boundary. Cameras differ on the dashes around the boundary, so the token itself is
-    searched for. Parts that are not JPEGs are counted in `bad_parts` and skipped.
+    searched for. Parts that are not JPEGs are counted in `bad_parts` and skipped; more than
+    MAX_BAD_PARTS of them in a row end the stream. Each JPEG comes with the time its part's
+    first byte was fed.
     """
 
     def __init__(self, boundary: bytes, max_part: int) -> None:
@@ -145,18 +195,33 @@ class MjpegParser:
         self.bad_parts = 0
         self._scan = 0  # where to resume looking for the next boundary (no rescans)
         self._synced = False  # a boundary was seen: the stream is multipart as promised
+        self._started = 0.0  # when the first byte still in `buf` was fed
+        self._bad_in_a_row = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, now: float = 0.0) -> list[tuple[bytes, float]]:
+        """The JPEGs `data` completes, each with the time its first byte was fed (`now` is
+        when `data` arrived)."""
+        if not self.buf:
+            self._started = now
         self.buf += data
-        out: list[bytes] = []
+        out: list[tuple[bytes, float]] = []
         while True:
+            started = self._started
             part = self._next_part()
             if part is None:
                 return out
+            self._started = now  # what is left of `buf` came in with `data`
             if part.startswith(b"\xff\xd8"):
-                out.append(part)
-            else:
-                self.bad_parts += 1
+                out.append((part, started))
+                self._bad_in_a_row = 0
+                continue
+            self.bad_parts += 1
+            self._bad_in_a_row += 1
+            if self._bad_in_a_row > MAX_BAD_PARTS:
+                raise MjpegError(
+                    f"more than {MAX_BAD_PARTS} empty or non-image parts in a row: "
+                    "not a camera stream"
+                )
 
     def _next_part(self) -> bytes | None:
         buf = self.buf
@@ -210,26 +275,37 @@ class MjpegSource:
         boundary: bytes,
         max_bytes: int,
         camera: CameraConfig,
+        deadline: Deadline,
     ) -> None:
         self.client = client
         self.response = response
         self.parser = MjpegParser(boundary, max_bytes)
         self.stall_s = camera.stall_timeout_s
+        self.deadline = deadline
         self.info = SourceInfo("mjpeg", "mjpeg")
 
     def frames(self, stop: threading.Event) -> Iterator[Grab]:
-        last = time.monotonic()
-        for chunk in self.response.iter_raw(65536):
-            now = time.monotonic()
-            for jpeg in self.parser.feed(chunk):
-                last = now
-                yield Grab(now, time.time(), 0.0, jpeg=jpeg)
+        self.deadline.stop = stop
+        self.deadline.expect(self.stall_s)  # the whole next part, however it trickles in
+        try:
+            for chunk in self.response.iter_raw():  # what each read gives: frames as they end
+                now, wall = time.monotonic(), time.time()
+                for jpeg, started in self.parser.feed(chunk, now):
+                    self.deadline.expect(self.stall_s)
+                    yield Grab(started, wall - (now - started), 0.0, jpeg=jpeg)
+                if stop.is_set():
+                    return
+        except httpx.TransportError:
             if stop.is_set():
                 return
-            if now - last > self.stall_s:  # bytes trickle in but no frame completes
-                raise SourceError("stalled: no complete frame within stall_timeout_s", stall=True)
+            if self.deadline.fired:  # bytes trickle in but no frame completes
+                raise SourceError(
+                    "stalled: no complete frame within stall_timeout_s", stall=True
+                ) from None
+            raise
 
     def close(self) -> None:
+        self.deadline.close()
         self.response.close()
         self.client.close()
 
@@ -244,30 +320,36 @@ class SnapshotSource:
         credentials: tuple[str, str] | None,
         camera: CameraConfig,
         max_bytes: int,
-        first: bytes,
+        first: tuple[bytes, float, float],  # the JPEG that told the kind, and when its head came
+        deadline: Deadline,
     ) -> None:
         self.client = client
         self.url = url
         self.credentials = credentials
         self.max_bytes = max_bytes
-        self.first: bytes | None = first
+        self.first: tuple[bytes, float, float] | None = first
         rate = camera.fps or camera.options.max_fps or 1.0
         self.interval = 1.0 / rate
         self.stall_s = camera.stall_timeout_s
+        self.open_s = camera.open_timeout_s
+        self.deadline = deadline
         self.info = SourceInfo("snapshot", "jpeg", nominal_fps=rate)
 
     def frames(self, stop: threading.Event) -> Iterator[Grab]:
+        self.deadline.stop = stop
         due = time.monotonic()
         while not stop.is_set():
             if self.first is not None:
-                jpeg, self.first = self.first, None
+                (jpeg, started, wall), self.first = self.first, None
             else:
-                response = _get(self.client, self.url, self.credentials)
-                jpeg = _read_bounded(response, self.max_bytes, self.stall_s)
-            yield Grab(time.monotonic(), time.time(), 0.0, jpeg=jpeg)
+                response = _get(self.client, self.url, self.credentials, self.deadline, self.open_s)
+                started, wall = time.monotonic(), time.time()  # the head has arrived
+                jpeg = _read_bounded(response, self.max_bytes, self.stall_s, self.deadline)
+            yield Grab(started, wall, 0.0, jpeg=jpeg)
             due = max(due + self.interval, time.monotonic())  # never bursts to catch up
             if stop.wait(due - time.monotonic()):
                 return
 
     def close(self) -> None:
+        self.deadline.close()
         self.client.close()

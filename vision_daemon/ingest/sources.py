@@ -49,12 +49,19 @@ from vision_daemon.ingest.source_types import scrub as scrub
 log = logging.getLogger(__name__)
 
 
-def open_source(url: str, camera: CameraConfig, max_bytes: int, keyframes_only: bool) -> Source:
-    """Open `url` for `camera`; raises SourceError (one line, no secrets)."""
+def open_source(
+    url: str,
+    camera: CameraConfig,
+    max_bytes: int,
+    keyframes_only: bool,
+    stop: threading.Event | None = None,
+) -> Source:
+    """Open `url` for `camera`; raises SourceError (one line, no secrets). Setting `stop` ends
+    an HTTP open at once."""
     kind = kind_of(url)
     try:
         if kind == "http":
-            return open_http(url, camera, max_bytes)
+            return open_http(url, camera, max_bytes, stop)
         return PyAvSource(url, kind, camera, keyframes_only)
     except SourceError:
         raise
