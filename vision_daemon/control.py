@@ -137,6 +137,8 @@ class DaemonControl:
     def ingests_websockets(self) -> bool:
         return self._ws_ingest is not None
 
-    async def serve_ingest(self, websocket: WebSocket, stream: str | None) -> None:
+    async def serve_ingest(
+        self, websocket: WebSocket, stream: str | None, browser: bool = False
+    ) -> None:
         assert self._ws_ingest is not None, "routes exist only when ingests_websockets"
-        await self._ws_ingest.serve(websocket, stream)
+        await self._ws_ingest.serve(websocket, stream, browser)

@@ -121,7 +121,7 @@ class Pipeline:
         cfg = self.config
         existing = self.streams.get(name)
         if existing is not None and existing.detached_at is None:
-            return f"stream {name!r} is in use by another connection ({existing.peer})"
+            return f"stream {name!r} is in use by another connection"  # never says whose
         if len(owned) >= cfg.max_streams_per_connection:
             return f"max_streams_per_connection={cfg.max_streams_per_connection} reached"
         if existing is None and len(self.streams) >= cfg.max_streams and not self._evict_one():

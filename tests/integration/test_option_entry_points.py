@@ -113,12 +113,15 @@ async def via_hello(d: Daemon, h: httpx.AsyncClient, name: str, option: str, val
 
 
 async def via_query(d: Daemon, h: httpx.AsyncClient, name: str, option: str, text: str) -> Any:
-    """WS /ingest/{name}?option=text (browser mode): a welcome, or an error and close 1008."""
-    url = f"ws://127.0.0.1:{d.api_port}/ingest/{name}?{option}={quote(text)}"
+    """WS /ingest/{name}?option=text&welcome=1 (browser mode): a welcome, or a close 1008
+    whose reason is the error."""
+    url = f"ws://127.0.0.1:{d.api_port}/ingest/{name}?{option}={quote(text)}&welcome=1"
     async with websockets.connect(url, proxy=None) as ws:
-        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if reply["type"] == "error":
-            assert reply["code"] == p.E_INVALID, reply
+        try:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        except websockets.exceptions.ConnectionClosed as exc:
+            assert exc.rcvd is not None and exc.rcvd.code == 1008, exc
+            assert exc.rcvd.reason.startswith(f"{p.E_INVALID}: "), exc.rcvd.reason
             return None
         assert reply["type"] == "welcome", reply
         await ws.send(jpeg(64, 64))

@@ -108,15 +108,14 @@ def test_ingest_binary_mode_returns_results_for_real_jpegs() -> None:
 
 
 def test_browser_mode_numbers_jpegs_and_answers_in_json() -> None:
-    """/ingest/{stream}: raw JPEG messages get JSON results numbered 0, 1, 2 with server time."""
+    """/ingest/{stream}: raw JPEG messages get JSON results numbered 0, 1, 2 with server time;
+    no welcome unless the URL asks for one (?welcome=1)."""
 
     async def scenario() -> None:
         async with (
             running_daemon(lambda: SlowDetector(0.0)) as d,
             ws_connect(d, "/ingest/cam") as ws,
         ):
-            welcome = await recv_json(ws)
-            assert welcome["type"] == "welcome"
             for i in range(3):
                 before = time.time()
                 await ws.send(IMG)
@@ -125,6 +124,9 @@ def test_browser_mode_numbers_jpegs_and_answers_in_json() -> None:
                 assert msg["stream_name"] == "cam" and msg["detections"][0]["bbox"] == [1, 2, 3, 4]
                 assert before <= msg["timestamp"] <= time.time()
             assert stream_stats(d, "cam")["processed"] == 3 and accounted(d)
+            async with ws_connect(d, "/ingest/other?welcome=1") as greeted:
+                welcome = await recv_json(greeted)
+                assert welcome["type"] == "welcome" and welcome["limits"]["send_buffer_messages"]
 
     run(scenario())
 
@@ -137,7 +139,6 @@ def test_browser_mode_query_options_drop_and_notify() -> None:
             running_daemon() as d,
             ws_connect(d, "/ingest/cam?skip_frames=2&dropped_notices=true") as ws,
         ):
-            assert (await recv_json(ws))["type"] == "welcome"
             got: dict[int, dict[str, Any]] = {}
             for _ in range(6):
                 await ws.send(IMG)
@@ -164,7 +165,7 @@ def test_auth_refuses_wrong_tokens_with_1008_and_accepts_right_ones() -> None:
             async with ws_connect(d, "/ingest", additional_headers=headers) as ws:
                 await ws.send(frame("a", 7))
                 assert (await recv_bin(ws))["frame_id"] == 7
-            async with ws_connect(d, "/ingest/b?token=tok") as ws:
+            async with ws_connect(d, "/ingest/b?token=tok&welcome=1") as ws:
                 assert (await recv_json(ws))["type"] == "welcome"
                 await ws.send(IMG)
                 assert (await recv_json(ws))["type"] == "result"
@@ -183,7 +184,7 @@ def test_text_message_gets_not_binary_and_close_1003() -> None:
                 err = await recv_bin(ws)
                 assert err["type"] == "error" and err["code"] == "not_binary"
                 assert (await closed_with(ws))[0] == 1003
-            async with ws_connect(d, "/ingest/cam") as ws:
+            async with ws_connect(d, "/ingest/cam?welcome=1") as ws:
                 assert (await recv_json(ws))["type"] == "welcome"
                 await ws.send("data:image/jpeg;base64,AAAA")
                 assert (await recv_json(ws))["code"] == "not_binary"
@@ -257,7 +258,7 @@ def test_browser_mode_refuses_non_jpeg_and_keeps_numbering() -> None:
     """Non-JPEG bytes in browser mode: decode_error with its frame_id; the next JPEG is served."""
 
     async def scenario() -> None:
-        async with running_daemon() as d, ws_connect(d, "/ingest/cam") as ws:
+        async with running_daemon() as d, ws_connect(d, "/ingest/cam?welcome=1") as ws:
             assert (await recv_json(ws))["type"] == "welcome"
             await ws.send(b"\x89PNG\r\n\x1a\n not a jpeg")
             err = await recv_json(ws)
@@ -280,14 +281,14 @@ def test_browser_mode_refuses_non_jpeg_and_keeps_numbering() -> None:
         ("/ingest/-cam", "bad_stream_name"),
     ],
 )
-def test_bad_query_options_get_an_error_and_close_1008(path: str, code: str) -> None:
-    """Browser-mode options are validated like a hello's: a JSON error, then close 1008."""
+def test_bad_query_options_close_1008_with_the_reason(path: str, code: str) -> None:
+    """Browser-mode options are validated like a hello's: refused with close 1008, the error
+    code and message as its reason, and no error message a client could take for a reply."""
 
     async def scenario() -> None:
         async with running_daemon() as d, ws_connect(d, path) as ws:
-            err = await recv_json(ws)
-            assert (err["type"], err["code"]) == ("error", code)
-            assert await closed_with(ws) == (1008, code)
+            close, reason = await closed_with(ws)
+            assert close == 1008 and reason.startswith(f"{code}: "), reason
             assert errors(d)[code] == 1 and stats(d)["totals"]["received"] == 0
 
     run(scenario())
@@ -298,7 +299,7 @@ def test_connection_cap_closes_with_1013() -> None:
 
     async def scenario() -> None:
         async with running_daemon(ws_ingest_max_connections=1) as d:
-            async with ws_connect(d, "/ingest/a") as first:
+            async with ws_connect(d, "/ingest/a?welcome=1") as first:
                 assert (await recv_json(first))["type"] == "welcome"
                 async with ws_connect(d, "/ingest") as second:
                     assert (await recv_bin(second))["code"] == "limit_exceeded"
@@ -319,7 +320,7 @@ def test_silent_connections_time_out_with_1008() -> None:
             async with ws_connect(d, "/ingest") as ws:
                 assert (await recv_bin(ws))["code"] == "hello_timeout"
                 assert await closed_with(ws) == (1008, "hello_timeout")
-            async with ws_connect(d, "/ingest/cam") as ws:
+            async with ws_connect(d, "/ingest/cam?welcome=1") as ws:
                 assert (await recv_json(ws))["type"] == "welcome"
                 assert (await recv_json(ws))["code"] == "idle_timeout"
                 assert await closed_with(ws) == (1008, "idle_timeout")
@@ -373,7 +374,7 @@ def test_tcp_and_ws_streams_side_by_side_do_not_disturb_each_other() -> None:
 
             async def push_ws() -> list[int]:
                 ids = []
-                async with ws_connect(d, "/ingest/wscam") as ws:
+                async with ws_connect(d, "/ingest/wscam?welcome=1") as ws:
                     assert (await recv_json(ws))["type"] == "welcome"
                     for _ in range(20):
                         await ws.send(IMG)
@@ -384,10 +385,9 @@ def test_tcp_and_ws_streams_side_by_side_do_not_disturb_each_other() -> None:
 
             tcp_ids, ws_ids = await asyncio.gather(push_tcp(), push_ws())
             assert tcp_ids == ws_ids == list(range(20))
-            async with ws_connect(d, "/ingest/tcpcam") as ws:
-                assert (await recv_json(ws))["type"] == "welcome"
-                await ws.send(IMG)
-                assert (await recv_json(ws))["code"] == "limit_exceeded"
+            async with ws_connect(d, "/ingest/tcpcam") as ws:  # the TCP client holds it
+                close, reason = await closed_with(ws)
+                assert close == 1008 and reason.startswith("limit_exceeded: "), reason
             s = stats(d)["streams"]
             assert s["tcpcam"]["processed"] == 20 and s["wscam"]["processed"] == 20
             await wait_for(lambda: accounted(d), what="accounting")
@@ -426,11 +426,13 @@ def test_compression_is_not_negotiated_and_ingest_can_be_turned_off() -> None:
                 await ws.send(frame("z", 0))
                 assert (await recv_bin(ws))["type"] == "result"
         async with running_daemon(ws_ingest_max_connections=0) as d:
-            for path, recv in (("/ingest", recv_bin), ("/ingest/cam", recv_json)):
-                async with ws_connect(d, path) as ws:
-                    error = await recv(ws)
-                    assert error["type"] == "error" and "is off" in error["message"]
-                    assert await closed_with(ws) == (1008, "limit_exceeded")
+            async with ws_connect(d, "/ingest") as ws:
+                error = await recv_bin(ws)
+                assert error["type"] == "error" and "is off" in error["message"]
+                assert await closed_with(ws) == (1008, "limit_exceeded")
+            async with ws_connect(d, "/ingest/cam") as ws:
+                close, reason = await closed_with(ws)
+                assert close == 1008 and reason.startswith("limit_exceeded: ") and "off" in reason
 
     run(main())
 
@@ -461,5 +463,85 @@ def test_a_peer_that_never_reads_is_aborted_after_the_close_grace() -> None:
             # It then sends nothing: idle_timeout_s ends the connection, which cannot deliver.
             await wait_for(lambda: stats(d)["ws_ingest"]["open"] == 0, 15, "the connection to end")
             await wait_for(lambda: open_http_connections(d) == 0, 15, "its socket to be aborted")
+
+    run(scenario())
+
+
+async def send_one_read_one(d: Daemon, path: str, frames: int) -> str:
+    """The simplest client there is: send a JPEG, read one JSON reply, again. Every reply must
+    be the result of the frame it just sent; the stream name the replies carry."""
+    names = set()
+    async with ws_connect(d, path) as ws:
+        for i in range(frames):
+            await ws.send(IMG)
+            msg = await recv_json(ws)
+            assert (msg["type"], msg["frame_id"]) == ("result", i), msg
+            names.add(msg["stream_name"])
+    assert len(names) == 1, names
+    return names.pop()
+
+
+@pytest.mark.parametrize("clients", [1, 6])
+def test_send_one_read_one_clients_get_the_reply_to_their_own_frame(clients: int) -> None:
+    """1 and 6 such clients on one URL that names no stream (/ws/stream, the path simple
+    clients of other servers ask for): each on a stream of its own, no error, no welcome."""
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.01)) as d:
+            names = await asyncio.gather(
+                *(send_one_read_one(d, "/ws/stream", 10) for _ in range(clients))
+            )
+            assert len(set(names)) == clients and all(n.startswith("ws-") for n in names)
+            assert not any(errors(d).values()) and accounted(d)
+            assert stats(d)["totals"]["processed"] == 10 * clients
+
+    run(scenario())
+
+
+def test_a_named_stream_in_use_is_refused_with_a_close_that_names_nobody() -> None:
+    """A second browser connection for a stream another connection holds is closed with 1008
+    and a reason, not given an error on an open socket; the reason names no address."""
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.0)) as d:
+            async with ws_connect(d, "/ingest/cam") as first:
+                await first.send(IMG)
+                assert (await recv_json(first))["frame_id"] == 0
+                async with ws_connect(d, "/ingest/cam") as second:
+                    close, reason = await closed_with(second)
+                assert close == 1008 and reason.startswith("limit_exceeded: "), reason
+                assert "127.0.0.1" not in reason and "in use" in reason
+                await first.send(IMG)
+                assert (await recv_json(first))["frame_id"] == 1
+            assert errors(d)["limit_exceeded"] == 1 and accounted(d)
+
+    run(scenario())
+
+
+def test_the_readme_websocket_example_gets_a_reply_to_every_frame() -> None:
+    """README.md's ten-line WebSocket client, run as written (port and video path swapped for
+    the test's): 20 lines, each the reply to the frame it sent."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.sources import VIDEO
+
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert match is not None, "README.md has no python example"
+
+    async def scenario() -> None:
+        async with running_daemon(lambda: SlowDetector(0.0)) as d:
+            code = match.group(1).replace("127.0.0.1:8000", f"127.0.0.1:{d.api_port}")
+            code = code.replace("../shared/data/vtest.avi", str(VIDEO))
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", code], capture_output=True, timeout=60
+            )
+            assert done.returncode == 0, done.stderr.decode()[-2000:]
+            lines = done.stdout.decode().splitlines()
+            assert [line.split()[:2] for line in lines] == [[str(i), "result"] for i in range(20)]
+            assert "thing" in lines[0]
 
     run(scenario())

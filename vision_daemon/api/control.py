@@ -96,6 +96,8 @@ class Control(Protocol):
         """Whether WS /ingest is served."""
         ...
 
-    async def serve_ingest(self, websocket: WebSocket, stream: str | None) -> None:
-        """Hand an accepted WebSocket to the ingest (stream set: browser mode)."""
+    async def serve_ingest(
+        self, websocket: WebSocket, stream: str | None, browser: bool = False
+    ) -> None:
+        """Hand an accepted WebSocket to the ingest (stream set, or `browser`: browser mode)."""
         ...

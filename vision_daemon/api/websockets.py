@@ -31,6 +31,13 @@ def router(control: Control, hub: Hub, gate: TokenGate, ws_queue: int) -> APIRou
             if await gate.accept_ws(websocket):
                 await control.serve_ingest(websocket, stream)
 
+        @r.websocket("/ws/stream")
+        async def ingest_unnamed(websocket: WebSocket) -> None:
+            """Browser mode on a stream of the connection's own (the path simple clients of
+            other servers use)."""
+            if await gate.accept_ws(websocket):
+                await control.serve_ingest(websocket, None, browser=True)
+
     @r.websocket("/ws")
     async def ws(
         websocket: WebSocket,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -61,17 +62,25 @@ MAX_REASON = 120  # a close reason must fit in 123 bytes (RFC 6455); ours are AS
 NO_SHM = "shared memory needs the Unix socket or loopback TCP, not WebSocket"
 
 
-def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool]:
+def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
+    value = query.get(name, "true" if default else "false").lower()
+    if value not in ("1", "0", "true", "false"):
+        raise p.ProtocolError(p.E_INVALID, f"query parameter {name} must be true or false")
+    return value in ("1", "true")
+
+
+def query_options(query: Mapping[str, str]) -> tuple[p.StreamOptions, bool, bool]:
     """Browser-mode options from the query string, checked as a hello's options are (every
     option of vision_daemon/options.py; other parameters, such as the token, are not options).
 
-    Returns the stream options and whether dropped notices were asked for.
+    Returns the stream options, whether dropped notices are sent (`dropped_notices`, on unless
+    turned off: every frame then gets exactly one reply) and whether a welcome is (`welcome`,
+    off unless asked for: the first reply is then the first frame's).
     """
-    notices = query.get("dropped_notices", "false").lower()
-    if notices not in ("1", "0", "true", "false"):
-        raise p.ProtocolError(p.E_INVALID, "query parameter dropped_notices must be true or false")
+    notices = _flag(query, "dropped_notices", True)
+    welcome = _flag(query, "welcome", False)
     try:
-        return parse_text(query), notices in ("1", "true")
+        return parse_text(query), notices, welcome
     except OptionError as exc:
         raise p.ProtocolError(p.E_INVALID, str(exc)) from None
 
@@ -104,6 +113,7 @@ class WsConnection(PeerConnection):
         stream: str | None = None,
         options: p.StreamOptions | None = None,
         notices: bool = False,
+        welcome: bool = False,
     ) -> None:
         client = websocket.client
         peer = f"{client.host}:{client.port}" if client else "?"
@@ -114,6 +124,7 @@ class WsConnection(PeerConnection):
         self.options = options or p.StreamOptions()
         self.greeted = self.browser  # the URL is a browser's hello; /ingest waits for one
         self.next_id = 0  # browser mode numbers the frames
+        self.send_welcome = welcome  # browser mode: only when the URL asks for it
         self.peer_gone = False  # the client closed (or vanished): nothing to close
         self._receiving = False
         self._reader_task: asyncio.Task[None] | None = None
@@ -128,7 +139,17 @@ class WsConnection(PeerConnection):
 
     async def run(self) -> None:
         if self.browser:
-            self._send(self.welcome_for(False))
+            assert self.stream is not None
+            refused = self.pipeline.attach(self, self.stream, self.options)
+            if refused is not None:  # a close with its reason, never an error on an open socket
+                self.pipeline.count_error(p.E_LIMIT)
+                await self.close_transport(
+                    Close(WS_POLICY_VIOLATION, f"{p.E_LIMIT}: {refused}"), flushed=True
+                )
+                self.pipeline.detach(self)
+                return
+            if self.send_welcome:
+                self._send(self.welcome_for(False))
         await super().run()
 
     async def read_messages(self) -> None:
@@ -234,11 +255,17 @@ class WsIngest(PeerIngest[WsConnection]):
             "outbox_max": max((len(c.outbox) for c in self.connections), default=0),
         }
 
-    async def serve(self, websocket: WebSocket, stream: str | None = None) -> None:
-        """Run one accepted, authorised WebSocket until it closes (`stream`: browser mode)."""
+    async def serve(
+        self, websocket: WebSocket, stream: str | None = None, browser: bool = False
+    ) -> None:
+        """Run one accepted, authorised WebSocket until it closes. Browser mode when `stream`
+        is named or `browser` is set; a browser connection that names no stream gets one of
+        its own, `ws-` and 8 random hex digits, which every result it gets carries."""
         self.total += 1
         cfg = self.config
-        browser = stream is not None
+        browser = browser or stream is not None
+        if browser and stream is None:
+            stream = f"ws-{secrets.token_hex(4)}"
         limit = cfg.ws_ingest_max_connections
         why = ""
         if limit == 0:  # off: a refusal a client should not retry
@@ -256,16 +283,16 @@ class WsIngest(PeerIngest[WsConnection]):
             self.pipeline.count_error(p.E_LIMIT)
             await self._refuse(websocket, browser, p.E_LIMIT, why, WS_TRY_AGAIN_LATER)
             return
-        options, notices = p.StreamOptions(), False
+        options, notices, welcome = p.StreamOptions(), False, False
         if stream is not None:
             try:
                 p.validate_stream_name(stream)
-                options, notices = query_options(websocket.query_params)
+                options, notices, welcome = query_options(websocket.query_params)
             except p.ProtocolError as exc:
                 self.pipeline.count_error(exc.code)  # no frame was sent: not a dropped frame
                 await self._refuse(websocket, browser, exc.code, exc.message, WS_POLICY_VIOLATION)
                 return
-        conn = WsConnection(self, websocket, stream, options, notices)
+        conn = WsConnection(self, websocket, stream, options, notices, welcome)
         self.connections.add(conn)
         try:
             await self._tasks.run(conn.run())
@@ -275,11 +302,16 @@ class WsIngest(PeerIngest[WsConnection]):
     async def _refuse(
         self, websocket: WebSocket, browser: bool, code: str, message: str, close: int
     ) -> None:
-        """An error message in the mode's format, then a close with its code and reason."""
+        """/ingest: an error message, then a close with its code and the error code as reason.
+        Browser mode: only the close, its reason the code and the message (a simple client
+        reads replies to its frames, and must not take a refusal for one)."""
         try:
             async with asyncio.timeout(2.0):
-                await _send(websocket, _encode(p.error_message(code, message), browser))
-                await websocket.close(close, code)
+                if not browser:
+                    await _send(websocket, _encode(p.error_message(code, message), browser))
+                    await websocket.close(close, code)
+                else:
+                    await websocket.close(close, f"{code}: {message}"[:MAX_REASON])
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass
 
