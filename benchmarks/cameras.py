@@ -8,6 +8,11 @@
     VISION_DAEMON_MODEL_DIR=../shared/models YOLO_OFFLINE=1 \\
       .venv/bin/python -m benchmarks.cameras capacity --kinds mjpeg,rtsp --counts 1,2,3,4,6
 
+    # freshness (issue 28): an ESP32-like camera at QVGA 5 fps and at 640x480 30 fps; the frame
+    # age at parse (the reader alone) next to the latency the daemon reports and a client measures
+    VISION_DAEMON_MODEL_DIR=../shared/models YOLO_OFFLINE=1 \
+      .venv/bin/python -m benchmarks.cameras freshness --seconds 60
+
     # decode CPU per RTSP camera with and without keyframe-only decoding (no model)
     ... -m benchmarks.cameras capacity --kinds rtsp --counts 4 --model none --max-fps 1 \\
       --keyframes on,off
@@ -20,8 +25,9 @@ feeds all N cameras of a run, so the load on the box is the daemon's, plus one f
 the cameras are added with POST /cameras, and results are read from /ws.
 
 Latency is from capture to result: a result's `timestamp` is the wall time the daemon's reader
-had the whole frame (for MJPEG: its last byte arrived), and the benchmark takes `time.time()`
-when the result arrives on /ws (same host, same clock).
+got the frame's first byte (for MJPEG: its part's boundary), and the benchmark takes
+`time.time()` when the result arrives on /ws (same host, same clock). `freshness` measures
+from the camera's own send time instead (the test server records when it starts each part).
 """
 
 from __future__ import annotations
@@ -157,6 +163,115 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
             proc.close()
 
 
+# ---- freshness (issue 28) -------------------------------------------------------------------------
+FRESHNESS = (("qvga-5fps", (320, 240), 5.0, 5.0), ("vga-30fps", (640, 480), 30.0, 10.0))
+
+
+def reader_alone(cam: Any, seconds: float) -> dict[str, Any]:
+    """The MJPEG reader with nothing else: each frame's age when it is yielded (against the
+    server's send time), the reader thread's CPU per frame, and the JPEG size."""
+    import threading
+
+    from vision_daemon.config import camera_config
+    from vision_daemon.ingest.sources import open_source
+
+    source = open_source(cam.url, camera_config(name="esp32", url=cam.url), 4 << 20, False)
+    ages: list[float] = []
+    sizes: list[int] = []
+    cpu0, end = time.thread_time(), time.monotonic() + seconds
+    try:
+        for i, grab in enumerate(source.frames(threading.Event())):
+            ages.append((time.time() - cam.sent_at[i]) * 1000)
+            sizes.append(len(grab.jpeg))
+            if time.monotonic() > end:
+                break
+    finally:
+        source.close()
+    return {
+        "frames": len(ages),
+        "age_at_parse_ms": percentiles(ages, 2),
+        "reader_cpu_ms_per_frame": round((time.thread_time() - cpu0) * 1000 / len(ages), 3),
+        "jpeg_bytes_mean": round(sum(sizes) / len(sizes)),
+    }
+
+
+def reader_chunked(cam: Any, seconds: float, chunk: int) -> dict[str, Any]:
+    """The same parser fed in fixed `chunk`-byte reads (how the reader read before issue 28):
+    the age each frame has when its chunk is handed over, and the CPU per frame."""
+    import httpx as hx
+
+    from vision_daemon.ingest.http_sources import MjpegParser
+
+    ages: list[float] = []
+    i = 0
+    cpu0, end = time.thread_time(), time.monotonic() + seconds
+    with hx.Client(timeout=10) as client, client.stream("GET", cam.url) as r:
+        parser = MjpegParser(cam.BOUNDARY.encode(), 4 << 20)
+        for data in r.iter_raw(chunk):
+            for _jpeg, _started in parser.feed(data, time.monotonic()):
+                ages.append((time.time() - cam.sent_at[i]) * 1000)
+                i += 1
+            if time.monotonic() > end:
+                break
+    return {
+        "frames": len(ages),
+        "age_at_parse_ms": percentiles(ages, 2),
+        "reader_cpu_ms_per_frame": round((time.thread_time() - cpu0) * 1000 / len(ages), 3),
+    }
+
+
+async def freshness_run(args: argparse.Namespace, api: int, cam: Any, max_fps: float) -> Any:
+    """The camera on the daemon: per result, the latency it reports and the one measured from
+    the camera's send time to the result's arrival on /ws."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=30) as h:
+        await wait_ready(h)
+        name = f"esp32-{len(cam.sent_at)}"
+        reported: list[float] = []
+        measured: list[float] = []
+        gaps: list[float] = []
+        url = f"ws://127.0.0.1:{api}/ws?stream={name}"
+        async with websockets.connect(url, max_queue=None) as ws:
+            body = {"name": name, "url": cam.url, "max_fps": max_fps}
+            (await h.post("/cameras", json=body)).raise_for_status()
+            first = 0  # a server of its own: its first part is the camera's frame 0
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                arrived = time.time()
+                lat = (arrived - cam.sent_at[first + msg["frame_id"]]) * 1000
+                measured.append(lat)
+                reported.append(msg["latency_ms"])
+                gaps.append(abs(lat - msg["latency_ms"]))
+        (await h.delete(f"/cameras/{name}")).raise_for_status()
+    return {
+        "results": len(measured),
+        "reported_latency_ms": percentiles(reported, 1),
+        "measured_latency_ms": percentiles(measured, 1),
+        "reported_vs_measured_max_gap_ms": round(max(gaps), 1),
+    }
+
+
+def freshness(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.sources import MjpegServer
+
+    out: dict[str, Any] = {}
+    proc, _, api = start_daemon(daemon_args(args, []))
+    try:
+        for label, size, fps, max_fps in FRESHNESS:
+            with MjpegServer(size=size, fps=fps) as cam:
+                row = {"reader": reader_alone(cam, min(args.seconds, 20.0))}
+            with MjpegServer(size=size, fps=fps) as cam:
+                row["reader_64k_chunks"] = reader_chunked(cam, min(args.seconds, 20.0), 65536)
+            with MjpegServer(size=size, fps=fps) as cam:
+                row["daemon"] = asyncio.run(freshness_run(args, api, cam, max_fps))
+            out[label] = row
+            print(label, row, flush=True)
+    finally:
+        proc.stop()
+        proc.close()
+    return {"part": "freshness", "model": args.model, "seconds": args.seconds, "results": out}
+
+
 # ---- capacity -----------------------------------------------------------------------------------
 async def capacity_run(
     args: argparse.Namespace, api: int, pid: int, url: str, n: int, keyframes: str
@@ -243,7 +358,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="what", required=True)
-    for name in ("latency", "capacity"):
+    for name in ("latency", "capacity", "freshness"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="yolov8n")
         p.add_argument("--model-dir", default="../shared/models")
@@ -261,8 +376,10 @@ def main() -> None:
     cap.add_argument("--warmup", type=float, default=10.0)
     cap.add_argument("--seconds", type=float, default=30.0)
     cap.add_argument("--max-p95-ms", type=float, default=200.0)
+    sub.choices["freshness"].add_argument("--seconds", type=float, default=60.0)
     args = ap.parse_args()
-    summary = latency(args) if args.what == "latency" else capacity(args)
+    run = {"latency": latency, "capacity": capacity, "freshness": freshness}[args.what]
+    summary = run(args)
     emit(summary, args.json_out)
 
 

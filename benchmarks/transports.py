@@ -48,6 +48,7 @@ from vision_daemon.detectors.none import NoneDetector
 from vision_daemon.protocol import Frame
 
 SIZES = {"1080p": (1920, 1080), "480p": (640, 480)}
+REPLY_TIMEOUT_S = 60.0  # no answer (result or dropped notice) for this long ends the run
 VARIANTS = ("none", "tcp-jpeg", "tcp-raw", "unix-raw", "shm-raw", "ws-jpeg")
 
 
@@ -100,12 +101,19 @@ async def run_ipc(
     shape = (h, w, 3)
     client: Any
     if variant == "ws-jpeg":
-        client = await WsDaemonClient.connect("127.0.0.1", ports["api"], client_name="bench")
+        client = await WsDaemonClient.connect(
+            "127.0.0.1", ports["api"], client_name="bench", dropped_notices=True
+        )
     else:
         unix = ports["unix"] if variant in ("unix-raw", "shm-raw") else None
         shm = ShmSlots(window + 1, w * h * 3) if variant == "shm-raw" else None
         client = await DaemonClient.connect(
-            "127.0.0.1", ports["tcp"], unix_socket=unix, shm=shm, client_name="bench"
+            "127.0.0.1",
+            ports["tcp"],
+            unix_socket=unix,
+            shm=shm,
+            client_name="bench",
+            dropped_notices=True,  # a superseded frame is answered too: the window never stalls
         )
     started: dict[int, float] = {}
     lat: list[float] = []
@@ -134,7 +142,12 @@ async def run_ipc(
     task = asyncio.create_task(reader())
     c0, d0, t0 = cpu_self(), sum(daemon.cpu_times()[:2]), time.perf_counter()
     for i in range(n):
-        await free.acquire()
+        try:  # never waits forever: a frame with no answer at all is a finding, not a hang
+            await asyncio.wait_for(free.acquire(), REPLY_TIMEOUT_S)
+        except TimeoutError:
+            raise SystemExit(
+                f"{variant}: no reply in {REPLY_TIMEOUT_S:g} s for frames {sorted(started)[:8]}"
+            ) from None
         started[i] = time.perf_counter()
         if variant == "shm-raw":
             slot = await client.shm.acquire()
@@ -145,7 +158,10 @@ async def run_ipc(
             await client.send_image(stream, i, data.tobytes(), "jpeg", None)
         else:
             await client.send_image(stream, i, prod.make(i).tobytes(), "raw", shape)
-    await asyncio.wait_for(done.wait(), 120)
+    try:
+        await asyncio.wait_for(done.wait(), REPLY_TIMEOUT_S)
+    except TimeoutError:
+        raise SystemExit(f"{variant}: {len(started)} frames unanswered at the end") from None
     wall = time.perf_counter() - t0
     out = {
         "frames": n,
@@ -215,19 +231,24 @@ async def closed_loop(
     """One client: send a JPEG, wait for its result, send the next, for `seconds`."""
     client: Any
     if kind == "ws":
-        client = await WsDaemonClient.connect("127.0.0.1", ports["api"], client_name=f"ws{i}")
+        client = await WsDaemonClient.connect(
+            "127.0.0.1", ports["api"], client_name=f"ws{i}", dropped_notices=True
+        )
     else:
-        client = await DaemonClient.connect("127.0.0.1", ports["tcp"], client_name=f"tcp{i}")
+        client = await DaemonClient.connect(
+            "127.0.0.1", ports["tcp"], client_name=f"tcp{i}", dropped_notices=True
+        )
     lat: list[float] = []
     end = time.perf_counter() + seconds
     k = i * 7
     while time.perf_counter() < end:
         t = time.perf_counter()
         await client.send_image(f"{kind}{i}", k, jpegs[k % len(jpegs)], "jpeg", None)
-        msg = await client.recv()
-        if msg is None or msg.get("type") != "result":
-            raise SystemExit(f"{kind}{i}: expected a result, got {msg}")
-        lat.append((time.perf_counter() - t) * 1000)
+        msg = await asyncio.wait_for(client.recv(), REPLY_TIMEOUT_S)
+        if msg is None or msg.get("type") not in ("result", "dropped"):
+            raise SystemExit(f"{kind}{i}: expected a result or a dropped notice, got {msg}")
+        if msg["type"] == "result":
+            lat.append((time.perf_counter() - t) * 1000)
         k += 1
     await client.close()
     return lat
