@@ -237,7 +237,7 @@ class Stats(BaseModel):
     mean_batch_size: float | None
     connections: dict[str, int] = Field(
         description="TCP and Unix-socket connections: open, pending, total, refused, outbox_max, "
-        "shm_rings (shared-memory rings mapped) and shm_mapped_bytes"
+        "shm_rings (shared-memory rings open) and shm_mapped_bytes (their sizes)"
     )
     ws_ingest: dict[str, int] = Field(
         description="WebSocket /ingest connections: open, total, refused, outbox_max"

@@ -30,6 +30,7 @@ from clients.transports import ShmSlots, WsDaemonClient, open_client
 from tests.conftest import (
     MODEL_DIR,
     ROOT,
+    SpawnDaemon,
     accounted,
     api,
     collect,
@@ -63,22 +64,21 @@ def digest(img: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest()
 
 
-def daemon_maps(name: str) -> list[tuple[int, int]]:
-    """The address ranges where this process maps /dev/shm/<name> read-only: the daemon's
-    mappings (it runs in the test process; a client's own mapping is read-write)."""
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        path = fields[5] if len(fields) == 6 else ""
-        if fields[1] == "r--s" and path.removesuffix(" (deleted)") == f"/dev/shm/{name}":
-            lo, hi = fields[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
-
-
-def mapped(name: str) -> bool:
-    """Whether the daemon maps /dev/shm/<name>."""
-    return bool(daemon_maps(name))
+def held_open(name: str) -> bool:
+    """Whether the daemon (it runs in this process) holds /dev/shm/<name> open: it keeps a
+    read-only descriptor of a client's segment while the connection lives, and never maps it."""
+    path = f"/dev/shm/{name}"
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.removesuffix(" (deleted)") != path:
+            continue
+        flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+        if int(flags, 8) & os.O_ACCMODE == os.O_RDONLY:  # the client's own is read-write
+            return True
+    return False
 
 
 def in_dev_shm(name: str) -> bool:
@@ -241,7 +241,7 @@ def test_round_trip_over_the_unix_socket_and_loopback_tcp(tmp_path: Path, over: 
         ):
             c = await shm_client(d, over=over, slots=4)
             name = c.shm.mem.name
-            assert mapped(name)
+            assert held_open(name)
             s = await poll_stats(h, lambda s: s["connections"]["shm_rings"] == 1)
             assert s["connections"]["shm_mapped_bytes"] == 4096 + 4 * SLOT
 
@@ -260,23 +260,22 @@ def test_round_trip_over_the_unix_socket_and_loopback_tcp(tmp_path: Path, over: 
             await c.bye()
             s = await poll_stats(h, lambda s: s["connections"]["shm_rings"] == 0)
             assert s["connections"]["shm_mapped_bytes"] == 0
-            await wait_for(lambda: not mapped(name), what="mapping gone")
+            await wait_for(lambda: not held_open(name), what="mapping gone")
             assert not in_dev_shm(name)  # the client removed its segment
             assert stream_stats(d, "ring")["processed"] == 12 and accounted(d)
 
     run(main())
 
 
-def test_pixels_are_read_in_place_read_only_and_exactly_as_written(tmp_path: Path) -> None:
-    """The detector gets each frame's own pixels (digest and shape), as a read-only array whose
-    data lies inside the daemon's mapping of the client's segment: no copy."""
+def test_pixels_are_read_once_read_only_and_exactly_as_written(tmp_path: Path) -> None:
+    """The detector gets each frame's own pixels (digest and shape) as a read-only array the
+    daemon read from the slot when the frame arrived (issue 27: never a view of the segment,
+    which a client could truncate under a worker)."""
 
     async def main() -> None:
         det = RecordingDetector()
         async with daemon_with(tmp_path, det) as d:
             c = await shm_client(d, slots=3)
-            name = c.shm.mem.name
-            ((lo, hi),) = daemon_maps(name)
             sent = [image(v) for v in (0, 1, 2, 3, 4, 5)]
             sent.append(image(9, 20, 30))  # smaller than a slot: only its bytes are read
             for i, img in enumerate(sent):
@@ -286,7 +285,6 @@ def test_pixels_are_read_in_place_read_only_and_exactly_as_written(tmp_path: Pat
             assert [s["digest"] for s in det.seen] == [digest(img) for img in sent]
             assert [s["shape"] for s in det.seen] == [img.shape for img in sent]
             assert all(s["writeable"] is False for s in det.seen)
-            assert all(lo + 4096 <= s["address"] < hi for s in det.seen)
             await c.close()
 
     run(main())
@@ -331,13 +329,14 @@ async def lie_while_held(
         assert (err["code"], err["frame_id"]) == ("shm_error", second["frame_id"]), err
         assert reason in err["message"], err
         await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 1)  # the bystander's
-        assert mapped(name)  # a worker still reads slot 0: the daemon must not unmap it
+        # closed at once: the worker reads frame 0's own copy, not the segment
+        await wait_for(lambda: not held_open(name), what="segment closed")
         msgs = await round_trip(by, "bystander", [1, 2], first_id)  # served by the other worker
         assert [m["type"] for m in msgs] == ["result", "result"]
         assert figure(d, "held", "in_flight") == 1 and not hang.is_set()
         hang.set()
         await wait_for(lambda: figure(d, "held", "in_flight") == 0)
-        await wait_for(lambda: not mapped(name), what="unmapped once frame 0 was done")
+        await wait_for(lambda: not held_open(name), what="unmapped once frame 0 was done")
         hang.clear()
     finally:
         r.close()
@@ -436,7 +435,7 @@ def test_a_second_process_streams_through_its_ring(tmp_path: Path) -> None:
             full = [np.full(SHAPE, i, np.uint8) for i in range(30)]
             assert [s["digest"] for s in det.seen] == [digest(img) for img in full]
             await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
-            await wait_for(lambda: not mapped(name), what="child's segment unmapped")
+            await wait_for(lambda: not held_open(name), what="child's segment unmapped")
             assert not in_dev_shm(name)
             assert accounted(d)
 
@@ -464,7 +463,7 @@ def test_a_client_killed_while_the_daemon_holds_its_slots(tmp_path: Path) -> Non
                     ),
                     what="one frame in the detector, one queued",
                 )
-                assert stats(d)["connections"]["shm_rings"] == 1 and mapped(name)
+                assert stats(d)["connections"]["shm_rings"] == 1 and held_open(name)
                 proc.send_signal(signal.SIGKILL)
                 assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
                 await wait_for(
@@ -472,10 +471,13 @@ def test_a_client_killed_while_the_daemon_holds_its_slots(tmp_path: Path) -> Non
                 )
                 assert stats(d)["connections"]["shm_rings"] == 0
                 assert stream_stats(d, "child")["dropped_by_reason"]["disconnected"] == 1
-                assert mapped(name)  # a worker still reads slot 0: the daemon must not unmap it
+                # closed at once: the worker reads frame 0's own copy, not the segment
+                await wait_for(lambda: not held_open(name), what="segment closed")
                 hang.set()
                 await wait_for(lambda: stream_stats(d, "child")["in_flight"] == 0)
-                await wait_for(lambda: not mapped(name), what="mapping gone after the last frame")
+                await wait_for(
+                    lambda: not held_open(name), what="mapping gone after the last frame"
+                )
                 await serves_a_fresh_client(d)
                 assert accounted(d)
                 s = stream_stats(d, "child")
@@ -578,7 +580,7 @@ def test_a_hello_announcing_a_ring_the_daemon_will_not_map(
             assert reason in err["message"], err
             assert stats(d)["errors"]["shm_error"] == 1
             assert stats(d)["connections"]["shm_rings"] == (1 if by else 0)
-            assert not mapped(announce["name"])
+            assert not held_open(announce["name"])
             if by is not None:
                 msgs = await round_trip(by, "bystander", [5, 6])
                 assert [m["type"] for m in msgs] == ["result", "result"]
@@ -625,7 +627,7 @@ def test_a_frame_naming_a_slot_the_daemon_will_not_read(
             assert (err["code"], err["frame_id"]) == ("shm_error", 5), err
             assert reason in err["message"], err
             await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 1)
-            await wait_for(lambda: not mapped(ring.mem.name), what="liar's ring unmapped")
+            await wait_for(lambda: not held_open(ring.mem.name), what="liar's ring unmapped")
             t = stats(d)["totals"]
             assert t["received"] == 2 and t["dropped_by_reason"].get("invalid") == 1, t
             assert len(det.seen) == 1  # the lie never reached a detector
@@ -669,7 +671,7 @@ def test_one_ring_per_connection(tmp_path: Path, ring: ShmSlots) -> None:
             err = await refused(c)
             assert err["code"] == "shm_error" and "one per connection" in err["message"]
             await wait_for(lambda: stats(d)["connections"]["shm_rings"] == 0)
-            await wait_for(lambda: not mapped(ring.mem.name))
+            await wait_for(lambda: not held_open(ring.mem.name))
             await serves_a_fresh_client(d)
 
     run(main())
@@ -702,7 +704,7 @@ def test_shm_over_a_tcp_peer_that_is_not_loopback_is_refused(
             await c.send(hello_message(client_name="remote", shm=ring.announce()))
             err = await refused(c)
             assert err["code"] == "shm_error" and "loopback" in err["message"]
-            assert not mapped(ring.mem.name)
+            assert not held_open(ring.mem.name)
             plain = await DaemonClient.connect(addr, d.tcp_port or 0)  # TCP itself still works
             raw = image(4)
             await plain.send_image("remote", 0, raw.tobytes(), "raw", raw.shape)
@@ -728,7 +730,7 @@ def test_websocket_ingest_refuses_shm_hellos_and_shm_frames_with_1008(
                 err = await recv_bin(ws)
                 assert err["type"] == "error" and err["code"] == "shm_error"
                 assert await closed_with(ws) == (1008, "shm_error")
-            assert not mapped(ring.mem.name)
+            assert not held_open(ring.mem.name)
             async with ws_connect(d, "/ingest") as ws:
                 await ws.send(pack(hello_message(client_name="ws")))
                 assert (await recv_bin(ws))["type"] == "welcome"
@@ -829,5 +831,53 @@ def test_a_real_model_finds_the_same_objects_in_shm_and_in_raw_tcp_frames(tmp_pa
             labels = [det["label"] for det in by_shm["detections"]]
             assert "bus" in labels and labels.count("person") >= 4, labels
             assert by_shm["detections"] == by_tcp["detections"]
+
+    run(main())
+
+
+def test_a_segment_truncated_while_its_frame_waits_cannot_kill_the_daemon(
+    tmp_path: Path, spawn_daemon: SpawnDaemon
+) -> None:
+    """A client sends an shm frame while the only worker is busy with a real model on another
+    stream, then truncates its segment to 0 bytes before the frame is analysed. The daemon (a
+    subprocess here) lives, answers the frame with the pixels the client wrote, and serves a new
+    client. Read in place from a mapping, that frame killed it with SIGBUS (exit -7)."""
+    d = spawn_daemon(
+        "--model",
+        "yolov8n",
+        "--model-dir",
+        str(MODEL_DIR),
+        "--workers",
+        "1",
+        "--tcp-port",
+        "0",
+        "--api-port",
+        "0",
+        "--unix-socket",
+        str(tmp_path / "d.sock"),
+    )
+    unix = d.ports(timeout=120)["unix"]
+    busy = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (1920, 1080))
+
+    async def main() -> None:
+        c = await open_client("shm", shm_slots=2, slot_bytes=SLOT, unix_socket=unix)
+        other = await DaemonClient.connect("127.0.0.1", d.tcp)
+        img = image(200)
+        for i in range(8):  # the worker is on these for a while
+            await other.send_image("busy", i, busy.tobytes(), "raw", busy.shape)
+        await c.send_image("cut", 0, img, "raw", img.shape)
+        await asyncio.sleep(0.02)  # the daemon has taken the frame; its worker is still busy
+        os.truncate(f"/dev/shm/{c.shm.mem.name}", 0)
+        msg = await asyncio.wait_for(c.recv(), 30)
+        assert d.popen.poll() is None, f"daemon died: {d.popen.returncode}\n{d.log_tail()}"
+        assert msg is not None and (msg["type"], msg["frame_id"]) == ("result", 0), msg
+        await other.close()
+        await c.close()
+        fresh = await open_client("shm", shm_slots=2, slot_bytes=SLOT, unix_socket=unix)
+        await fresh.send_image("fresh", 0, img, "raw", img.shape)
+        (ok,) = await collect(fresh, 1)
+        assert ok["type"] == "result"
+        await fresh.close()
+        assert d.popen.poll() is None
 
     run(main())

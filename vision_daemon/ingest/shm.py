@@ -1,17 +1,19 @@
-"""Shared-memory frames: a client's ring of slots, mapped read-only once, read in place.
+"""Shared-memory frames: a client's ring of slots, opened read-only once, each frame read once.
 
 The client creates a POSIX shared-memory segment (`/dev/shm/<name>`), writes a header (magic and
 a random token), announces the ring in its hello, then sends frames that name a slot and a shape
 instead of carrying bytes. A slot belongs to the daemon from the frame that names it until the
 message that ends that frame (its result or its `dropped` notice); only then may the client write
-it again. `ShmRing` keeps that ownership for one connection and turns a slot into a read-only
-NumPy view of the mapping: no copy on the daemon's side.
+it again. `ShmRing` keeps that ownership for one connection and reads a slot's pixels, as the
+frame arrives, into a read-only NumPy array of the daemon's own: one copy, by `preadv` on the
+segment's file descriptor, straight into that array.
 
-Why the daemon reads in place is safe: a mapped file that shrinks makes a read past its new end
-fault (SIGBUS), which no Python code can catch. So the segment must be a regular file owned by
-the daemon's own user and writable by nobody else: the only processes that could shrink it can
-already signal the daemon. A shrink by such a process is still detected before each frame is
-handed on (`ShmRing.frame`), which catches a client that resizes its segment by mistake.
+Why a copy and not a view of a mapping (issue 27): a mapped file that shrinks makes any read past
+its new end fault (SIGBUS), which no Python code can catch, and the pixels of a mapped frame are
+read later (by the motion gate, the detector, the dashboard's frame encoder), so a client that
+truncates its segment while a frame is queued killed the daemon, owner check or not. `preadv` on
+a file that shrank returns fewer bytes instead, and the frame is refused (a fatal `shm_error`).
+The segment must still be a regular file owned by the daemon's user and writable by no one else.
 
 `SharedMemory` is the connection's side of it (an `ingest.core.Attachment`): who may map a ring
 (a same-host peer, one ring per connection, within max_shm_mb), and the release rule: the hello
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import mmap
 import os
 import stat
 import time
@@ -63,16 +64,17 @@ class ShmRing:
                 f"cannot open shared memory {ring.name!r} ({exc.strerror or exc}); create it "
                 "before the hello (POSIX shm, e.g. multiprocessing.shared_memory)"
             ) from None
+        self.fd: int | None = fd
         try:
             self._check(os.fstat(fd))
-            self.map = mmap.mmap(fd, ring.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except OSError as exc:
+            header = os.pread(fd, len(p.SHM_MAGIC) + p.SHM_TOKEN_BYTES, 0)
+        except (OSError, p.ProtocolError) as exc:
+            self.close()
+            if isinstance(exc, p.ProtocolError):
+                raise
             raise _refuse(
-                f"cannot map shared memory {ring.name!r} ({exc.strerror or exc})"
+                f"cannot read shared memory {ring.name!r} ({exc.strerror or exc})"
             ) from None
-        finally:
-            os.close(fd)  # the mapping keeps its own reference
-        header = self.map[: len(p.SHM_MAGIC) + p.SHM_TOKEN_BYTES]
         magic, token = header[: len(p.SHM_MAGIC)], header[len(p.SHM_MAGIC) :]
         if magic != p.SHM_MAGIC or not hmac.compare_digest(token, ring.token):
             self.close()
@@ -99,7 +101,7 @@ class ShmRing:
             )
 
     def frame(self, frame: p.Frame) -> p.Frame:
-        """The frame with its pixels as a read-only view of its slot; the slot is now held.
+        """The frame with its slot's pixels read into a read-only array; the slot is now held.
 
         Every lie is fatal: a slot out of range, a shape larger than a slot, a slot or a frame id
         the daemon still holds, a segment that shrank.
@@ -128,10 +130,18 @@ class ShmRing:
                 f"frame {frame.frame_id} of {frame.stream_name} is already in flight",
                 frame.frame_id,
             )
-        if self.map.size() < ring.size:  # fstat: the segment shrank since the hello
-            raise _refuse(f"segment {ring.name!r} shrank below {ring.size} bytes", frame.frame_id)
+        assert self.fd is not None, "frames come only while the ring is open"
         offset = p.SHM_HEADER_BYTES + slot * ring.slot_bytes
-        pixels: Any = np.frombuffer(self.map, np.uint8, h * w * c, offset).reshape(shape)
+        pixels: Any = np.empty(shape, np.uint8)
+        try:  # a file that shrank gives fewer bytes: it never faults, unlike a mapping
+            got = os.preadv(self.fd, [pixels], offset)
+        except OSError as exc:
+            raise _refuse(
+                f"cannot read slot {slot} ({exc.strerror or exc})", frame.frame_id
+            ) from None
+        if got < h * w * c:
+            raise _refuse(f"segment {ring.name!r} shrank below {ring.size} bytes", frame.frame_id)
+        pixels.flags.writeable = False
         self.held[slot] = key
         self.slot_of[key] = slot
         return p.Frame(
@@ -145,11 +155,10 @@ class ShmRing:
             del self.held[slot]
 
     def close(self) -> None:
-        """Unmap now, or, while a worker still reads a view, when the last view is gone."""
-        try:
-            self.map.close()
-        except BufferError:  # views alive: the mapping goes with the last of them (refcount)
-            pass
+        """Close the segment's descriptor (frames read from it own their pixels)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class SharedMemory(Attachment):
@@ -201,7 +210,7 @@ class SharedMemory(Attachment):
         )
 
     def frame(self, frame: p.Frame) -> p.Frame:
-        """An shm frame with its pixels read in place (its slot now held); others as they are."""
+        """An shm frame with its pixels read from its slot (now held); others as they are."""
         if frame.encoding != "shm" or self.ring is None:
             return super().frame(frame)
         return self.ring.frame(frame)
@@ -211,7 +220,7 @@ class SharedMemory(Attachment):
             self.ring.release(stream, frame_id)
 
     def close(self) -> None:
-        """Unmapped now, or by the last worker still reading a slot; nothing kept after."""
+        """The segment's descriptor closed; nothing kept after."""
         if self.ring is not None:
             self.ring.close()
             self.ring = None
