@@ -53,7 +53,7 @@ def daemon_args(args: argparse.Namespace, extra: list[str]) -> argparse.Namespac
         model_dir=args.model_dir,
         workers=args.workers,
         max_batch=1,
-        daemon_args=extra,
+        daemon_args=["--camera-allow-local", *extra],  # the test cameras are on 127.0.0.1
     )
 
 
@@ -174,8 +174,10 @@ def reader_alone(cam: Any, seconds: float) -> dict[str, Any]:
 
     from vision_daemon.config import camera_config
     from vision_daemon.ingest.sources import open_source
+    from vision_daemon.url_policy import UrlPolicy
 
-    source = open_source(cam.url, camera_config(name="esp32", url=cam.url), 4 << 20, False)
+    spec = camera_config(name="esp32", url=cam.url)
+    source = open_source(cam.url, spec, 4 << 20, False, policy=UrlPolicy(allow_local=True))
     ages: list[float] = []
     sizes: list[int] = []
     cpu0, end = time.thread_time(), time.monotonic() + seconds

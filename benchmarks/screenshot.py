@@ -39,6 +39,7 @@ async def shoot(args: argparse.Namespace) -> bytes:
         "api_port": 0,
         "log_dir": "",
         "stats_history_interval_s": 1.0,
+        "camera_media_dir": str(args.video.resolve().parent),  # file cameras live only there
     }
     daemon = Daemon(load_config(overrides=settings, environ={}))
     await daemon.start()

@@ -86,6 +86,10 @@ async def running_daemon(
         "api_port": 0,
         "log_dir": "",
         "stats_refresh_s": 0.05,
+        # The tests' cameras are servers on 127.0.0.1 and files in temporary folders; the URL
+        # policy's own tests (tests/adversarial/test_camera_urls.py) set these back.
+        "camera_allow_local": True,
+        "camera_media_dir": "/",
     }
     settings.update(overrides)
     daemon = Daemon(load_config(overrides=settings, environ={}), factory=factory)

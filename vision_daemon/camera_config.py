@@ -36,6 +36,9 @@ class CameraConfig:
     stall_timeout_s: float = 10.0  # no frame for this long: reconnect
     retry_initial_s: float = 1.0  # first wait before reconnecting; doubles each failure
     retry_max_s: float = 30.0  # cap of that wait (a +-20% jitter is added)
+    allow_local: bool = (
+        False  # may reach loopback/link-local addresses (vision_daemon/url_policy.py)
+    )
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [

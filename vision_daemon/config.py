@@ -24,6 +24,7 @@ from vision_daemon.camera_config import camera_config as camera_config
 from vision_daemon.camera_config import camera_from_dict as camera_from_dict
 from vision_daemon.camera_config import camera_from_flag as camera_from_flag
 from vision_daemon.checks import ConfigError as ConfigError  # raised by every settings check
+from vision_daemon.url_policy import UrlPolicy, UrlRefused
 
 
 def _f(
@@ -299,6 +300,17 @@ class Config:
     max_cameras: int = _f(
         64, "limits", "pulled cameras at once (config, --camera and the API)", low=0
     )
+    camera_media_dir: str = _f(
+        "",
+        "limits",
+        "file cameras only under this folder ('' = no file cameras; vision_daemon/url_policy.py)",
+        "VISION_DAEMON_CAMERA_MEDIA_DIR",
+    )
+    camera_allow_local: bool = _f(
+        False,
+        "limits",
+        "let cameras reach loopback, link-local, unspecified and multicast addresses",
+    )
     # [stats]
     stats_window_s: float = _f(
         10.0, "stats", "sliding window for fps and latency percentiles", above=0
@@ -437,7 +449,25 @@ def _limit_checks(c: Config) -> list[tuple[bool, str]]:
             len(c.cameras) <= c.max_cameras,
             "max_cameras must be at least the number of [[cameras]]",
         ),
+        *_camera_url_checks(c),
     ]
+
+
+def policy_for(c: Config, camera: CameraConfig) -> UrlPolicy:
+    """The URL policy a camera of this daemon is held to."""
+    return UrlPolicy(c.camera_media_dir, c.camera_allow_local or camera.allow_local)
+
+
+def _camera_url_checks(c: Config) -> list[tuple[bool, str]]:
+    """The URL policy's checks that need no network, for every configured camera."""
+    out: list[tuple[bool, str]] = []
+    for cam in c.cameras:
+        for url in filter(None, (cam.url, cam.substream_url)):
+            try:
+                policy_for(c, cam).check_static(url)
+            except UrlRefused as exc:
+                out.append((False, f"camera {cam.name!r}: {exc}"))
+    return out
 
 
 def _output_checks(c: Config) -> list[tuple[bool, str]]:

@@ -4,6 +4,7 @@ analytics, the cameras, the WebSocket ingest, the stats snapshot)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -13,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.api.control import Invalid, NotFound, Refused, Unavailable
-from vision_daemon.config import CameraConfig, Config, ConfigError
+from vision_daemon.config import CameraConfig, Config, ConfigError, policy_for
 from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.cameras import CameraRefused
 from vision_daemon.ingest.ws import WsIngest
@@ -22,6 +23,7 @@ from vision_daemon.outputs import FrameImage
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
 from vision_daemon.snapshot import SnapshotCache
+from vision_daemon.url_policy import UrlRefused
 
 NO_STREAM = "no stream of that name"
 
@@ -114,9 +116,17 @@ class DaemonControl:
             raise NotFound(f"no camera named {name[:64]!r}")
         return camera.health(time.monotonic())
 
-    def add_camera(self, spec: CameraConfig) -> CameraStats:
+    async def add_camera(self, spec: CameraConfig) -> CameraStats:
+        """Check the camera's URLs against the URL policy (resolving hosts, off the loop: 422
+        with the reason, nothing opened), then start it."""
         if self._cameras is None:
             raise Unavailable("cameras are not available in this daemon")
+        policy = policy_for(self._cameras.config, spec)
+        for url in filter(None, (spec.url, spec.substream_url)):
+            try:
+                await asyncio.to_thread(policy.resolve, url)
+            except UrlRefused as exc:
+                raise Invalid(f"bad camera {spec.name!r}: {exc}") from None
         try:
             return self._cameras.add(spec).health(time.monotonic())
         except CameraRefused as exc:

@@ -30,6 +30,7 @@ from tests.conftest import (
 from tests.sources import MjpegServer
 from vision_daemon.config import camera_config
 from vision_daemon.ingest.sources import open_source
+from vision_daemon.url_policy import UrlPolicy
 
 pytestmark = pytest.mark.slow  # real sockets, threads, daemons
 
@@ -50,7 +51,7 @@ def test_mjpeg_frames_are_handed_over_as_their_last_byte_arrives(
     sending it, is under 50 ms; the frame's own time is its first byte, not its parse."""
     with MjpegServer(size=size, fps=fps) as cam:
         spec = camera_config(name="esp32", url=cam.url)
-        source = open_source(cam.url, spec, 4 << 20, False)
+        source = open_source(cam.url, spec, 4 << 20, False, policy=UrlPolicy(allow_local=True))
         ages: list[float] = []
         stamps: list[float] = []
         try:

@@ -155,7 +155,8 @@ def test_camera_config_from_toml_flags_and_json(tmp_path: object) -> None:
     c = camera_from_dict({"name": "door", "url": "rtsp://h/s", "max_fps": 2, "loop": "true"})
     assert (c.options.max_fps, c.loop, c.rtsp_transport) == (2.0, True, "tcp")
     assert camera_from_flag("yard=http://cam/stream").url == "http://cam/stream"
-    cfg = load_config(overrides={"cameras": [c, camera_from_flag("y=/tmp/v.mp4")]}, environ={})
+    y = camera_from_flag("y=usb:0")
+    cfg = load_config(overrides={"cameras": [c, y]}, environ={})
     assert [x.name for x in cfg.cameras] == ["door", "y"]
     for bad, message in [
         ({"name": "a b", "url": "rtsp://h"}, "name must be"),
@@ -224,7 +225,12 @@ def run_camera(
     FakeSource.opens = 0
 
     def fake_open(
-        url: str, camera: CameraConfig, max_bytes: int, keyframes: bool, stop: Any = None
+        url: str,
+        camera: CameraConfig,
+        max_bytes: int,
+        keyframes: bool,
+        stop: Any = None,
+        policy: Any = None,
     ) -> Any:
         source = FakeSource(frames, every)
         source.frames = frames  # type: ignore[assignment]

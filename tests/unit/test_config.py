@@ -83,3 +83,41 @@ def test_example_configs_load(name: str) -> None:
     """The example configs only hold known settings with valid values."""
     cfg = load_config(ROOT / "configs" / name, environ={})
     assert cfg.device in ("cpu", "cuda:0") and cfg.max_batch >= 1
+
+
+def test_the_camera_url_policy_without_the_network(tmp_path: Path) -> None:
+    """Addresses by class (private LAN allowed, loopback/link-local/unspecified/multicast not,
+    IPv4 inside IPv6 too), devices, and files by place and by their first bytes."""
+    from vision_daemon.url_policy import UrlPolicy, UrlRefused
+
+    strict, loose = UrlPolicy(str(tmp_path)), UrlPolicy(str(tmp_path), allow_local=True)
+    for url in ("rtsp://10.0.0.5/s", "http://192.168.1.20/mjpeg", "http://[fd00::5]/", "usb:0"):
+        strict.check_static(url)
+    for url in (
+        "http://[::1]/",
+        "http://[fe80::1]/",
+        "rtsp://224.0.0.1/",
+        "http://[::ffff:169.254.1.1]/",
+    ):
+        with pytest.raises(UrlRefused):
+            strict.check_static(url)
+        loose.check_static(url)
+    strict.check_static("/dev/video2")
+    with pytest.raises(UrlRefused, match="/dev/videoN"):
+        strict.check_static("/dev/sda")
+    samples = {
+        "a.mp4": b"\x00\x00\x00\x18ftypisom" + bytes(100),
+        "a.mkv": b"\x1a\x45\xdf\xa3" + bytes(100),
+        "a.avi": b"RIFF\x00\x00\x00\x00AVI LIST",
+        "a.ts": (b"\x47" + bytes(187)) * 3,
+        "a.jpg": b"\xff\xd8\xff\xe0" + bytes(100),
+    }
+    for name, head in samples.items():
+        (tmp_path / name).write_bytes(head)
+        strict.check_static(str(tmp_path / name))
+    (tmp_path / "playlist.m3u8").write_text("#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n")
+    with pytest.raises(UrlRefused, match="not a video container") as refused:
+        strict.check_static(str(tmp_path / "playlist.m3u8"))
+    assert "passwd" not in str(refused.value)
+    with pytest.raises(UrlRefused, match="camera_media_dir"):
+        UrlPolicy().check_static(str(tmp_path / "a.mp4"))  # no media folder: no file cameras

@@ -32,7 +32,7 @@ def router(control: Control) -> APIRouter:
         except ConfigError as exc:
             raise HTTPException(422, str(exc)) from None
         with answers():
-            return control.add_camera(spec)
+            return await control.add_camera(spec)
 
     @r.delete("/cameras/{name}", status_code=204)
     async def delete_camera(name: str) -> Response:

@@ -79,8 +79,9 @@ class Control(Protocol):
         """One camera's health. Raises NotFound."""
         ...
 
-    def add_camera(self, spec: CameraConfig) -> CameraStats:
-        """Start pulling a camera; its health. Raises Refused or Unavailable."""
+    async def add_camera(self, spec: CameraConfig) -> CameraStats:
+        """Start pulling a camera; its health. Raises Invalid (its URL is refused by the URL
+        policy), Refused or Unavailable."""
         ...
 
     def remove_camera(self, name: str) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from vision_daemon.config import CameraConfig, Config
+from vision_daemon.config import CameraConfig, Config, policy_for
 from vision_daemon.ingest.cameras import FLUSH_INTERVAL_S, Camera, CameraRefused
 from vision_daemon.ingest.sources import (
     redact_url,
@@ -59,6 +59,7 @@ class CameraManager:
             self.config.max_message_bytes,
             self.config.stats_window_s,
             self.config.max_image_pixels,
+            policy_for(self.config, spec),
         )
         # The stream is the camera's from now on: no pushed client can take the name while the
         # camera is still connecting.

@@ -43,6 +43,7 @@ from vision_daemon.protocol import Frame, StreamOptions
 from vision_daemon.schema import CameraOptionsModel, CameraStats
 from vision_daemon.stats import Window
 from vision_daemon.streams import Gate
+from vision_daemon.url_policy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ class Camera:
         max_bytes: int,
         window_s: float,
         max_pixels: int = 7680 * 4320,
+        policy: UrlPolicy | None = None,
     ) -> None:
         self.spec = spec
+        self.policy = policy or UrlPolicy()  # checked again, host looked up, at every open
         self._max_pixels = max_pixels
         self._seq = 0  # reader thread: the next frame id
         self.name = spec.name
@@ -182,7 +185,7 @@ class Camera:
             first_frame_at: float | None = None
             try:
                 source = open_source(
-                    self.url, spec, self._max_bytes, self.keyframes_only, self._stop
+                    self.url, spec, self._max_bytes, self.keyframes_only, self._stop, self.policy
                 )
                 try:
                     with self._lock:

@@ -16,6 +16,8 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -28,6 +30,7 @@ from vision_daemon.ingest.source_types import (
     SourceInfo,
     split_credentials,
 )
+from vision_daemon.url_policy import Target, UrlPolicy, UrlRefused
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,32 @@ MAX_PREAMBLE = 65536  # bytes before the first boundary (a real camera sends a C
 MAX_BAD_PARTS = 100  # empty or non-image parts in a row before the stream is given up
 
 
+MAX_REDIRECTS = 3
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class Where:
+    """What a camera's GET asks for: its URL (no credentials), the credentials, the URL policy
+    every hop is checked against, and where the last GET went (`target`, `auth`)."""
+
+    url: str
+    credentials: tuple[str, str] | None
+    policy: UrlPolicy
+    target: Target | None = None
+    auth: tuple[str, str] | None = None
+
+
 # ---- HTTP: MJPEG (multipart/x-mixed-replace) or a JPEG snapshot URL ----------------------------
 def open_http(
-    url: str, camera: CameraConfig, max_bytes: int, stop: threading.Event | None = None
+    url: str,
+    camera: CameraConfig,
+    max_bytes: int,
+    stop: threading.Event | None = None,
+    policy: UrlPolicy | None = None,
 ) -> Source:
     bare, credentials = split_credentials(url)
+    where = Where(bare, credentials, policy or UrlPolicy())
     timeout = httpx.Timeout(
         connect=camera.open_timeout_s,
         read=camera.stall_timeout_s,
@@ -50,15 +74,14 @@ def open_http(
     )
     client = httpx.Client(
         timeout=timeout,
-        follow_redirects=True,
-        max_redirects=3,
+        follow_redirects=False,  # followed by _get, each hop checked by the URL policy
         # identity: a compressed body would be inflated past our bounds before we could count it
         headers={"User-Agent": "vision-daemon", "Accept-Encoding": "identity"},
     )
     deadline = Deadline(stop)
     try:
         try:
-            response = _get(client, bare, credentials, deadline, camera.open_timeout_s)
+            response = _get(client, where, deadline, camera.open_timeout_s)
         except httpx.ReadTimeout:
             raise SourceError(
                 "the camera accepted the connection but sent no answer within stall_timeout_s"
@@ -74,9 +97,7 @@ def open_http(
         if ctype.startswith(("image/jpeg", "image/jpg")):
             arrived = (time.monotonic(), time.time())
             first = _read_bounded(response, max_bytes, camera.stall_timeout_s, deadline)
-            return SnapshotSource(
-                client, bare, credentials, camera, max_bytes, (first, *arrived), deadline
-            )
+            return SnapshotSource(client, where, camera, max_bytes, (first, *arrived), deadline)
         response.close()
         raise SourceError(
             f"not an MJPEG stream or a JPEG snapshot (Content-Type {ctype[:40] or 'missing'})",
@@ -88,22 +109,61 @@ def open_http(
         raise
 
 
-def _get(
+def _get(client: httpx.Client, where: Where, deadline: Deadline, head_s: float) -> httpx.Response:
+    """GET `where.url`, following at most MAX_REDIRECTS redirects, each hop checked by the URL
+    policy and connected to the address it checked; credentials go only to the URL's own
+    origin. Remembers the final hop in `where` for the next GET (`_get_again`)."""
+    url = where.url
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            target = where.policy.resolve(url)
+        except UrlRefused as exc:
+            hop = "a redirect" if url != where.url else "the URL"
+            raise SourceError(
+                f"{hop} refused by the camera URL policy: {exc}", permanent=True
+            ) from None
+        same = urlsplit(url)[:2] == urlsplit(where.url)[:2]
+        auth = where.credentials if same else None
+        response = _get_once(client, target, auth, deadline, head_s)
+        location = response.headers.get("location")
+        if response.status_code not in REDIRECTS or not location:
+            where.target, where.auth = target, auth
+            return _checked(response)
+        response.close()
+        url = urljoin(url, location)
+    raise SourceError(f"more than {MAX_REDIRECTS} redirects", permanent=True)
+
+
+def _get_again(
+    client: httpx.Client, where: Where, deadline: Deadline, head_s: float
+) -> httpx.Response:
+    """The next GET of a snapshot camera: to the hop and address the first GET ended at."""
+    if where.target is None:
+        return _get(client, where, deadline, head_s)
+    return _checked(_get_once(client, where.target, where.auth, deadline, head_s))
+
+
+def _get_once(
     client: httpx.Client,
-    url: str,
+    target: Target,
     credentials: tuple[str, str] | None,
     deadline: Deadline,
     head_s: float,
 ) -> httpx.Response:
-    """GET, streaming; Basic auth first, Digest when the camera asks for it (many do). The
+    """One GET, streaming; Basic auth first, Digest when the camera asks for it (many do). The
     whole response head must arrive within `head_s`."""
     auth: httpx.Auth | None = httpx.BasicAuth(*credentials) if credentials else None
-    response = _send(client, url, auth, deadline, head_s)
+    response = _send(client, target, auth, deadline, head_s)
     challenge = response.headers.get("www-authenticate", "").lower()
     if response.status_code == 401 and credentials and challenge.startswith("digest"):
         response.close()
         auth = httpx.DigestAuth(*credentials)
-        response = _send(client, url, auth, deadline, head_s)
+        response = _send(client, target, auth, deadline, head_s)
+    return response
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    """The response if it is a 200; else a one-line SourceError saying what the status means."""
     if response.status_code in (401, 403):
         response.close()
         raise SourceError(
@@ -120,9 +180,12 @@ def _get(
 
 
 def _send(
-    client: httpx.Client, url: str, auth: httpx.Auth | None, deadline: Deadline, head_s: float
+    client: httpx.Client, target: Target, auth: httpx.Auth | None, deadline: Deadline, head_s: float
 ) -> httpx.Response:
-    request = client.build_request("GET", url, extensions={"trace": deadline.trace})
+    headers = {"Host": target.host_header} if target.host_header else None
+    request = client.build_request(
+        "GET", target.url, headers=headers, extensions={"trace": deadline.trace}
+    )
     deadline.expect(head_s)
     try:
         response = client.send(request, auth=auth, stream=True)
@@ -316,16 +379,14 @@ class SnapshotSource:
     def __init__(
         self,
         client: httpx.Client,
-        url: str,
-        credentials: tuple[str, str] | None,
+        where: Where,
         camera: CameraConfig,
         max_bytes: int,
         first: tuple[bytes, float, float],  # the JPEG that told the kind, and when its head came
         deadline: Deadline,
     ) -> None:
         self.client = client
-        self.url = url
-        self.credentials = credentials
+        self.where = where
         self.max_bytes = max_bytes
         self.first: tuple[bytes, float, float] | None = first
         rate = camera.fps or camera.options.max_fps or 1.0
@@ -342,7 +403,7 @@ class SnapshotSource:
             if self.first is not None:
                 (jpeg, started, wall), self.first = self.first, None
             else:
-                response = _get(self.client, self.url, self.credentials, self.deadline, self.open_s)
+                response = _get_again(self.client, self.where, self.deadline, self.open_s)
                 started, wall = time.monotonic(), time.time()  # the head has arrived
                 jpeg = _read_bounded(response, self.max_bytes, self.stall_s, self.deadline)
             yield Grab(started, wall, 0.0, jpeg=jpeg)

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -45,6 +44,7 @@ from vision_daemon.ingest.source_types import SourceInfo as SourceInfo
 from vision_daemon.ingest.source_types import kind_of as kind_of
 from vision_daemon.ingest.source_types import redact_url as redact_url
 from vision_daemon.ingest.source_types import scrub as scrub
+from vision_daemon.url_policy import PROTOCOLS, UrlPolicy, UrlRefused, file_path
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,19 @@ def open_source(
     max_bytes: int,
     keyframes_only: bool,
     stop: threading.Event | None = None,
+    policy: UrlPolicy | None = None,
 ) -> Source:
-    """Open `url` for `camera`; raises SourceError (one line, no secrets). Setting `stop` ends
-    an HTTP open at once."""
+    """Open `url` for `camera` within the URL `policy` (checked again, host looked up, the
+    connection made to the address checked); raises SourceError (one line, no secrets). Setting
+    `stop` ends an HTTP open at once."""
+    policy = policy or UrlPolicy()
     kind = kind_of(url)
     try:
-        if kind == "http":
-            return open_http(url, camera, max_bytes, stop)
-        return PyAvSource(url, kind, camera, keyframes_only)
+        if kind == "http":  # each redirect hop is checked and pinned there
+            return open_http(url, camera, max_bytes, stop, policy)
+        return PyAvSource(policy.resolve(url).url, kind, camera, keyframes_only)
+    except UrlRefused as exc:
+        raise SourceError(f"refused by the camera URL policy: {exc}", permanent=True) from None
     except SourceError:
         raise
     except Exception as exc:
@@ -105,15 +110,17 @@ class PyAvSource:
         import av
         import av.video.reformatter
 
-        options: dict[str, str] = {}
+        # Only the protocols this kind needs: nothing like concat:, subfile: or a file: entry
+        # inside a playlist opens (vision_daemon/url_policy.py).
+        options: dict[str, str] = {"protocol_whitelist": PROTOCOLS[kind]}
         fmt: str | None = None
         target = url
         if kind == "rtsp":
-            options = {"rtsp_transport": camera.rtsp_transport, "allowed_media_types": "video"}
+            options |= {"rtsp_transport": camera.rtsp_transport, "allowed_media_types": "video"}
         elif kind == "usb":
             fmt, target = "v4l2", f"/dev/video{int(url.split(':', 1)[1] or 0)}"
         else:
-            target = unquote(urlsplit(url).path) if url.startswith("file://") else url
+            target = file_path(url)
             if not Path(target).is_file():
                 raise SourceError("no such file", permanent=True)
         self.kind = kind
