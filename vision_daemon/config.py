@@ -24,6 +24,7 @@ from vision_daemon.camera_config import camera_config as camera_config
 from vision_daemon.camera_config import camera_from_dict as camera_from_dict
 from vision_daemon.camera_config import camera_from_flag as camera_from_flag
 from vision_daemon.checks import ConfigError as ConfigError  # raised by every settings check
+from vision_daemon.tokens import TokenConfig, token_from_dict
 from vision_daemon.url_policy import UrlPolicy, UrlRefused
 
 
@@ -117,8 +118,19 @@ class Config:
     auth_token: str = _f(
         "",
         "server",
-        "shared token for TCP hello and HTTP/WS; empty = no auth",
+        "an admin token for TCP hello and HTTP/WS (more tokens, with roles: [[tokens]]); "
+        "no token at all = no auth",
         env="VISION_DAEMON_AUTH_TOKEN",
+    )
+    auth_max_failures: int = _f(
+        10,
+        "server",
+        "failed token checks from one address within auth_failure_window_s before it is "
+        "refused (429 / closed) until they age out; 0 = no throttling",
+        low=0,
+    )
+    auth_failure_window_s: float = _f(
+        60.0, "server", "the window of auth_max_failures", above=0, high=86400
     )
     shutdown_grace_s: float = _f(
         5.0, "server", "on SIGINT/SIGTERM, time allowed for in-flight work", low=0
@@ -405,6 +417,8 @@ class Config:
     )
     # [[cameras]]: a list of tables, not a flat setting (see CameraConfig); --camera NAME=URL
     cameras: tuple[CameraConfig, ...] = field(default=(), metadata={"section": "cameras"})
+    # [[tokens]]: tokens with roles (vision_daemon/tokens.py)
+    tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"section": "tokens"})
     # [tracking], [[lines]], [[zones]]: tables (vision_daemon/analytics/settings.py)
     analytics: AnalyticsConfig = field(
         default_factory=AnalyticsConfig, metadata={"section": "analytics tables"}
@@ -445,6 +459,7 @@ def _limit_checks(c: Config) -> list[tuple[bool, str]]:
             len({cam.name for cam in c.cameras}) == len(c.cameras),
             "two cameras have the same name",
         ),
+        (len({t.name for t in c.tokens}) == len(c.tokens), "two [[tokens]] have the same name"),
         (
             len(c.cameras) <= c.max_cameras,
             "max_cameras must be at least the number of [[cameras]]",
@@ -487,7 +502,8 @@ def _output_checks(c: Config) -> list[tuple[bool, str]]:
 
 
 # The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.
-FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("cameras", "analytics")}
+TABLES = ("cameras", "analytics", "tokens")  # arrays of tables: not flags or env variables
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in TABLES}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -521,6 +537,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             if not isinstance(table, list):
                 raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
             values["cameras"] = tuple(camera_from_dict(c) for c in table)
+            continue
+        if section == "tokens":
+            if not isinstance(table, list):
+                raise ConfigError(f"config file {path}: tokens must be [[tokens]] tables")
+            values["tokens"] = tuple(token_from_dict(t) for t in table)
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: '{section}' must be a [section] table")
@@ -560,6 +581,9 @@ def load_config(
             continue
         if name == "cameras":  # --camera adds to the file's cameras
             values["cameras"] = (*values.get("cameras", ()), *value)
+            continue
+        if name == "tokens":  # TokenConfigs (tests, embedders)
+            values["tokens"] = tuple(value)
             continue
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name}")

@@ -23,6 +23,7 @@ from vision_daemon.outputs import FrameImage
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
 from vision_daemon.snapshot import SnapshotCache
+from vision_daemon.tokens import EVERYONE, Principal
 from vision_daemon.url_policy import UrlRefused
 
 NO_STREAM = "no stream of that name"
@@ -148,7 +149,11 @@ class DaemonControl:
         return self._ws_ingest is not None
 
     async def serve_ingest(
-        self, websocket: WebSocket, stream: str | None, browser: bool = False
+        self,
+        websocket: WebSocket,
+        stream: str | None,
+        browser: bool = False,
+        principal: Principal = EVERYONE,
     ) -> None:
         assert self._ws_ingest is not None, "routes exist only when ingests_websockets"
-        await self._ws_ingest.serve(websocket, stream, browser)
+        await self._ws_ingest.serve(websocket, stream, browser, principal)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from vision_daemon import protocol as p
 from vision_daemon.metrics import Metrics
 from vision_daemon.stats import Counts
 from vision_daemon.streams import Stream
@@ -61,5 +60,3 @@ class Ledger:
         """A refused message, by protocol error code."""
         self.errors[code] += 1
         self.metrics.errors.labels(code).inc()
-        if code == p.E_UNAUTHORIZED:
-            self.metrics.auth_failures.labels("tcp").inc()

@@ -19,6 +19,7 @@ from typing import Any
 
 from vision_daemon import __version__, analytics, portsfile
 from vision_daemon import protocol as p
+from vision_daemon.access import access_for
 from vision_daemon.api import create_app
 from vision_daemon.config import Config, ConfigError
 from vision_daemon.control import DaemonControl
@@ -87,7 +88,8 @@ class Daemon:
         self.pipeline = Pipeline(
             config, self.reports, self.scheduler, self.hub, self.metrics, outputs=self.outputs
         )
-        self.ingest = TcpIngest(config, self.pipeline)
+        self.access = access_for(config, self.metrics.auth_refused)
+        self.ingest = TcpIngest(config, self.pipeline, self.access)
         self.cameras = CameraManager(config, self.pipeline)
         self.http = HttpServer(config)
         self.pool: WorkerPool | None = None
@@ -95,7 +97,7 @@ class Daemon:
         self.components = Components(
             self.pipeline, self.hub, self.ingest, self.started_at, self.ready, self.cameras
         )
-        self.ws_ingest = WsIngest(config, self.pipeline)
+        self.ws_ingest = WsIngest(config, self.pipeline, self.access)
         self.components.ws_ingest = self.ws_ingest
         self.components.outputs = self.outputs
         self.stats = SnapshotCache(
@@ -164,7 +166,7 @@ class Daemon:
             control = DaemonControl(
                 cfg, self.pipeline, self.stats, self.ready, self.cameras, self.ws_ingest
             )
-            app = create_app(cfg, control, self.hub, self.metrics, self.started_at)
+            app = create_app(cfg, control, self.hub, self.metrics, self.started_at, self.access)
             await self.http.start(app)
             stack.push_async_callback(self._guard, "control plane", self.http.stop)
             stack.callback(self.hub.close)  # /ws subscribers close with 1001 before the server

@@ -70,6 +70,13 @@ class Metrics:
             ["plane"],
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "vision_daemon_auth_refusals",
+            "Refused attempts by plane, route, token name (never the token; '-' when none was "
+            "valid) and reason (missing, wrong, expired, throttled, forbidden)",
+            ["plane", "route", "token", "reason"],
+            registry=r,
+        )
         self.latency = Histogram(
             "vision_daemon_latency_seconds",
             "Server-side time per processed frame by stage (queue wait, decode, inference, total)",
@@ -82,6 +89,14 @@ class Metrics:
         self.gauges: _SnapshotGauges | None = None
 
     # ---- stream labels ----------------------------------------------------------------------
+
+    def auth_refused(self, plane: str, route: str, token: str, reason: str) -> None:
+        """One refusal (vision_daemon/access.py); a failed check also counts as a failure of
+        its plane, as before roles existed."""
+        self.auth_refusals.labels(plane, route, token, reason).inc()
+        if reason != "forbidden":
+            self.auth_failures.labels(plane).inc()
+
     def label_for(self, stream: str) -> str:
         """A new stream's label: its name while fewer than the cap are labelled, else _other."""
         if len(self._labelled) >= self.max_stream_labels:

@@ -30,6 +30,7 @@ import websockets
 from tests.conftest import ROOT, VIDEO, connect, jpeg, running_daemon, shared_model, wait_for_sync
 from vision_daemon.config import camera_config
 from vision_daemon.lifecycle import Daemon
+from vision_daemon.tokens import TokenConfig
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 try:
@@ -48,6 +49,7 @@ if not os.access(CHROMIUM, os.X_OK):
 pytestmark = pytest.mark.slow  # real sockets, a real model and a real browser
 
 TOKEN = "dashboard-test-token"
+VIEWER_TOKEN = "dashboard-viewer-token"
 STREAM = "street"
 ARTIFACTS = ROOT / "artifacts" / "dashboard"
 KEEP_RESULTS = 2000
@@ -146,6 +148,7 @@ def daemon() -> Iterator[LiveDaemon]:
             "model_dir": str(shared_model(".")),
             "workers": 1,
             "auth_token": TOKEN,
+            "tokens": (TokenConfig("wall", "viewer", token=VIEWER_TOKEN),),
             "cameras": (camera,),
             "stats_refresh_s": 0.5,
             "stats_history_interval_s": 0.5,
@@ -474,6 +477,20 @@ def test_adds_and_removes_a_pulled_camera(session: Session, daemon: LiveDaemon) 
             assert h.get("/cameras/second").status_code == 404
         finally:
             h.delete("/cameras/second")
+    session.check_origin_and_errors()
+
+
+def test_a_viewer_sees_the_streams_but_no_control_it_may_not_use(session: Session) -> None:
+    """Signed in with a viewer token: tiles and the cameras table, but no add-camera form, no
+    Remove buttons and no stream-options form (the daemon would refuse them: 403)."""
+    page = session.page
+    session.sign_in(VIEWER_TOKEN)
+    page.wait_for_selector(TILE)
+    page.wait_for_selector(f'#cameras-table tr[data-camera="{STREAM}"]')
+    assert page.evaluate("document.body.dataset.role") == "viewer"
+    assert page.is_hidden("#add-camera-form")
+    assert page.is_hidden(f'#cameras-table tr[data-camera="{STREAM}"] button.remove')
+    assert page.is_hidden("#detail-form")
     session.check_origin_and_errors()
 
 

@@ -36,7 +36,7 @@ def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> No
     assert analytics.tracking.new_object_classes == ("person",)
     assert [line.name for line in analytics.lines_of("walk")] == ["mid"]
     assert [zone.name for zone in analytics.zones_of("walk")] == ["door"]
-    example = text[text.index("# [[cameras]]") :]
+    example = text[text.index("# [[cameras]]") : text.index("# Tokens with roles")]
     uncommented = tmp_path / "cameras.toml"
     uncommented.write_text("\n".join(line.removeprefix("# ") for line in example.splitlines()))
     (camera,) = load_config(uncommented, environ={}).cameras
@@ -48,6 +48,11 @@ def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> No
     # serve has no literal default (left out, it is the daemon's serve_default): the example
     # names latest
     assert camera.options == dataclasses.replace(CAMERA_DEFAULTS, serve="latest")
+    tokens = text[text.index("# [[tokens]]") :]
+    uncommented = tmp_path / "tokens.toml"
+    uncommented.write_text("\n".join(line.removeprefix("# ") for line in tokens.splitlines()))
+    (token,) = load_config(uncommented, environ={}).tokens
+    assert (token.name, token.role, token.streams) == ("door-cams", "ingest", ("door-*",))
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -121,3 +126,19 @@ def test_the_camera_url_policy_without_the_network(tmp_path: Path) -> None:
     assert "passwd" not in str(refused.value)
     with pytest.raises(UrlRefused, match="camera_media_dir"):
         UrlPolicy().check_static(str(tmp_path / "a.mp4"))  # no media folder: no file cameras
+
+
+def test_the_readme_tokens_example_loads(tmp_path: Path) -> None:
+    """README.md's [[tokens]] example is a config file that loads, with the roles it says."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert match is not None
+    path = tmp_path / "my.toml"
+    path.write_text(match.group(1))
+    tokens = load_config(path, environ={}).tokens
+    assert [(t.name, t.role, t.streams) for t in tokens] == [
+        ("wall-screen", "viewer", ()),
+        ("door-cams", "ingest", ("door-*",)),
+    ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from vision_daemon import __version__
+from vision_daemon.access import Access
 from vision_daemon.api import analytics, cameras, dashboard, streams, websockets
 from vision_daemon.api.auth import TokenGate
 from vision_daemon.api.control import Control
@@ -23,9 +24,14 @@ from vision_daemon.outputs import Hub
 
 
 def create_app(
-    config: Config, control: Control, hub: Hub, metrics: Metrics, started_at: float
+    config: Config,
+    control: Control,
+    hub: Hub,
+    metrics: Metrics,
+    started_at: float,
+    access: Access,
 ) -> FastAPI:
-    token = config.auth_token
+    token = access.enabled
     # With a token, the generated docs are served by routes below that require it.
     app = FastAPI(
         title="vision-daemon",
@@ -34,11 +40,12 @@ def create_app(
         redoc_url=None if token else "/redoc",
         openapi_url=None if token else "/openapi.json",
     )
-    gate = TokenGate(token, metrics)
+    gate = TokenGate(access, config.auth_failure_window_s)
     auth = [Depends(gate.require)]
     if token:
         _docs_behind_token(app, auth)
     app.include_router(streams.open_router(started_at))
+    app.include_router(whoami_router(gate))
     app.include_router(streams.router(control, metrics, config.stats_refresh_s), dependencies=auth)
     app.include_router(cameras.router(control), dependencies=auth)
     app.include_router(analytics.router(control), dependencies=auth)
@@ -46,6 +53,19 @@ def create_app(
     if config.dashboard:
         app.include_router(dashboard.router())
     return app
+
+
+def whoami_router(gate: TokenGate) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/whoami")
+    async def whoami(request: Request) -> dict[str, str]:
+        """The token's name and role (any valid token; the dashboard hides what its role may
+        not do). With no token configured: role admin, name ""."""
+        principal = gate.identify(request)
+        return {"name": principal.name, "role": principal.role}
+
+    return r
 
 
 def _docs_behind_token(app: FastAPI, auth: list[Any]) -> None:

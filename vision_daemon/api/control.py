@@ -16,6 +16,7 @@ from vision_daemon.config import CameraConfig
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
 from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
+from vision_daemon.tokens import EVERYONE, Principal
 
 
 class NotFound(Exception):
@@ -98,7 +99,11 @@ class Control(Protocol):
         ...
 
     async def serve_ingest(
-        self, websocket: WebSocket, stream: str | None, browser: bool = False
+        self,
+        websocket: WebSocket,
+        stream: str | None,
+        browser: bool = False,
+        principal: Principal = EVERYONE,
     ) -> None:
         """Hand an accepted WebSocket to the ingest (stream set, or `browser`: browser mode)."""
         ...

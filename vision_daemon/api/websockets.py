@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from vision_daemon.api.auth import WS_POLICY_VIOLATION, TokenGate
 from vision_daemon.api.control import Control
 from vision_daemon.outputs import Hub, Subscriber
+from vision_daemon.tokens import PUSH
 
 WS_TRY_AGAIN_LATER = 1013  # ws_max_subscribers reached
 WS_GOING_AWAY = 1001  # daemon shutting down
@@ -22,21 +23,21 @@ def router(control: Control, hub: Hub, gate: TokenGate, ws_queue: int) -> APIRou
         @r.websocket("/ingest")
         async def ingest(websocket: WebSocket) -> None:
             """Frames in, results out: one protocol message (msgpack) per binary message."""
-            if await gate.accept_ws(websocket):
-                await control.serve_ingest(websocket, None)
+            if who := await gate.accept_ws(websocket, PUSH):
+                await control.serve_ingest(websocket, None, principal=who)
 
         @r.websocket("/ingest/{stream}")
         async def ingest_stream(websocket: WebSocket, stream: str) -> None:
             """Browser mode: one JPEG per binary message in, JSON results out."""
-            if await gate.accept_ws(websocket):
-                await control.serve_ingest(websocket, stream)
+            if who := await gate.accept_ws(websocket, PUSH):
+                await control.serve_ingest(websocket, stream, principal=who)
 
         @r.websocket("/ws/stream")
         async def ingest_unnamed(websocket: WebSocket) -> None:
             """Browser mode on a stream of the connection's own (the path simple clients of
             other servers use)."""
-            if await gate.accept_ws(websocket):
-                await control.serve_ingest(websocket, None, browser=True)
+            if who := await gate.accept_ws(websocket, PUSH):
+                await control.serve_ingest(websocket, None, browser=True, principal=who)
 
     @r.websocket("/ws")
     async def ws(

@@ -26,10 +26,12 @@ from collections import deque
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from vision_daemon import protocol as p
+from vision_daemon.access import Access, access_for
 from vision_daemon.config import Config
 from vision_daemon.ingest.peer import ConnectionTasks, PeerSink
-from vision_daemon.log import RateLimiter
+from vision_daemon.log import RateLimiter, peer_host
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.tokens import EVERYONE, Principal
 
 CLOSE_NORMAL = 1000  # after the client's bye
 CLOSE_GOING_AWAY = 1001  # daemon shutting down
@@ -98,9 +100,10 @@ class PeerIngest(Generic[C]):
     """What an ingest of pushing peers keeps: its open connections, the welcome they get, the
     tasks serving them, counts, the rate limit of its log lines and its two-phase stop."""
 
-    def __init__(self, config: Config, pipeline: Pipeline) -> None:
+    def __init__(self, config: Config, pipeline: Pipeline, access: Access | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.access = access or access_for(config)  # tokens, roles, throttle
         self.connections: set[C] = set()
         self.welcome: p.Welcome | None = None  # the lifecycle's welcome, given to `start`
         self.stopping = False
@@ -129,6 +132,8 @@ class PeerConnection(PeerSink):
     """One pushing peer: a reader that never waits on inference, a writer with a bounded outbox,
     one timer, and its own `shutdown()`."""
 
+    plane = "peer"  # tcp or ws: the label of its refusals
+
     write_errors: tuple[type[BaseException], ...] = (ConnectionError, OSError)
 
     def __init__(
@@ -138,6 +143,7 @@ class PeerConnection(PeerSink):
         self.ingest = ingest
         self.peer = peer
         self.attachment = attachment
+        self.principal: Principal = EVERYONE  # who its token proved to be (no auth: everyone)
         self.hello: p.Hello | None = None
         self.greeted = False  # its first valid message came: the idle timeout applies from now
         self.reading = True
@@ -305,6 +311,9 @@ class PeerConnection(PeerSink):
         if not self.admit(msg):
             return False
         self.greeted = True
+        if isinstance(msg, p.Frame) and not self.principal.may_push(msg.stream_name):
+            self.forbidden(msg)  # before its slot is taken: nothing to give back
+            return True
         try:
             if isinstance(msg, p.Hello):
                 self.attachment.attach(msg)
@@ -328,6 +337,19 @@ class PeerConnection(PeerSink):
             return False
         self.submit(msg, self.options_for(msg.stream_name))
         return True
+
+    def forbidden(self, frame: p.Frame) -> None:
+        """A frame for a stream this connection's token may not push: refused (received and
+        dropped as invalid, like any refused frame), counted; the connection stays."""
+        who = self.principal
+        exc = p.ProtocolError(
+            p.E_UNAUTHORIZED,
+            f"token {who.name!r} ({who.role}) may not push stream {frame.stream_name!r}",
+            frame_id=frame.frame_id,
+        )
+        self.pipeline.refuse_message(exc)
+        self.error(exc.code, exc.message, exc.frame_id)
+        self.ingest.access.refused(self.plane, "frame", who.name, "forbidden", peer_host(self.peer))
 
     def submit(self, frame: p.Frame, options: p.StreamOptions) -> None:
         """Hand a frame to the pipeline; it ends in exactly one result or drop."""

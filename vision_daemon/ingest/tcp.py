@@ -10,7 +10,6 @@ take one of the `max_connections` slots, so sockets that never speak cannot keep
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 import os
@@ -23,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from vision_daemon import protocol as p
+from vision_daemon.access import Access, reason_text
 from vision_daemon.config import Config
 from vision_daemon.ingest.core import Close, PeerConnection, PeerIngest
 from vision_daemon.ingest.shm import SharedMemory, ShmRing
 from vision_daemon.log import log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.tokens import PUSH
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Connection(PeerConnection):
 
     ingest: TcpIngest
     attachment: SharedMemory
+    plane = "tcp"
 
     def __init__(
         self,
@@ -155,15 +157,24 @@ class Connection(PeerConnection):
 
     # ---- who may speak --------------------------------------------------------------------------
     def admit(self, msg: p.Message) -> bool:
-        """A hello with the token (when auth is on), then a connection slot."""
-        token = self.config.auth_token
-        if isinstance(msg, p.Hello):
-            if token and not hmac.compare_digest((msg.token or "").encode(), token.encode()):
-                self.ingest.auth_failed(self)
-                self.error(p.E_UNAUTHORIZED, "auth token missing or wrong")
+        """A hello with a token whose role may push (when auth is on), then a connection
+        slot. The token's stream patterns are checked per frame (`PeerConnection.forbidden`)."""
+        access = self.ingest.access
+        if isinstance(msg, p.Hello) and access.enabled:
+            host = peer_host(self.peer)
+            principal, why = access.authenticate(msg.token or "", "tcp", "hello", host)
+            message = reason_text(why)
+            if principal is not None and not principal.may(PUSH):
+                access.refused("tcp", "hello", principal.name, "forbidden", host)
+                message = f"token {principal.name!r} ({principal.role}) may not push frames"
+                principal = None
+            if principal is None:
+                self.pipeline.count_error(p.E_UNAUTHORIZED)
+                self.error(p.E_UNAUTHORIZED, message)
                 return False
-        elif token and self.hello is None:
-            self.ingest.auth_failed(self)
+            self.principal = principal
+        elif access.enabled and self.hello is None:
+            self.pipeline.count_error(p.E_UNAUTHORIZED)
             self.error(p.E_UNAUTHORIZED, "this server requires a hello with an auth token first")
             return False
         if self.greeted:
@@ -177,14 +188,14 @@ class Connection(PeerConnection):
 
     def second_chance(self) -> bool:
         """With auth on, an unauthenticated peer gets no second try."""
-        return self.greeted or not self.config.auth_token
+        return self.greeted or not self.ingest.access.enabled
 
 
 class TcpIngest(PeerIngest[Connection]):
     """The listener and its connections: a pending pool, then `max_connections` slots."""
 
-    def __init__(self, config: Config, pipeline: Pipeline) -> None:
-        super().__init__(config, pipeline)
+    def __init__(self, config: Config, pipeline: Pipeline, access: Access | None = None) -> None:
+        super().__init__(config, pipeline, access)
         self.pending: set[Connection] = set()  # accepted, no valid first message yet
         # self.connections: authenticated (or legacy, auth off)
         self.server: asyncio.Server | None = None
@@ -255,18 +266,6 @@ class TcpIngest(PeerIngest[Connection]):
     def forget(self, conn: Connection) -> None:
         self.pending.discard(conn)
         super().forget(conn)
-
-    def auth_failed(self, conn: Connection) -> None:
-        self.pipeline.count_error(p.E_UNAUTHORIZED)
-        log_limited(
-            log,
-            self.log_limit,
-            "auth:" + peer_host(conn.peer),
-            time.monotonic(),
-            logging.WARNING,
-            "refused a TCP client from %s: wrong or missing token",
-            peer_host(conn.peer),
-        )
 
     def _refused(self, peer: str, why: str) -> None:
         self.refused += 1

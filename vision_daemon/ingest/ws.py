@@ -34,6 +34,7 @@ import msgpack
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from vision_daemon import protocol as p
+from vision_daemon.access import Access
 from vision_daemon.config import Config
 from vision_daemon.decode import JPEG_MAGIC
 from vision_daemon.ingest.core import (
@@ -48,6 +49,7 @@ from vision_daemon.ingest.core import (
 from vision_daemon.log import log_limited
 from vision_daemon.options import OptionError, parse_text
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.tokens import EVERYONE, Principal
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class WsConnection(PeerConnection):
     a close code; `stream` set means browser mode (JPEGs in, JSON out, no hello)."""
 
     ingest: WsIngest
+    plane = "ws"
     write_errors = (WebSocketDisconnect, RuntimeError, OSError)
 
     def __init__(
@@ -140,6 +143,15 @@ class WsConnection(PeerConnection):
     async def run(self) -> None:
         if self.browser:
             assert self.stream is not None
+            if not self.principal.may_push(self.stream):
+                who = self.principal
+                self.ingest.access.refused("ws", "stream", who.name, "forbidden", self.peer)
+                self.pipeline.count_error(p.E_UNAUTHORIZED)
+                why = f"token {who.name!r} may not push stream {self.stream!r}"
+                await self.close_transport(
+                    Close(WS_POLICY_VIOLATION, f"{p.E_UNAUTHORIZED}: {why}"), flushed=True
+                )
+                return
             refused = self.pipeline.attach(self, self.stream, self.options)
             if refused is not None:  # a close with its reason, never an error on an open socket
                 self.pipeline.count_error(p.E_LIMIT)
@@ -238,8 +250,8 @@ class WsIngest(PeerIngest[WsConnection]):
     """The WebSocket ingest connections: at most `ws_ingest_max_connections`, served only
     between `start()` (the workers are up) and `stop_accepting()`."""
 
-    def __init__(self, config: Config, pipeline: Pipeline) -> None:
-        super().__init__(config, pipeline)
+    def __init__(self, config: Config, pipeline: Pipeline, access: Access | None = None) -> None:
+        super().__init__(config, pipeline, access)
         self.started = False
 
     def start(self, welcome: p.Welcome) -> None:
@@ -256,7 +268,11 @@ class WsIngest(PeerIngest[WsConnection]):
         }
 
     async def serve(
-        self, websocket: WebSocket, stream: str | None = None, browser: bool = False
+        self,
+        websocket: WebSocket,
+        stream: str | None = None,
+        browser: bool = False,
+        principal: Principal = EVERYONE,
     ) -> None:
         """Run one accepted, authorised WebSocket until it closes. Browser mode when `stream`
         is named or `browser` is set; a browser connection that names no stream gets one of
@@ -293,6 +309,7 @@ class WsIngest(PeerIngest[WsConnection]):
                 await self._refuse(websocket, browser, exc.code, exc.message, WS_POLICY_VIOLATION)
                 return
         conn = WsConnection(self, websocket, stream, options, notices, welcome)
+        conn.principal = principal
         self.connections.add(conn)
         try:
             await self._tasks.run(conn.run())

@@ -202,6 +202,16 @@ function showLogin(error) {
   $("token").focus();
 }
 
+/** The token's role from GET /whoami ("viewer" when it cannot be told: show less, not more). */
+async function role() {
+  try {
+    const r = await request("/whoami");
+    return r.ok ? (await r.json()).role : "viewer";
+  } catch {
+    return "viewer";
+  }
+}
+
 /** GET /stats with the stored token (or none): the dashboard on 200, the sign-in form on 401. */
 async function enter(refusedMessage) {
   let r;
@@ -228,6 +238,7 @@ async function enter(refusedMessage) {
   }
   built = true;
   const first = await r.json();
+  document.body.dataset.role = await role();
   $("login").hidden = true;
   $("login-error").hidden = true;
   $("app").hidden = false;

@@ -108,7 +108,7 @@ export class Panels {
         {
           cls: "actions",
           button: "Remove",
-          buttonClass: "danger remove",
+          buttonClass: "danger remove admin-only",
           onClick: (name, b) => confirmClick(b, "Remove", () => onRemoveCamera(name)),
         },
       ],
