@@ -68,6 +68,11 @@ def event_outputs(config: Config) -> list[EventOutput]:
             )
     except ValueError as exc:
         raise ConfigError(f"bad event output: {exc}") from None
+    seen: dict[str, int] = {}
+    for out in outputs:  # two webhooks on one host and port: "webhook:h:p", "webhook:h:p#2"
+        seen[out.name] = seen.get(out.name, 0) + 1
+        if seen[out.name] > 1:
+            out.name = f"{out.name}#{seen[out.name]}"
     return outputs
 
 

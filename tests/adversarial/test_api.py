@@ -17,6 +17,7 @@ from tests.conftest import (
     run,
     running_daemon,
     settled_stats,
+    stats,
     wait_for,
 )
 
@@ -125,3 +126,35 @@ def test_api_docs_need_the_token_when_auth_is_on() -> None:
             await round_trip(good, "good", 0)
 
     run(scenario())
+
+
+def test_deeply_nested_json_is_refused_with_400_and_the_daemon_serves_on() -> None:
+    """A body of 30,000 nested arrays (well under the body limit) and one nested 50 deep: 400
+    with a one-line reason, never a 500; the API answers normally afterwards."""
+
+    async def main() -> None:
+        async with running_daemon() as d, api(d) as h:
+            for body in ("[" * 30_000 + "]" * 30_000, '{"name": ' + "[" * 50 + "]" * 50 + "}"):
+                for method, path in (("POST", "/cameras"), ("PUT", "/streams/x/analytics")):
+                    r = await h.request(
+                        method, path, content=body, headers={"content-type": "application/json"}
+                    )
+                    assert r.status_code == 400, (path, r.status_code, r.text[:200])
+                    assert "nested" in r.json()["detail"]
+            assert (await h.get("/stats")).status_code == 200
+
+    run(main())
+
+
+def test_two_webhooks_on_one_host_have_distinct_output_names() -> None:
+    """Two webhook URLs on the same host and port (different paths): two outputs in /stats,
+    each with its own name, neither hiding the other."""
+
+    async def main() -> None:
+        hooks = ["http://192.0.2.10:8080/a", "http://192.0.2.10:8080/b", "http://192.0.2.11/c"]
+        async with running_daemon(webhook_urls=hooks) as d:
+            names = [o["name"] for o in stats(d)["outputs"]]
+            assert len(names) == 3 and len(set(names)) == 3, names
+            assert names[:2] == ["webhook:192.0.2.10:8080", "webhook:192.0.2.10:8080#2"]
+
+    run(main())

@@ -12,6 +12,7 @@ from fastapi import HTTPException, Request
 from vision_daemon.api.control import Invalid, NotFound, Refused, Unavailable
 
 MAX_BODY_BYTES = 64 * 1024  # a request body (POST /cameras) is read up to this, then 413
+MAX_DEPTH = 8  # arrays and objects inside one another (a zone's polygon is 3 deep)
 
 
 async def read_json(request: Request) -> Any:
@@ -21,10 +22,37 @@ async def read_json(request: Request) -> Any:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+    if _depth(body) > MAX_DEPTH:  # before parsing: 30,000 "[" would exhaust the recursion limit
+        raise HTTPException(400, f"request body nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(body)
     except ValueError:
         raise HTTPException(400, "request body is not JSON") from None
+
+
+def _depth(body: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text (brackets inside strings not counted);
+    a scan without recursion, stopped as soon as it passes MAX_DEPTH."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                break
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 @contextmanager
