@@ -43,11 +43,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The dashboard's browser tests drive the system Chromium (Debian package) with Playwright; as
-# root, install it when missing; otherwise those tests skip with one line saying why.
+# The dashboard's browser tests drive the system Chromium (Debian package) with Playwright, the
+# MQTT-over-TLS test runs Mosquitto, and the TLS tests make certificates with openssl; as root,
+# install what is missing; otherwise those tests skip with one line saying why.
 browser:
-	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
-		apt-get update -q && apt-get install -y -q chromium; fi
+	@if [ "$$(id -u)" = 0 ] && ! { command -v chromium && command -v mosquitto \
+		&& command -v openssl; } >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium mosquitto openssl; fi
 
 # Both tiers: the fast unit tests, then the slow ones (real sockets, models, browsers, subprocesses).
 test: lint browser $(TRITON_STAMP)

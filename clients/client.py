@@ -31,6 +31,7 @@ from clients.lib import (
     exit_code,
     percentiles,
     stop_on_signals,
+    tls_of,
     unix_socket_of,
 )
 from clients.sources import Pacer, Source, SourceError, VideoSource, open_source
@@ -171,6 +172,7 @@ async def run_source(
         args.transport,
         args.api_port,
         rate_advice=getattr(args, "rate_advice", False),
+        tls=tls_of(args),
     )
     tally = tally or Tally(stream_name(args, source))
     return await stream(endpoint, tally, feed, pacer, stop=stop, hooks=hooks)

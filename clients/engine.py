@@ -8,6 +8,7 @@ each frame and result (`Hooks`). Everything is timed on this machine's monotonic
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Endpoint:
     api_port: int = 8000  # transport ws: the control-plane port serving /ingest
     shm_slots: int = 4  # transport shm: slots in the ring (frames the daemon may hold at once)
     rate_advice: bool = False  # send at the rate the daemon advises (never above the schedule's)
+    tls: ssl.SSLContext | None = None  # TLS to the TCP ingest, or WSS for ws
 
 
 @dataclass
@@ -173,6 +175,7 @@ async def stream(
         shm_slots=endpoint.shm_slots,
         slot_bytes=slot_bytes,
         token=endpoint.token,
+        ssl=endpoint.tls,
         client_name=endpoint.client_name,
         dropped_notices=True,
         rate_advice=endpoint.rate_advice,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -96,6 +97,25 @@ def add_daemon_args(
         help_ = api or "control-plane HTTP port (for --transport ws)"
         ap.add_argument("--api-port", type=int, default=8000, help=help_)
     ap.add_argument("--token", default=None, help="the daemon's auth token, if it has one")
+    ap.add_argument(
+        "--tls", action="store_true", help="TLS to the daemon (TCP ingest, or WSS for ws)"
+    )
+    ap.add_argument("--cafile", help="PEM CA to verify the daemon with (implies --tls)")
+    ap.add_argument("--cert", help="PEM client certificate, for a daemon asking mutual TLS")
+    ap.add_argument("--key", help="PEM private key of --cert")
+
+
+def tls_of(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context --tls, --cafile, --cert and --key ask for (None: plain)."""
+    if not (
+        getattr(args, "tls", False) or getattr(args, "cafile", None) or getattr(args, "cert", None)
+    ):
+        return None
+    ctx = ssl.create_default_context(cafile=args.cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key)
+    return ctx
 
 
 def unix_socket_of(args: argparse.Namespace) -> str | None:
@@ -213,6 +233,7 @@ class DaemonClient:
         timeout: float = 10.0,
         unix_socket: str | None = None,
         shm: Any = None,
+        ssl: ssl.SSLContext | None = None,
         **hello_fields: Any,
     ) -> DaemonClient:
         """Connect (over TCP, or the daemon's Unix socket when `unix_socket` is a path); with
@@ -223,7 +244,7 @@ class DaemonClient:
             opening = (
                 asyncio.open_unix_connection(unix_socket, limit=2**24)
                 if unix_socket
-                else asyncio.open_connection(host, port, limit=2**24)
+                else asyncio.open_connection(host, port, limit=2**24, ssl=ssl)
             )
             reader, writer = await asyncio.wait_for(opening, timeout)
         except (OSError, TimeoutError) as exc:

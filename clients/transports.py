@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import ssl as ssl_module
 from collections import deque
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -143,14 +144,17 @@ class WsDaemonClient:
         *,
         token: str | None = None,
         timeout: float = 10.0,
+        ssl: ssl_module.SSLContext | None = None,
         **hello: Any,
     ) -> WsDaemonClient:
-        """Open `/ingest` (the token as a bearer header) and do the v1 handshake."""
-        url = f"ws://{host}:{api_port}/ingest"
+        """Open `/ingest` (the token as a bearer header; wss:// with `ssl`) and do the v1
+        handshake."""
+        url = f"{'wss' if ssl else 'ws'}://{host}:{api_port}/ingest"
         try:
             ws = await asyncio.wait_for(
                 ws_connect(
                     url,
+                    ssl=ssl,
                     additional_headers=auth_headers(token),
                     max_size=2**24,
                     compression=None,
@@ -221,6 +225,7 @@ async def open_client(
     unix_socket: str | None = None,
     shm_slots: int = 4,
     slot_bytes: int = 0,
+    ssl: ssl_module.SSLContext | None = None,
     **hello: Any,
 ) -> Client:
     """Connect over `transport` (tcp, unix, shm or ws) and do the handshake.
@@ -232,7 +237,7 @@ async def open_client(
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
     if transport == "ws":
-        return await WsDaemonClient.connect(host, api_port, **hello)
+        return await WsDaemonClient.connect(host, api_port, ssl=ssl, **hello)
     if transport == "unix" and not unix_socket:
         raise ValueError("transport unix needs unix_socket")
     path = unix_socket if transport in ("unix", "shm") else None
@@ -242,7 +247,8 @@ async def open_client(
             raise ValueError("transport shm needs slot_bytes (one frame's pixel bytes)")
         shm = ShmSlots(shm_slots, slot_bytes)
     try:
-        return await DaemonClient.connect(host, port, unix_socket=path, shm=shm, **hello)
+        tls = ssl if path is None else None  # the Unix socket is plain
+        return await DaemonClient.connect(host, port, unix_socket=path, shm=shm, ssl=tls, **hello)
     except BaseException:
         if shm is not None:
             shm.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -80,9 +81,11 @@ BROKERS = ["amqtt"] + (["mosquitto"] if shutil.which("mosquitto") else [])
 class Broker:
     """An MQTT broker subprocess on 127.0.0.1: kill() and start() again on the same port."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, tls: tuple[Path, Path] | None = None) -> None:
         self.kind = kind
         self.port = free_port()
+        self.tls = tls  # (cert, key): mosquitto also listens with TLS on tls_port
+        self.tls_port = free_port() if tls else 0
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"{kind}.log"
@@ -108,7 +111,13 @@ class Broker:
             )
             return [exe, "-c", str(cfg)]
         cfg = self.workdir / "mosquitto.conf"
-        cfg.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        # As root, mosquitto would drop to its own user, who cannot read a test's files.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        text = f"{user}per_listener_settings false\nallow_anonymous true\npersistence false\n"
+        text += f"listener {self.port} 127.0.0.1\n"
+        if self.tls:
+            text += f"listener {self.tls_port} 127.0.0.1\ncertfile {self.tls[0]}\nkeyfile {self.tls[1]}\n"
+        cfg.write_text(text)
         return [str(shutil.which("mosquitto")), "-c", str(cfg)]
 
     def start(self) -> None:

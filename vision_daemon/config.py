@@ -122,6 +122,18 @@ class Config:
         "no token at all = no auth",
         env="VISION_DAEMON_AUTH_TOKEN",
     )
+    tls_cert: str = _f(
+        "",
+        "server",
+        "PEM certificate (chain): turns on HTTPS/WSS and TLS on the TCP ingest (with tls_key)",
+        env="VISION_DAEMON_TLS_CERT",
+    )
+    tls_key: str = _f("", "server", "PEM private key of tls_cert", env="VISION_DAEMON_TLS_KEY")
+    tls_client_ca: str = _f(
+        "",
+        "server",
+        "PEM CA: TCP ingest clients must present a certificate it signed (mutual TLS)",
+    )
     auth_max_failures: int = _f(
         10,
         "server",
@@ -379,8 +391,12 @@ class Config:
     mqtt_url: str = _f(
         "",
         "outputs",
-        "send events and retained counts to this broker, mqtt://[user:pass@]host[:port] ('' = off)",
+        "send events and retained counts to this broker, mqtt://[user:pass@]host[:port] "
+        "(mqtts:// for TLS; '' = off)",
         env="VISION_DAEMON_MQTT_URL",
+    )
+    mqtt_ca: str = _f(
+        "", "outputs", "PEM CA to verify an mqtts:// broker with ('' = the system's CAs)"
     )
     mqtt_topic_prefix: str = _f("vision-daemon", "outputs", "first level of every MQTT topic")
     mqtt_qos: int = _f(0, "outputs", "MQTT QoS of events and counts: 0, 1 or 2", low=0, high=2)
@@ -430,7 +446,14 @@ class Config:
             for f in dataclasses.fields(self)
             if bounds_text(f)
         ]
-        for checks in (bounds, _engine_checks(self), _limit_checks(self), _output_checks(self)):
+        checks_all = (
+            bounds,
+            _engine_checks(self),
+            _limit_checks(self),
+            _output_checks(self),
+            _tls_checks(self),
+        )
+        for checks in checks_all:
             for ok, message in checks:
                 if not ok:
                     raise ConfigError(f"bad config value: {message}")
@@ -483,6 +506,16 @@ def _camera_url_checks(c: Config) -> list[tuple[bool, str]]:
             except UrlRefused as exc:
                 out.append((False, f"camera {cam.name!r}: {exc}"))
     return out
+
+
+def _tls_checks(c: Config) -> list[tuple[bool, str]]:
+    """TLS files: both or neither of cert and key, a client CA only with them, all readable."""
+    files = [f for f in (c.tls_cert, c.tls_key, c.tls_client_ca) if f]
+    return [
+        (bool(c.tls_cert) == bool(c.tls_key), "tls_cert and tls_key go together"),
+        (not c.tls_client_ca or bool(c.tls_cert), "tls_client_ca needs tls_cert and tls_key"),
+        (all(os.access(f, os.R_OK) for f in files), "a tls_* file does not exist or is unreadable"),
+    ]
 
 
 def _output_checks(c: Config) -> list[tuple[bool, str]]:

@@ -172,10 +172,14 @@ class HttpServer:
             timeout_keep_alive=max(1, int(self.config.http_idle_timeout_s)),
             limit_concurrency=self.config.http_max_connections + 1,
             timeout_graceful_shutdown=2,
+            # HTTPS and WSS with tls_cert/tls_key (no client certificates: browsers connect here)
+            ssl_certfile=self.config.tls_cert or None,
+            ssl_keyfile=self.config.tls_key or None,
         )
         self._server = _Server(ucfg)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="api")
-        log.info("control plane listening on http://%s:%d", self.config.api_host, self.port)
+        scheme = "https" if self.config.tls_cert else "http"
+        log.info("control plane listening on %s://%s:%d", scheme, self.config.api_host, self.port)
 
     async def stop(self) -> None:
         if self._server is None:

@@ -53,6 +53,7 @@ def event_outputs(config: Config) -> list[EventOutput]:
                     topic_prefix=config.mqtt_topic_prefix,
                     qos=config.mqtt_qos,
                     queue_max=config.mqtt_queue,
+                    ca=config.mqtt_ca,
                 )
             )
         for url in config.webhook_urls:

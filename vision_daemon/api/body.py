@@ -30,7 +30,7 @@ async def read_json(request: Request) -> Any:
         raise HTTPException(400, "request body is not JSON") from None
 
 
-def _depth(body: bytes) -> int:
+def _depth(body: bytes | bytearray) -> int:
     """How deep arrays and objects nest in a JSON text (brackets inside strings not counted);
     a scan without recursion, stopped as soon as it passes MAX_DEPTH."""
     depth = deepest = 0

@@ -28,6 +28,7 @@ from vision_daemon.ingest.core import Close, PeerConnection, PeerIngest
 from vision_daemon.ingest.shm import SharedMemory, ShmRing
 from vision_daemon.log import log_limited, peer_host
 from vision_daemon.pipeline import Pipeline
+from vision_daemon.tls import server_context
 from vision_daemon.tokens import PUSH
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,19 @@ class TcpIngest(PeerIngest[Connection]):
         cfg = self.config
         self.welcome = welcome
         try:
+            tls = (
+                server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                if cfg.tls_cert
+                else None
+            )
             self.server = await asyncio.start_server(
-                self._on_connect, cfg.tcp_host, cfg.tcp_port, limit=2**16, reuse_address=True
+                self._on_connect,
+                cfg.tcp_host,
+                cfg.tcp_port,
+                limit=2**16,
+                reuse_address=True,
+                ssl=tls,  # a handshake is bounded like a hello
+                ssl_handshake_timeout=cfg.hello_timeout_s if tls else None,
             )
         except OSError as exc:
             raise StartupError(
@@ -217,7 +229,8 @@ class TcpIngest(PeerIngest[Connection]):
                 "pick another --tcp-port or stop the process using it"
             ) from None
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("data plane listening on tcp://%s:%d", cfg.tcp_host, self.port)
+        scheme = "tls" if cfg.tls_cert else "tcp"
+        log.info("data plane listening on %s://%s:%d", scheme, cfg.tcp_host, self.port)
         if cfg.unix_socket:
             await self._start_unix(cfg.unix_socket, int(cfg.unix_socket_mode, 8))
 

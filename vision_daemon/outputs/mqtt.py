@@ -76,8 +76,10 @@ class MqttOutput(QueuedOutput):
         queue_max: int = 1000,
         client_id: str = "",
         keepalive_s: int = 30,
+        ca: str = "",
     ) -> None:
         self.target = parse_mqtt_url(url)
+        self.ca = ca  # mqtts://: verify the broker against this PEM CA ("" = the system's)
         if qos not in (0, 1, 2) or isinstance(qos, bool):
             raise ValueError(f"MQTT qos must be 0, 1 or 2, got {qos!r}")
         check_topic_prefix(topic_prefix)
@@ -160,6 +162,8 @@ class MqttOutput(QueuedOutput):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
         if self.target.username is not None:
             client.username_pw_set(self.target.username, self.target.password)
+        if self.target.tls:  # certificate and host name verified, as a browser would
+            client.tls_set(ca_certs=self.ca or None)
         client.will_set(self.availability_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
         client.max_inflight_messages_set(WINDOW)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 MAX_LEVEL = 128  # characters per sanitised topic level
-_USAGE = "use mqtt://[user:password@]host[:port]"
+_USAGE = "use mqtt://[user:password@]host[:port] (mqtts:// for TLS)"
 _BAD_LEVEL = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")
 
 
@@ -19,12 +19,13 @@ class MqttTarget:
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False  # mqtts://: the broker's certificate is verified
 
     @property
     def display(self) -> str:
         """The broker as mqtt://host:port, without credentials (what logs and snapshots show)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def parse_mqtt_url(url: str) -> MqttTarget:
@@ -34,8 +35,9 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         port = parts.port
     except ValueError:
         raise ValueError(f"MQTT URL is malformed or its port is not 1-65535; {_USAGE}") from None
-    if parts.scheme.lower() != "mqtt":
-        raise ValueError(f"MQTT URL must start with mqtt:// (TLS is not supported); {_USAGE}")
+    scheme = parts.scheme.lower()
+    if scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://; {_USAGE}")
     if not parts.hostname:
         raise ValueError(f"MQTT URL has no host; {_USAGE}")
     if port == 0:
@@ -44,7 +46,8 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ValueError(f"MQTT URL must not have a path, query or fragment; {_USAGE}")
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return MqttTarget(parts.hostname, port or 1883, username, password)
+    tls = scheme == "mqtts"
+    return MqttTarget(parts.hostname, port or (8883 if tls else 1883), username, password, tls)
 
 
 def check_topic_prefix(prefix: str) -> None:
