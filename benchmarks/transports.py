@@ -29,6 +29,8 @@ import argparse
 import asyncio
 import os
 import resource
+import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,9 +102,10 @@ async def run_ipc(
     w, h = prod.size
     shape = (h, w, 3)
     client: Any
+    tls = ports.get("tls")  # a client context when the daemon serves TLS (--tls)
     if variant == "ws-jpeg":
         client = await WsDaemonClient.connect(
-            "127.0.0.1", ports["api"], client_name="bench", dropped_notices=True
+            "127.0.0.1", ports["api"], client_name="bench", dropped_notices=True, ssl=tls
         )
     else:
         unix = ports["unix"] if variant in ("unix-raw", "shm-raw") else None
@@ -112,6 +115,7 @@ async def run_ipc(
             ports["tcp"],
             unix_socket=unix,
             shm=shm,
+            ssl=tls if unix is None else None,
             client_name="bench",
             dropped_notices=True,  # a superseded frame is answered too: the window never stalls
         )
@@ -199,11 +203,30 @@ def daemon_ns(args: argparse.Namespace, model: str, extra: list[str]) -> argpars
     )
 
 
+def self_signed(folder: str) -> tuple[str, str]:
+    """A certificate and key for 127.0.0.1, made with openssl (for --tls)."""
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=bench", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def transport(args: argparse.Namespace) -> dict[str, Any]:
     frames = source_frames(Path(args.video), 60)
-    sock = os.path.join(tempfile.mkdtemp(prefix="vd-bench-"), "d.sock")
-    proc, tcp, api = start_daemon(daemon_ns(args, "none", ["--unix-socket", sock]))
-    ports = {"tcp": tcp, "api": api, "unix": sock}
+    folder = tempfile.mkdtemp(prefix="vd-bench-")
+    sock = os.path.join(folder, "d.sock")
+    extra = ["--unix-socket", sock]
+    tls = None
+    if args.tls:  # TCP ingest over TLS, ws over WSS; the Unix socket stays plain
+        cert, key = self_signed(folder)
+        extra += ["--tls-cert", cert, "--tls-key", key]
+        tls = ssl.create_default_context(cafile=cert)
+    proc, tcp, api = start_daemon(daemon_ns(args, "none", extra))
+    ports = {"tcp": tcp, "api": api, "unix": sock, "tls": tls}
     daemon = psutil.Process(proc.pid)
     results: dict[str, Any] = {}
     try:
@@ -222,7 +245,13 @@ def transport(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         proc.stop()
         proc.close()
-    return {"part": "transport", "window": args.window, "repeat": args.repeat, "results": results}
+    return {
+        "part": "transport",
+        "tls": args.tls,
+        "window": args.window,
+        "repeat": args.repeat,
+        "results": results,
+    }
 
 
 async def closed_loop(
@@ -309,6 +338,9 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", choices=("ws", "tcp"), default=["ws", "tcp"])
     ap.add_argument("--seconds", type=float, default=20.0, help="ws-model: per client count")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument(
+        "--tls", action="store_true", help="transport: the daemon serves TLS (a self-signed pair)"
+    )
     args = ap.parse_args()
     args.workers = args.workers or (1 if args.part == "transport" else 2)
     summary = transport(args) if args.part == "transport" else ws_model(args)
