@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 
 from vision_daemon.config import CameraConfig
-from vision_daemon.ingest.deadlines import Deadline
+from vision_daemon.deadlines import Deadline
 from vision_daemon.ingest.source_types import (
     Grab,
     Source,
