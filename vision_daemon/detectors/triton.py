@@ -125,16 +125,20 @@ class TritonDetector:
         )
 
     def warmup(self) -> None:
+        """One call to each up endpoint that has not served frames yet: at start every worker
+        warms every endpoint; a worker replacing one that abandoned a call skips those already
+        serving (their model is loaded; its clients are built at its first call), so it is back
+        at once whatever state they are in now (the prober's business)."""
         t0 = time.perf_counter()
         blank = np.zeros((self._f.imgsz, self._f.imgsz, 3), dtype=np.uint8)
         endpoints = self._f.endpoints
         for e in endpoints.items:
-            if not e.up:
+            if not e.up or e.frames:
                 continue
             with endpoints.warming:  # one worker at a time: a fresh server's first calls
                 # overlapping sometimes hung (pytriton 0.7, vision-triton); one after another not
                 self._warm(e, blank)
-        if endpoints.all_down():
+        if endpoints.all_down() and not any(e.frames for e in endpoints.items):
             raise ModelError(f"no Triton endpoint answers a call: {endpoints.why_down()}")
         self.info = ModelInfo(
             **{**self.info.__dict__, "warmup_ms": (time.perf_counter() - t0) * 1000}
