@@ -153,20 +153,17 @@ class Worker:
         """A stuck call cannot be interrupted: leave its thread behind (it ends once `call`
         returns) and start a fresh one."""
         self.thread.stop()
-        call.add_done_callback(_forget)  # its late result or error is nobody's
         self.abandoned.append(call)
+        call.add_done_callback(self._call_ended)
         self.thread = WorkerThread(f"vision-worker-{self.id}")
         self.detector = None
 
-    def still_stuck(self) -> list[asyncio.Future[Any]]:
-        """Abandoned calls still running (their results dropped, not kept)."""
-        self.abandoned = [f for f in self.abandoned if not f.done()]
-        return self.abandoned
-
-
-def _forget(call: asyncio.Future[Any]) -> None:
-    if not call.cancelled():
-        call.exception()  # retrieved: asyncio logs no "exception was never retrieved"
+    def _call_ended(self, call: asyncio.Future[Any]) -> None:
+        """An abandoned call returned: its late result or error is nobody's, and not kept (an
+        error's traceback would hold the batch's images)."""
+        self.abandoned.remove(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: asyncio logs no "exception was never retrieved"
 
 
 class WorkerPool:
@@ -319,15 +316,15 @@ class WorkerPool:
                 "worker %d restart #%d in %.0f s", worker.id, worker.stats.restarts, backoff
             )
             await asyncio.sleep(backoff)
-            if len(worker.still_stuck()) >= MAX_ABANDONED_THREADS:
+            if len(worker.abandoned) >= MAX_ABANDONED_THREADS:
                 worker.stats.state = "stuck"
                 log.error(
                     "worker %d waits for one of its %d abandoned calls to end before it restarts",
                     worker.id,
                     MAX_ABANDONED_THREADS,
                 )
-                while len(stuck := worker.still_stuck()) >= MAX_ABANDONED_THREADS:
-                    await asyncio.wait(stuck, return_when=asyncio.FIRST_COMPLETED)
+                while len(worker.abandoned) >= MAX_ABANDONED_THREADS:
+                    await asyncio.wait(list(worker.abandoned), return_when=asyncio.FIRST_COMPLETED)
                 worker.stats.state = "restarting"
             try:
                 if worker.detector is None:
