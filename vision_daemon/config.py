@@ -167,9 +167,18 @@ class Config:
     backend_timeout_s: float = _f(
         5.0,
         "model",
-        "a Triton call or probe longer than this fails and marks its endpoint down",
+        "a Triton call or probe longer than this fails and marks its endpoint down; one "
+        "deadline for the whole call, however slowly its reply arrives",
         low=0.1,
         high=300,
+    )
+    backend_max_detections: int = _f(
+        300,
+        "model",
+        "detection rows a Triton reply may carry per image (vision-triton's NMS keeps 300); "
+        "a reply with more is refused as backend_error and marks its endpoint down",
+        low=1,
+        high=100_000,
     )
     backend_probe_s: float = _f(
         2.0,

@@ -148,7 +148,7 @@ class WorkerStats:
     errors: int = 0
     restarts: int = 0
     busy_since: float | None = None
-    state: str = "starting"  # starting, ready, busy, stuck, failed, stopped
+    state: str = "starting"  # starting, ready, busy, stuck, restarting, stopped
     _busy: Window = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,9 +1,12 @@
 """Worker pool: each worker owns one daemon thread and one detector; decode and inference run there.
 
 Fault isolation: nothing a frame or a detector does can end a worker. `process` turns every
-exception into a per-frame error, a call that outlives `worker_timeout_s` is abandoned and the
-worker restarts on a fresh thread with capped backoff, and a supervisor restarts the worker loop
-itself if anything else escapes it. Verdicts go back to the pipeline as `Report`s on one queue.
+exception into a per-frame error, a call that outlives `worker_timeout_s` is abandoned (its
+frames drop as `worker_timeout`) and the worker is replaced by a fresh thread and detector, and a
+supervisor restarts the worker loop itself if anything else escapes it. A worker is never
+retired: a replacement that fails to load is tried again with capped backoff, and a worker whose
+abandoned calls are still running (at most MAX_ABANDONED_THREADS) waits for one to end before it
+takes frames again. Verdicts go back to the pipeline as `Report`s on one queue.
 
 Why daemon threads and not processes: a process per detector (Frigate's choice) could be killed,
 but every frame would then cross a process boundary (a 640x480 BGR frame is 900 KB to copy or
@@ -39,8 +42,8 @@ from vision_daemon.streams import Report, Reports
 
 log = logging.getLogger(__name__)
 
-RESTART_BACKOFF_S = (1.0, 5.0, 30.0)  # waits before successive restarts of one worker
-MAX_ABANDONED_THREADS = 3  # hung calls a worker may leave behind before it is marked failed
+RESTART_BACKOFF_S = (1.0, 5.0, 30.0)  # waits before a restart, by failures in a row
+MAX_ABANDONED_THREADS = 3  # abandoned calls still running that a worker may leave behind at once
 
 T = TypeVar("T")
 
@@ -125,7 +128,8 @@ class Worker:
         self.thread = WorkerThread(f"vision-worker-{worker_id}")
         self.detector: Detector | None = None
         self.takes_contended = True
-        self.abandoned = 0
+        self.abandoned: list[asyncio.Future[Any]] = []  # calls left running on abandoned threads
+        self.strikes = 0  # failed loads and loop failures since its last answered batch
 
     def _load(self) -> Detector:
         detector = self.factory()
@@ -145,12 +149,21 @@ class Worker:
         )
         return self.detector.info
 
-    def abandon_thread(self) -> None:
-        """A stuck call cannot be interrupted: leave its thread behind and start a fresh one."""
+    def abandon_thread(self, call: asyncio.Future[Any]) -> None:
+        """A stuck call cannot be interrupted: leave its thread behind (it ends once `call`
+        returns) and start a fresh one."""
         self.thread.stop()
-        self.abandoned += 1
+        self.abandoned.append(call)
+        call.add_done_callback(self._call_ended)
         self.thread = WorkerThread(f"vision-worker-{self.id}")
         self.detector = None
+
+    def _call_ended(self, call: asyncio.Future[Any]) -> None:
+        """An abandoned call returned: its late result or error is nobody's, and not kept (an
+        error's traceback would hold the batch's images)."""
+        self.abandoned.remove(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: asyncio logs no "exception was never retrieved"
 
 
 class WorkerPool:
@@ -199,11 +212,11 @@ class WorkerPool:
         ]
 
     def down(self) -> list[int]:
-        """Workers that cannot take frames now (stuck, restarting, failed, or not loaded)."""
+        """Workers that cannot take frames now (stuck, restarting, or not loaded)."""
         return [
             w.id
             for w in self.workers
-            if w.detector is None or w.stats.state in ("stuck", "restarting", "failed")
+            if w.detector is None or w.stats.state in ("stuck", "restarting")
         ]
 
     def health(self) -> tuple[bool, str]:
@@ -223,18 +236,17 @@ class WorkerPool:
         while True:
             try:
                 await self._serve(worker)
-                return  # the scheduler closed, or the worker failed for good
+                return  # the scheduler closed
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("worker %d loop failed; restarting it", worker.id)
-                if not await self._restart(worker):
-                    return
+                await self._restart(worker, strike=True)
 
     async def _serve(self, worker: Worker) -> None:
         while True:
-            if worker.detector is None and not await self._restart(worker):
-                return
+            if worker.detector is None:
+                await self._restart(worker, strike=False)
             jobs = await self._scheduler.take(self._max_batch, self._batch_wait_s)
             if not jobs:
                 return  # scheduler closed
@@ -273,9 +285,8 @@ class WorkerPool:
                 worker.stats.busy_since = None
                 for job in jobs:
                     self._reports.put(Report(job, dropped="worker_timeout"))
-                worker.abandon_thread()
-                if not await self._restart(worker):
-                    return
+                worker.abandon_thread(fut)
+                await self._restart(worker, strike=False)  # the timeout itself paced this one
                 continue
             except Exception:  # the frames it holds end as counted drops; the supervisor restarts
                 worker.stats.busy_since = None
@@ -283,6 +294,7 @@ class WorkerPool:
                     self._reports.put(Report(job, dropped="internal_error"))
                 raise
             worker.stats.finish(time.monotonic(), len(jobs))
+            worker.strikes = 0
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if outcome.error == E_DETECTOR:
                     worker.stats.errors += 1
@@ -290,30 +302,39 @@ class WorkerPool:
             # Likewise the reported batch, while this task waits for the next one.
             del jobs, job
 
-    async def _restart(self, worker: Worker) -> bool:
-        if worker.abandoned >= MAX_ABANDONED_THREADS:
-            worker.stats.state = "failed"
-            log.error(
-                "worker %d left %d hung calls behind; it stays down (restart the daemon)",
-                worker.id,
-                worker.abandoned,
+    async def _restart(self, worker: Worker, *, strike: bool) -> None:
+        """Bring the worker back: a fresh detector on its fresh thread, after a backoff that grows
+        with failures in a row (`strike`: this restart follows one; a model that keeps failing
+        cannot spin), once fewer than MAX_ABANDONED_THREADS of its abandoned calls still run; a
+        load that fails is tried again. Returns once it is ready (the shutdown cancels a wait)."""
+        while True:
+            backoff = RESTART_BACKOFF_S[min(worker.strikes, len(RESTART_BACKOFF_S) - 1)]
+            worker.strikes += strike
+            worker.stats.restarts += 1
+            worker.stats.state = "restarting"
+            log.warning(
+                "worker %d restart #%d in %.0f s", worker.id, worker.stats.restarts, backoff
             )
-            return False
-        backoff = RESTART_BACKOFF_S[min(worker.stats.restarts, len(RESTART_BACKOFF_S) - 1)]
-        worker.stats.restarts += 1
-        worker.stats.state = "restarting"
-        log.warning("worker %d restart #%d in %.0f s", worker.id, worker.stats.restarts, backoff)
-        await asyncio.sleep(backoff)  # rate limit: a model that keeps hanging cannot spin
-        try:
-            if worker.detector is None:
-                await worker.load()
-            else:
-                worker.stats.state = "ready"
-        except Exception as exc:
-            worker.stats.state = "failed"
-            log.error("worker %d could not restart: %s", worker.id, exc)
-            return False
-        return True
+            await asyncio.sleep(backoff)
+            if len(worker.abandoned) >= MAX_ABANDONED_THREADS:
+                worker.stats.state = "stuck"
+                log.error(
+                    "worker %d waits for one of its %d abandoned calls to end before it restarts",
+                    worker.id,
+                    MAX_ABANDONED_THREADS,
+                )
+                while len(worker.abandoned) >= MAX_ABANDONED_THREADS:
+                    await asyncio.wait(list(worker.abandoned), return_when=asyncio.FIRST_COMPLETED)
+                worker.stats.state = "restarting"
+            try:
+                if worker.detector is None:
+                    await worker.load()
+                else:
+                    worker.stats.state = "ready"
+                return
+            except Exception as exc:
+                strike = True
+                log.error("worker %d could not restart: %s; trying again", worker.id, exc)
 
     async def stop(self, grace_s: float) -> None:
         """Let in-flight calls finish within the grace period, then stop the tasks and threads."""

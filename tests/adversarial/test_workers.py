@@ -32,6 +32,7 @@ from tests.conftest import (
     wait_for,
 )
 from vision_daemon import protocol as p
+from vision_daemon.workers import MAX_ABANDONED_THREADS
 
 pytestmark = pytest.mark.slow  # a live daemon on real sockets
 
@@ -135,6 +136,52 @@ def test_hung_detector_is_replaced_and_the_good_client_gets_results_again() -> N
         run(scenario())
     finally:
         hang.set()  # let the abandoned thread end so the interpreter can exit
+
+
+def test_a_worker_whose_abandoned_calls_pile_up_waits_for_them_and_comes_back() -> None:
+    """Every call hangs: each frame drops as worker_timeout and the worker is replaced; with
+    MAX_ABANDONED_THREADS calls still hung it is `stuck`, not retired, and once they end it is
+    back: /ready 200, frames answered, every frame accounted."""
+    hang = threading.Event()
+
+    async def scenario() -> None:
+        async with running_daemon(
+            lambda: SlowDetector(0.0, hang=hang),
+            workers=1,
+            worker_timeout_s=0.3,
+            max_frame_age_ms=10_000,
+        ) as d:
+            c = await connect(d, dropped_notices=True)
+            for i in range(MAX_ABANDONED_THREADS):
+                await c.send_frame("cam", i, IMG)
+                (msg,) = await collect(c, 1, timeout=10)
+                assert msg["type"] == "dropped" and msg["reason"] == "worker_timeout", msg
+            await wait_for(
+                lambda: stats(d)["workers"][0]["state"],
+                5,
+                "the worker stuck behind its hung calls",
+                ok=lambda state: state == "stuck",
+            )
+            assert not d.ready()[0]
+            hang.set()  # the hung calls return: their threads end
+            async with api(d) as h:
+                await wait_for(
+                    lambda: h.get("/ready"),
+                    5,
+                    "/ready 200 once the hung calls ended",
+                    ok=lambda r: r.status_code == 200,
+                    interval=0.05,
+                )
+            await c.send_frame("cam", 10, IMG)
+            (msg,) = await collect(c, 1)
+            assert msg["type"] == "result" and msg["frame_id"] == 10, msg
+            await wait_for(lambda: accounted(d), what="every frame accounted")
+            await c.close()
+
+    try:
+        run(scenario())
+    finally:
+        hang.set()
 
 
 class RaisesBaseException(SlowDetector):

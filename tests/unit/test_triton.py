@@ -1,12 +1,26 @@
-"""Triton endpoints as policy: URL parsing, picking, marking down, settings (no server)."""
+"""Triton endpoints as policy: URL parsing, picking, marking down, settings, reply bounds and
+call deadlines (no server)."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from vision_daemon.cli import build_parser, main
 from vision_daemon.config import ConfigError, load_config
 from vision_daemon.detectors.base import BackendError, ModelError
+from vision_daemon.detectors.kserve import (
+    HEADER,
+    MAX_HEADER_BYTES,
+    CallTimeout,
+    RefusedReply,
+    Reply,
+    _outputs,
+    call_deadline,
+    time_left,
+)
 from vision_daemon.detectors.triton import Endpoints, is_remote, parse_url
 
 NAMES = {0: "person", 1: "bicycle"}
@@ -104,3 +118,55 @@ def test_repeated_model_flag_fills_backends(capsys: pytest.CaptureFixture[str]) 
     code = main(["--model", "http://a/m", "--model", "yolov8n.onnx", "--log-dir", ""])
     assert code == 2
     assert "backends need model to be a Triton URL" in capsys.readouterr().err
+
+
+def _reply(outputs: list[dict[str, object]], data: bytes) -> Reply:
+    head = json.dumps({"outputs": outputs}).encode()
+    return Reply(200, {HEADER: str(len(head))}, head + data)
+
+
+def test_a_reply_whose_shapes_claim_more_than_it_carries_is_refused_before_any_array() -> None:
+    """Each tensor's claimed shape must match its bytes (and the JSON part stays under 1 MiB):
+    a claim of a billion rows in 24 bytes is refused, never allocated; a true one is read."""
+    row = np.array([[1, 2, 3, 4, 0.5, 0]], np.float32).tobytes()
+    out = {"name": "detections", "datatype": "FP32"}
+    good = _outputs(_reply([{**out, "shape": [1, 6], "parameters": {"binary_data_size": 24}}], row))
+    assert good["detections"].shape == (1, 6) and good["detections"][0, 4] == 0.5
+    lies = [
+        {**out, "shape": [10**9, 6], "parameters": {"binary_data_size": 24}},
+        {**out, "shape": [10**9, 6], "parameters": {"binary_data_size": 24 * 10**9}},
+        {**out, "shape": [-1, 6], "parameters": {"binary_data_size": 24}},
+        {**out, "shape": [10**9, 6], "data": [0.0] * 6},
+    ]
+    for lie in lies:
+        with pytest.raises(RefusedReply, match="malformed inference reply"):
+            _outputs(_reply([lie], row))
+    huge = Reply(200, {HEADER: str(MAX_HEADER_BYTES + 1)}, b" " * (MAX_HEADER_BYTES + 2))
+    with pytest.raises(RefusedReply, match="JSON part"):
+        _outputs(huge)
+
+
+def test_requests_inside_one_call_deadline_share_it() -> None:
+    """call_deadline bounds every request made inside it as one; an inner one cannot extend it;
+    time_left raises CallTimeout once it has passed (its message says the whole budget)."""
+    assert time_left(3.0) == 3.0  # outside a call: each request its own timeout
+    with call_deadline(2.0):
+        assert 0 < time_left(3.0) <= 2.0
+        with call_deadline(10.0):
+            assert time_left(3.0) <= 2.0
+        with call_deadline(0.0), pytest.raises(CallTimeout, match=r"no whole reply within 0\.0"):
+            time_left(3.0)
+    assert time_left(3.0) == 3.0
+
+
+def test_failures_are_counted_by_cause() -> None:
+    """A timeout and a refused reply each mark the endpoint down and are counted apart."""
+    eps = Endpoints(["http://a/m"], 1.0)
+    (a,) = eps.items
+    eps.set_up(a, "compact", NAMES)
+    eps.failed(eps.pick(), "no whole reply within 1.0 s", "timeout")
+    assert not a.up and a.timeouts == 1 and a.refused == 0
+    eps.set_up(a, "compact", NAMES)
+    eps.failed(eps.pick(), "answered 301 detection rows", "refused")
+    (snap,) = eps.snapshot()
+    assert (snap["failures"], snap["timeouts"], snap["refused"], snap["downs"]) == (2, 1, 1, 2)

@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from vision_daemon.detectors.base import BackendError, ModelError
-from vision_daemon.detectors.kserve import HttpTriton
+from vision_daemon.detectors.kserve import (
+    DTYPES,
+    MAX_REPLY_BYTES,
+    HttpTriton,
+    RefusedReply,
+    call_deadline,
+    time_left,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +52,32 @@ def parse_url(url: str) -> tuple[str, str, str]:
 
 def client(scheme: str, netloc: str, timeout_s: float) -> Any:
     """A client for one endpoint: ours on http.client for HTTP (kserve.py says why not
-    tritonclient.http), tritonclient.grpc for gRPC (its timeouts are per call)."""
+    tritonclient.http), tritonclient.grpc for gRPC. A gRPC call's `client_timeout` is a deadline
+    for the whole call (sent as grpc-timeout, enforced by the channel however the reply comes);
+    replies are bounded at MAX_REPLY_BYTES (tritonclient's default allows 2 GiB)."""
     if scheme == "http":
         return HttpTriton(netloc, timeout_s)
     import tritonclient.grpc as grpc  # type: ignore[import-untyped]
 
-    return grpc.InferenceServerClient(netloc)
+    keep = grpc.KeepAliveOptions()  # tritonclient's defaults, which channel_args replaces
+    return grpc.InferenceServerClient(
+        netloc,
+        channel_args=[
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+            ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+        ],
+    )
 
 
 def infer(
     c: Any, scheme: str, model: str, inputs: dict[str, np.ndarray], output: str, timeout_s: float
 ) -> np.ndarray:
-    """One inference call with named arrays; the named output back."""
+    """One inference call with named arrays; the named output back. It ends by this thread's
+    `call_deadline`, else `timeout_s` from now."""
     if scheme == "http":
         return c.infer_arrays(model, inputs, [output])[output]  # type: ignore[no-any-return]
     import tritonclient.grpc as grpc
@@ -67,13 +88,20 @@ def infer(
         t.set_data_from_numpy(array)
         tensors.append(t)
     result = c.infer(
-        model, tensors, outputs=[grpc.InferRequestedOutput(output)], client_timeout=timeout_s
+        model,
+        tensors,
+        outputs=[grpc.InferRequestedOutput(output)],
+        client_timeout=time_left(timeout_s),
     )
+    got = result.get_output(output)
+    if got is None or got.datatype not in DTYPES:  # BYTES would unpack into Python objects
+        raise RefusedReply(f"answered {output} as {getattr(got, 'datatype', 'nothing')}")
     return result.as_numpy(output)  # type: ignore[no-any-return]
 
 
 def _call_kw(scheme: str, timeout_s: float) -> dict[str, float]:
-    return {"client_timeout": timeout_s} if scheme == "grpc" else {}
+    """A gRPC metadata call's deadline: what is left of the probe's."""
+    return {"client_timeout": time_left(timeout_s)} if scheme == "grpc" else {}
 
 
 def first_line(exc: BaseException) -> str:
@@ -98,6 +126,8 @@ class Endpoint:
     calls: int = 0
     frames: int = 0
     failures: int = 0
+    timeouts: int = 0  # failures that were calls past backend_timeout_s
+    refused: int = 0  # failures that were replies refused: malformed, or past a bound
     downs: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -114,6 +144,8 @@ class Endpoint:
             "calls": self.calls,
             "frames": self.frames,
             "failures": self.failures,
+            "timeouts": self.timeouts,
+            "refused": self.refused,
             "downs": self.downs,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -124,22 +156,24 @@ class Endpoint:
 
 
 def describe(scheme: str, netloc: str, model: str, timeout_s: float) -> tuple[str, dict[int, str]]:
-    """(format, class names) of a model an endpoint serves; raises with one line if it cannot."""
+    """(format, class names) of a model an endpoint serves, all asked within `timeout_s`;
+    raises with one line if it cannot."""
     c = client(scheme, netloc, timeout_s)
-    kw = _call_kw(scheme, timeout_s)
     try:
-        try:
-            live = c.is_server_live(**kw)
-        except Exception as exc:
-            raise BackendError(f"unreachable ({first_line(exc)})") from None
-        if not live:
-            raise BackendError("the server is not live")
-        if not c.is_model_ready(model, **kw):
-            raise ModelError(f"has no model {model!r} ready{_served(c, scheme, kw)}")
-        if scheme == "http":
-            cfg = c.get_model_config(model)
-        else:
-            cfg = c.get_model_config(model, as_json=True, **kw)["config"]
+        with call_deadline(timeout_s):
+            try:
+                live = c.is_server_live(**_call_kw(scheme, timeout_s))
+            except Exception as exc:
+                raise BackendError(f"unreachable ({first_line(exc)})") from None
+            if not live:
+                raise BackendError("the server is not live")
+            if not c.is_model_ready(model, **_call_kw(scheme, timeout_s)):
+                raise ModelError(f"has no model {model!r} ready{_served(c, scheme, timeout_s)}")
+            if scheme == "http":
+                cfg = c.get_model_config(model)
+            else:
+                kw = _call_kw(scheme, timeout_s)
+                cfg = c.get_model_config(model, as_json=True, **kw)["config"]
     finally:
         c.close()
     inputs = {i["name"]: i.get("data_type", "") for i in cfg.get("input", [])}
@@ -163,10 +197,11 @@ def describe(scheme: str, netloc: str, model: str, timeout_s: float) -> tuple[st
     return fmt, names
 
 
-def _served(c: Any, scheme: str, kw: dict[str, float]) -> str:
+def _served(c: Any, scheme: str, timeout_s: float) -> str:
     """What the server says it serves, as the end of an error message."""
     try:
         if scheme == "grpc":
+            kw = _call_kw(scheme, timeout_s)
             index = c.get_model_repository_index(as_json=True, **kw).get("models", [])
         else:
             index = c.get_model_repository_index()
@@ -208,10 +243,14 @@ class Endpoints:
             e.bytes_up += up_bytes
             e.bytes_down += down_bytes
 
-    def failed(self, e: Endpoint, why: str) -> None:
+    def failed(self, e: Endpoint, why: str, cause: str = "error") -> None:
+        """A call that failed (`cause`: error, timeout or refused) takes its endpoint down until
+        the prober finds its model ready again."""
         with self._lock:
             e.in_flight -= 1
             e.failures += 1
+            e.timeouts += cause == "timeout"
+            e.refused += cause == "refused"
             self._down(e, why)
 
     def mark_down(self, e: Endpoint, why: str) -> None:

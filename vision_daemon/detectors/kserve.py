@@ -11,33 +11,98 @@ up, 2.8 MB down) that http.client makes in 45 ms here. gRPC endpoints keep trito
 The protocol (https://github.com/kserve/open-inference-protocol, binary data extension): a POST
 to /v2/models/NAME/infer whose body is a JSON header, then each tensor's bytes in order; the JSON
 length is in the `Inference-Header-Content-Length` header, both ways.
+
+One deadline bounds a whole call (connect, send, every read), not each socket operation: a
+server trickling its reply a byte a second would otherwise hold a worker for as long as it
+likes, since every read makes progress. How: a watchdog (vision_daemon/deadlines.py, the one the
+cameras use) shuts the socket down when the deadline passes, which ends the blocked read or
+write at once, and the socket's own timeout is set to the time left before each request, which
+bounds the connect (the watchdog has no socket yet) and any single read. Chosen over a total-time
+check between reads with a short per-read timeout: http.client reads through a buffered file
+that cannot be resumed after a socket timeout, so that would mean our own HTTP reader. Requests
+made inside `call_deadline(s)` (on this thread) share its deadline: a detector call of several
+requests, or a probe's three, is bounded as one. Replies are bounded too: 64 MiB in all, 1 MiB of
+JSON, and every tensor's claimed shape must match its bytes before an array is made.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from vision_daemon.deadlines import Deadline
 
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT32": np.int32}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 HEADER = "Inference-Header-Content-Length"
 MAX_REPLY_BYTES = 64 * 2**20  # a float32 reply is 2.8 MB per image; past this it is refused
+MAX_HEADER_BYTES = 2**20  # the JSON part of an inference reply (its tensors come as binary)
 
 
 class TritonHttpError(RuntimeError):
     """The server answered with an error (its message, one line) or with a malformed reply."""
 
 
+class RefusedReply(TritonHttpError):
+    """A reply the client will not use: malformed, or past a bound (bytes, rows)."""
+
+
+class CallTimeout(TimeoutError):
+    """A call outlived its deadline (the whole call: connect, send and every read)."""
+
+
+_thread = threading.local()
+
+
+@contextmanager
+def call_deadline(seconds: float) -> Iterator[None]:
+    """Every request this thread makes inside shares one deadline, `seconds` from now (or the
+    enclosing one's, if sooner)."""
+    outer: tuple[float, float] | None = getattr(_thread, "deadline", None)
+    at = time.monotonic() + seconds
+    _thread.deadline = outer if outer is not None and outer[0] <= at else (at, seconds)
+    try:
+        yield
+    finally:
+        _thread.deadline = outer
+
+
+def time_left(default_s: float) -> float:
+    """Seconds left of this thread's call deadline (`default_s` outside one); CallTimeout once it
+    has passed."""
+    deadline: tuple[float, float] | None = getattr(_thread, "deadline", None)
+    if deadline is None:
+        return default_s
+    at, budget = deadline
+    left = at - time.monotonic()
+    if left <= 0:
+        raise CallTimeout(f"no whole reply within {budget:.1f} s")
+    return left
+
+
+def budget(default_s: float) -> float:
+    """The whole time this thread's call was given (`default_s` outside one)."""
+    deadline: tuple[float, float] | None = getattr(_thread, "deadline", None)
+    return default_s if deadline is None else deadline[1]
+
+
 class HttpTriton:
     """One endpoint's HTTP client (one kept-alive connection); not shared between threads.
 
-    The timeout bounds the connect and each read or write on the socket."""
+    Each request ends by its deadline: this thread's `call_deadline`, else `timeout_s` from its
+    start."""
 
     def __init__(self, netloc: str, timeout_s: float) -> None:
         host, _, port = netloc.rpartition(":")
+        self._timeout_s = timeout_s
         self._conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
 
     def close(self) -> None:
@@ -50,16 +115,32 @@ class HttpTriton:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
+        within = budget(self._timeout_s)
+        guard = Deadline()
         try:
+            guard.expect(time_left(self._timeout_s))
+            if self._conn.sock is None:  # the connect, bounded by the socket's own timeout
+                self._conn.timeout = time_left(self._timeout_s)
+                self._conn.connect()
+            sock = self._conn.sock
+            sock.settimeout(time_left(self._timeout_s))  # no one read outlives the call either
+            guard.sock = sock
             self._conn.request(method, path, body=body, headers=headers or {})
             r = self._conn.getresponse()
-            body = r.read(MAX_REPLY_BYTES + 1)
-            if len(body) > MAX_REPLY_BYTES:
-                raise TritonHttpError(f"reply over {MAX_REPLY_BYTES // 2**20} MiB")
-            return Reply(r.status, dict(r.getheaders()), body)
-        except BaseException:
+            content = r.read(MAX_REPLY_BYTES + 1)
+            guard.clear()  # from here the watchdog leaves the socket alone
+            if guard.fired:  # cut mid-read: what was read is a truncated reply
+                raise CallTimeout(f"no whole reply within {within:.1f} s")
+            if len(content) > MAX_REPLY_BYTES:
+                raise RefusedReply(f"reply over {MAX_REPLY_BYTES // 2**20} MiB")
+            return Reply(r.status, dict(r.getheaders()), content)
+        except BaseException as exc:
             self._conn.close()  # a fresh connection next time
+            if guard.fired or (isinstance(exc, TimeoutError) and not isinstance(exc, CallTimeout)):
+                raise CallTimeout(f"no whole reply within {within:.1f} s") from None
             raise
+        finally:
+            guard.close()
 
     def _get(self, path: str) -> Reply:
         return self._request("GET", path)
@@ -139,25 +220,39 @@ def _message(r: Reply) -> str:
 
 
 def _outputs(r: Reply) -> dict[str, np.ndarray]:
+    """The reply's tensors, each checked against the bytes that carry it before it is made (a
+    shape claiming more than was sent is refused, never allocated)."""
     body = r.content
     try:
         size = int(r.headers.get(HEADER.lower(), len(body)))
+        if not 0 < size <= min(len(body), MAX_HEADER_BYTES):
+            raise ValueError(f"a JSON part of {size} bytes")
         header = json.loads(body[:size])
         offset, out = size, {}
         for o in header["outputs"]:
-            dtype = DTYPES[o["datatype"]]
+            dtype = np.dtype(DTYPES[o["datatype"]])
             shape = [int(d) for d in o["shape"]]
+            if any(d < 0 for d in shape):
+                raise ValueError(f"shape {shape}")
             params = o.get("parameters") or {}
             if "binary_data_size" in params:
                 n = int(params["binary_data_size"])
-                array = np.frombuffer(body[offset : offset + n], dtype=dtype).reshape(shape)
+                if n != math.prod(shape) * dtype.itemsize or offset + n > len(body):
+                    raise ValueError(f"shape {shape} in {n} of {len(body) - offset} bytes left")
+                array = np.frombuffer(body, dtype=dtype, count=n // dtype.itemsize, offset=offset)
                 offset += n
             else:
-                array = np.asarray(o["data"], dtype=dtype).reshape(shape)
-            out[o["name"]] = array
+                array = np.asarray(o["data"], dtype=dtype)
+            out[o["name"]] = array.reshape(shape)
     except (KeyError, ValueError, TypeError) as exc:
-        raise TritonHttpError(f"malformed inference reply ({type(exc).__name__})") from None
+        raise RefusedReply(f"malformed inference reply ({first(exc)})") from None
     return out
+
+
+def first(exc: BaseException) -> str:
+    """An exception as a short phrase: its type, and its first line if it has one."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
 
 
 class _Input:

@@ -13,10 +13,14 @@ endpoints) sends every batch to one Triton endpoint. The format is the named mod
   `vision-triton`'s `<NAME>_fp32`). About 4.9 MB up and 2.8 MB back per frame.
 
 Endpoints are shared by every worker (`Endpoints`, thread-safe): a call goes to the up endpoint
-with the fewest calls in flight; a call that fails or outlives `backend_timeout_s` marks its
-endpoint down and its frames drop as `backend_error` (no retry: a retried frame would be late).
-A prober (the lifecycle runs `probe` every `backend_probe_s`) takes an endpoint back once its
-model answers ready, and marks an idle endpoint down when it stops answering.
+with the fewest calls in flight; a call that fails, outlives `backend_timeout_s` or answers a
+reply we refuse marks its endpoint down and its frames drop as `backend_error` (no retry: a
+retried frame would be late). `backend_timeout_s` is one deadline for the whole call (every
+request of a batch, connect, send and every read: kserve.py says how), so however slowly a
+server trickles its reply, the call ends in time and its worker is free. A reply may carry at
+most `backend_max_detections` rows per image. A prober (the lifecycle runs `probe` every
+`backend_probe_s`) takes an endpoint back once its model answers ready, and marks an idle
+endpoint down when it stops answering.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from vision_daemon.detectors.endpoints import first_line
 from vision_daemon.detectors.endpoints import infer as infer
 from vision_daemon.detectors.endpoints import is_remote as is_remote
 from vision_daemon.detectors.endpoints import parse_url as parse_url
-from vision_daemon.detectors.kserve import adopt
+from vision_daemon.detectors.kserve import RefusedReply, adopt, call_deadline, time_left
 from vision_daemon.detectors.yolo import class_ids
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class TritonFactory:
     classes: tuple[str, ...]
     send: str  # compact format: jpeg or pixels
     jpeg_quality: int
+    max_rows: int  # detection rows a reply may carry per image
 
     @classmethod
     def from_config(cls, config: Config) -> TritonFactory:
@@ -96,6 +101,7 @@ class TritonFactory:
             tuple(config.classes),
             config.backend_image,
             config.backend_jpeg_quality,
+            config.backend_max_detections,
         )
 
     def __call__(self) -> TritonDetector:
@@ -119,16 +125,20 @@ class TritonDetector:
         )
 
     def warmup(self) -> None:
+        """One call to each up endpoint that has not served frames yet: at start every worker
+        warms every endpoint; a worker replacing one that abandoned a call skips those already
+        serving (their model is loaded; its clients are built at its first call), so it is back
+        at once whatever state they are in now (the prober's business)."""
         t0 = time.perf_counter()
         blank = np.zeros((self._f.imgsz, self._f.imgsz, 3), dtype=np.uint8)
         endpoints = self._f.endpoints
         for e in endpoints.items:
-            if not e.up:
+            if not e.up or e.frames:
                 continue
             with endpoints.warming:  # one worker at a time: a fresh server's first calls
                 # overlapping sometimes hung (pytriton 0.7, vision-triton); one after another not
                 self._warm(e, blank)
-        if endpoints.all_down():
+        if endpoints.all_down() and not any(e.frames for e in endpoints.items):
             raise ModelError(f"no Triton endpoint answers a call: {endpoints.why_down()}")
         self.info = ModelInfo(
             **{**self.info.__dict__, "warmup_ms": (time.perf_counter() - t0) * 1000}
@@ -152,26 +162,26 @@ class TritonDetector:
             rows, up_bytes, down_bytes = self._call(e, images)
         except Exception as exc:
             self._clients.pop(e.url, None)  # a fresh client once it is back
-            endpoints.failed(e, first_line(exc))
-            raise BackendError(f"Triton endpoint {e.url} failed: {first_line(exc)}") from None
+            cause, why = _failure(exc, endpoints.timeout_s)
+            endpoints.failed(e, why, cause)
+            raise BackendError(f"Triton endpoint {e.url} failed: {why}") from None
         endpoints.done(e, len(images), up_bytes, down_bytes)
         return [self._detections(r) for r in rows]
 
     def _call(
         self, e: Endpoint, images: Sequence[Image], timeout_s: float | None = None
     ) -> tuple[list[np.ndarray], int, int]:
-        if e.fmt == COMPACT:
-            return self._compact(e, images, timeout_s or self._f.endpoints.timeout_s)
-        return self._float32(e, images)
+        """Every request for `images` within one deadline (backend_timeout_s unless told)."""
+        with call_deadline(timeout_s or self._f.endpoints.timeout_s):
+            if e.fmt == COMPACT:
+                return self._compact(e, images)
+            return self._float32(e, images)
 
-    def _compact(
-        self, e: Endpoint, images: Sequence[Image], timeout_s: float
-    ) -> tuple[list[np.ndarray], int, int]:
+    def _compact(self, e: Endpoint, images: Sequence[Image]) -> tuple[list[np.ndarray], int, int]:
         f = self._f
+        timeout_s = f.endpoints.timeout_s  # outside a call_deadline only
         c = self._clients.get(e.url)
-        if timeout_s != f.endpoints.timeout_s:  # warm-up: a client of its own
-            c = client(e.scheme, e.netloc, timeout_s)
-        elif c is None:
+        if c is None:
             c = self._clients[e.url] = client(e.scheme, e.netloc, timeout_s)
         out, up_bytes, down_bytes = [], 0, 0
         thresholds = np.array([f.conf, f.iou], dtype=np.float32)
@@ -186,7 +196,13 @@ class TritonDetector:
             inputs: dict[str, np.ndarray] = {name: data, "thresholds": thresholds}
             rows = infer(c, e.scheme, e.model, inputs, "detections", timeout_s)
             if rows is None or rows.ndim != 2 or rows.shape[1] != 6:
-                raise ValueError(f"answered detections of shape {getattr(rows, 'shape', None)}")
+                shape = getattr(rows, "shape", None)
+                raise RefusedReply(f"answered detections of shape {shape}")
+            if len(rows) > f.max_rows:  # before a row becomes a Python object
+                raise RefusedReply(
+                    f"answered {len(rows)} detection rows, over backend_max_detections "
+                    f"({f.max_rows})"
+                )
             out.append(rows)
             up_bytes += data.nbytes + thresholds.nbytes
             down_bytes += rows.nbytes
@@ -198,7 +214,13 @@ class TritonDetector:
         if yolo is None:
             yolo = self._clients[e.url] = ultralytics_remote(e, f.endpoints.timeout_s)
         results: list[Any] = yolo.predict(
-            list(images), imgsz=f.imgsz, conf=f.conf, iou=f.iou, classes=self._keep, verbose=False
+            list(images),
+            imgsz=f.imgsz,
+            conf=f.conf,
+            iou=f.iou,
+            classes=self._keep,
+            max_det=f.max_rows,  # NMS keeps at most this many: the rows bound by construction
+            verbose=False,
         )
         out = []
         for r in results:
@@ -260,19 +282,28 @@ def ultralytics_remote(e: Endpoint, timeout_s: float) -> Any:
         log.warning("cannot bound ultralytics' Triton client by %.1f s on this version", timeout_s)
     elif e.scheme == "http":
         adopt(remote, e.netloc, timeout_s)
-    else:
-        remote.triton_client = _TimedGrpc(remote.triton_client, timeout_s)
+    else:  # ours: its replies bounded in bytes
+        remote.triton_client = _TimedGrpc(client("grpc", e.netloc, timeout_s), timeout_s)
     return yolo
 
 
+def _failure(exc: BaseException, timeout_s: float) -> tuple[str, str]:
+    """(cause, one line) of a failed call: a timeout, a refused reply, or any other error."""
+    status = getattr(exc, "status", None)  # tritonclient's InferenceServerException
+    grpc_status = status() if callable(status) else None
+    if isinstance(exc, TimeoutError) or grpc_status == "StatusCode.DEADLINE_EXCEEDED":
+        return "timeout", f"no whole reply within {timeout_s:.1f} s"
+    return ("refused" if isinstance(exc, RefusedReply) else "error"), first_line(exc)
+
+
 class _TimedGrpc:
-    """A gRPC client whose every infer carries a deadline."""
+    """A gRPC client whose every infer ends by this thread's call deadline."""
 
     def __init__(self, inner: Any, timeout_s: float) -> None:
         self._inner, self._timeout_s = inner, timeout_s
 
     def infer(self, *args: Any, **kw: Any) -> Any:
-        kw.setdefault("client_timeout", self._timeout_s)
+        kw["client_timeout"] = time_left(self._timeout_s)
         return self._inner.infer(*args, **kw)
 
     def __getattr__(self, name: str) -> Any:

@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from vision_daemon.config import CameraConfig
-from vision_daemon.ingest.deadlines import Deadline
+from vision_daemon.deadlines import Deadline
 from vision_daemon.ingest.source_types import (
     Grab,
     Source,

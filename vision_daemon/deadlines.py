@@ -1,11 +1,14 @@
-"""Deadlines over whole HTTP reads: a response head, an MJPEG part, a snapshot body.
+"""Deadlines over whole socket exchanges: a camera's response head, MJPEG part or snapshot body
+(ingest/http_sources.py), a remote detector's whole call (detectors/kserve.py).
 
-httpx's read timeout bounds each socket read, so a camera that trickles one byte a second never
-times out. A `Deadline` bounds the whole read instead: the reader sets when it must have made
-progress by (`expect`), and one watchdog thread shuts the socket down once that time passes or
-the camera is stopped, which ends the blocked read at once. The watchdog looks ten times a
-second and runs only while a deadline is registered, so an idle daemon has no extra thread.
-The socket comes from httpcore's `trace` extension as the connection is made.
+A socket timeout (httpx's, http.client's) bounds each read, so a peer that trickles one byte a
+second never times out. A `Deadline` bounds the whole exchange instead: the reader sets when it
+must be done by (`expect`), and one watchdog thread shuts the socket down once that time passes
+or the owner is stopped, which ends the blocked read or write at once. The watchdog looks ten
+times a second and runs only while a deadline is registered, so an idle daemon has no extra
+thread. `clear()` disarms under the deadline's lock: once it returns, the socket is never cut for
+the time that was set (a kept-alive connection stays usable). For cameras the socket comes from
+httpcore's `trace` extension as the connection is made; other owners set `sock` themselves.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ TICK_S = 0.1
 
 
 class Deadline:
-    """One camera's deadline: armed with `expect(seconds)`, disarmed with `clear()`."""
+    """One owner's deadline: armed with `expect(seconds)`, disarmed with `clear()`."""
 
     def __init__(self, stop: threading.Event | None = None) -> None:
         self.stop = stop
+        self._lock = threading.Lock()  # a cut and a disarm never interleave
         self.at = math.inf  # time.monotonic() by which the read must have progressed
         self.fired = False  # the watchdog cut the connection because `at` passed
         self.sock: socket.socket | None = None
@@ -41,7 +45,8 @@ class Deadline:
         self.at = time.monotonic() + within_s
 
     def clear(self) -> None:
-        self.at = math.inf
+        with self._lock:
+            self.at = math.inf
 
     def close(self) -> None:
         _watchdog.discard(self)
@@ -50,14 +55,17 @@ class Deadline:
         return now >= self.at or (self.stop is not None and self.stop.is_set())
 
     def _cut(self, now: float) -> None:
-        self.fired = self.fired or now >= self.at
-        self.at = math.inf
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns; close() is the reader's
-            except OSError:
-                pass  # already closed
+        with self._lock:
+            if not self._due(now):  # disarmed since the watchdog looked
+                return
+            self.fired = self.fired or now >= self.at
+            self.at = math.inf
+            sock, self.sock = self.sock, None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked call returns; owner closes
+                except OSError:
+                    pass  # already closed
 
 
 class _Watchdog:
