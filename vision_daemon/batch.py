@@ -15,6 +15,7 @@ import numpy as np
 
 from vision_daemon.decode import DecodeFailure, decode_for
 from vision_daemon.detectors.base import BackendError, Detection, Detector
+from vision_daemon.masks import black_out, inside
 from vision_daemon.motion import MotionGate, thumbnail
 from vision_daemon.outputs import snapshot_jpeg
 from vision_daemon.protocol import E_BACKEND, E_DECODE, E_DETECTOR
@@ -76,6 +77,9 @@ def _decode_all(
             keeps_image = analysis is not None and analysis.snapshot_max_bytes > 0
             got = decode_for(job.frame, max_pixels, 0 if keeps_image else model_size)
             image = got.image
+            hidden = [m for m in job.stream.masks if m.detect]
+            if hidden:  # the detector never sees what a privacy mask covers
+                image = black_out(image, hidden, 1.0 / got.k)
             if got.k > 1:
                 scales[i] = (got.k, got.width, got.height)
             if analysis is not None:
@@ -151,6 +155,9 @@ def process(
             floor = jobs[i].stream.options.min_confidence  # the stream's own threshold
             if floor > 0:
                 dets = [d for d in dets if d["conf"] >= floor]
+            hidden = [m for m in jobs[i].stream.masks if m.detect]
+            if hidden:  # nor reports a box whose centre lies under one
+                dets = [d for d in dets if not inside(d["bbox"], hidden)]
             outcomes[i].detections = dets
             outcomes[i].timings["infer_ms"] = infer_ms
             if i in gated:
@@ -174,7 +181,8 @@ def analyse(job: Job, analysis: Analysis, outcome: Outcome, image: np.ndarray | 
         )
         outcome.detections = cast(list[Detection], tracked)
         if outcome.events and analysis.snapshot_max_bytes and image is not None:
-            outcome.snapshot = snapshot_jpeg(image, analysis.snapshot_max_bytes)
+            masked = black_out(image, job.stream.masks)  # stored snapshots are masked too
+            outcome.snapshot = snapshot_jpeg(masked, analysis.snapshot_max_bytes)
     except Exception:  # the analytics failing must not cost the frame its detections
         log.exception(
             "analytics of stream %s failed on frame %d", job.stream.name, job.frame.frame_id

@@ -24,6 +24,7 @@ from vision_daemon.camera_config import camera_config as camera_config
 from vision_daemon.camera_config import camera_from_dict as camera_from_dict
 from vision_daemon.camera_config import camera_from_flag as camera_from_flag
 from vision_daemon.checks import ConfigError as ConfigError  # raised by every settings check
+from vision_daemon.masks import Mask, masks_from_toml
 from vision_daemon.tokens import TokenConfig, token_from_dict
 from vision_daemon.url_policy import UrlPolicy, UrlRefused
 
@@ -444,6 +445,10 @@ class Config:
     cameras: tuple[CameraConfig, ...] = field(default=(), metadata={"section": "cameras"})
     # [[tokens]]: tokens with roles (vision_daemon/tokens.py)
     tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"section": "tokens"})
+    # [[masks]]: privacy masks by stream (vision_daemon/masks.py)
+    masks: tuple[tuple[str, tuple[Mask, ...]], ...] = field(
+        default=(), metadata={"section": "masks"}
+    )
     # [tracking], [[lines]], [[zones]]: tables (vision_daemon/analytics/settings.py)
     analytics: AnalyticsConfig = field(
         default_factory=AnalyticsConfig, metadata={"section": "analytics tables"}
@@ -544,7 +549,7 @@ def _output_checks(c: Config) -> list[tuple[bool, str]]:
 
 
 # The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.
-TABLES = ("cameras", "analytics", "tokens")  # arrays of tables: not flags or env variables
+TABLES = ("cameras", "analytics", "tokens", "masks")  # arrays of tables: not flags or env variables
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in TABLES}
 
 
@@ -579,6 +584,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             if not isinstance(table, list):
                 raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
             values["cameras"] = tuple(camera_from_dict(c) for c in table)
+            continue
+        if section == "masks":
+            values["masks"] = tuple(masks_from_toml(table).items())
             continue
         if section == "tokens":
             if not isinstance(table, list):
@@ -623,6 +631,9 @@ def load_config(
             continue
         if name == "cameras":  # --camera adds to the file's cameras
             values["cameras"] = (*values.get("cameras", ()), *value)
+            continue
+        if name == "masks":  # {stream: (Mask, ...)} (tests, embedders)
+            values["masks"] = tuple(dict(value).items())
             continue
         if name == "tokens":  # TokenConfigs (tests, embedders)
             values["tokens"] = tuple(value)

@@ -18,6 +18,7 @@ from vision_daemon.config import CameraConfig, Config, ConfigError, policy_for
 from vision_daemon.ingest.camera_manager import CameraManager
 from vision_daemon.ingest.cameras import CameraRefused
 from vision_daemon.ingest.ws import WsIngest
+from vision_daemon.masks import Mask
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
 from vision_daemon.pipeline import Pipeline
@@ -66,6 +67,13 @@ class DaemonControl:
         if camera is not None:  # its reader applies skip_frames and max_fps itself
             camera.retune(options)
         return options
+
+    def masks(self, name: str) -> list[dict[str, object]]:
+        return [m.to_dict() for m in self._pipeline.masks.get(name)]
+
+    def set_masks(self, name: str, masks: tuple[Mask, ...]) -> list[dict[str, object]]:
+        self._pipeline.set_masks(name, masks)
+        return self.masks(name)
 
     async def latest_frame(self, name: str) -> FrameImage | None:
         if name not in self._pipeline.streams:

@@ -28,6 +28,7 @@ from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.config import Config
 from vision_daemon.ledger import Ledger
 from vision_daemon.log import RateLimiter, log_limited, peer_host
+from vision_daemon.masks import Mask, MaskBook
 from vision_daemon.metrics import Metrics
 from vision_daemon.options import defaults_of
 from vision_daemon.outputs import EventOutput, Hub, LatestFrames
@@ -62,6 +63,10 @@ class Pipeline:
         self.scheduler = scheduler
         self.hub = hub
         self.frames = frames if frames is not None else LatestFrames()
+        self.masks = MaskBook(
+            dict(config.masks)
+        )  # privacy masks by stream (vision_daemon/masks.py)
+        self.frames.masks = self.masks
         self.metrics = metrics
         self.clock = clock
         self.streams: dict[str, Stream] = {}  # the one registry of streams
@@ -143,6 +148,7 @@ class Pipeline:
                 defaults=self.defaults,
             )
             stream.metric_label = self.metrics.label_for(name)
+            stream.masks = self.masks.get(name)
             self.streams[name] = stream
             self.analyses.set_up(stream)
             log_limited(
@@ -232,6 +238,14 @@ class Pipeline:
         it is refused, or None."""
         stream = self._stream_for(sink, name, options)
         return stream if isinstance(stream, str) else None
+
+    def set_masks(self, name: str, masks: tuple[Mask, ...]) -> None:
+        """A stream's privacy masks (PUT /streams/{name}/masks): from its next frame on, in
+        what workers see and in every JPEG served or stored."""
+        self.masks.set(name, masks)
+        stream = self.streams.get(name)
+        if stream is not None:
+            stream.masks = masks
 
     def retune(self, name: str, overrides: Mapping[str, Any]) -> p.StreamOptions | None:
         """An operator's options for a stream (PATCH /streams/{name}, checked by

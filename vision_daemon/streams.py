@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from vision_daemon.analytics import Event, StreamAnalytics, StreamCounts
 from vision_daemon.detectors.base import Detection
+from vision_daemon.masks import Mask
 from vision_daemon.motion import MotionGate
 from vision_daemon.options import resolve
 from vision_daemon.protocol import Frame, StreamOptions
@@ -227,6 +228,7 @@ class Stream:
     gate: Gate = field(init=False)
     motion: MotionGate | None = field(init=False)  # set when options.motion_gate > 0
     analysis: Analysis | None = None  # tracking, lines and zones; set by the pipeline
+    masks: tuple[Mask, ...] = ()  # privacy masks; set by the pipeline (workers read the tuple)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # the daemon's (options.resolve)
     given: StreamOptions = field(init=False)  # what the client or camera said
 

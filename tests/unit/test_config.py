@@ -48,11 +48,20 @@ def test_default_toml_lists_every_setting_with_its_default(tmp_path: Path) -> No
     # serve has no literal default (left out, it is the daemon's serve_default): the example
     # names latest
     assert camera.options == dataclasses.replace(CAMERA_DEFAULTS, serve="latest")
-    tokens = text[text.index("# [[tokens]]") :]
+    tokens = text[text.index("# [[tokens]]") : text.index("# Privacy masks")]
+    tokens += text[text.index("# [[masks]]") :]
     uncommented = tmp_path / "tokens.toml"
     uncommented.write_text("\n".join(line.removeprefix("# ") for line in tokens.splitlines()))
-    (token,) = load_config(uncommented, environ={}).tokens
+    loaded = load_config(uncommented, environ={})  # the [[masks]] example comes with it
+    (token,) = loaded.tokens
     assert (token.name, token.role, token.streams) == ("door-cams", "ingest", ("door-*",))
+    ((stream, (mask,)),) = loaded.masks
+    assert (stream, mask.name, len(mask.polygon), mask.detect) == (
+        "door",
+        "neighbours-window",
+        4,
+        False,
+    )
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket
 
 from vision_daemon.analytics import LineConfig, ZoneConfig
 from vision_daemon.config import CameraConfig
+from vision_daemon.masks import Mask
 from vision_daemon.options import StreamOptions
 from vision_daemon.outputs import FrameImage
 from vision_daemon.schema import AnalyticsView, CameraStats, Snapshot
@@ -52,6 +53,14 @@ class Control(Protocol):
 
     def retune(self, name: str, overrides: Mapping[str, Any]) -> StreamOptions:
         """An operator's options for a stream; its resolved options. Raises NotFound."""
+        ...
+
+    def masks(self, name: str) -> list[dict[str, object]]:
+        """A stream's privacy masks (the stream need not exist yet)."""
+        ...
+
+    def set_masks(self, name: str, masks: tuple[Mask, ...]) -> list[dict[str, object]]:
+        """Replace a stream's privacy masks (empty: none); the masks now."""
         ...
 
     async def latest_frame(self, name: str) -> FrameImage | None:

@@ -37,6 +37,7 @@ from vision_daemon.ingest.sources import (
     source_error,
 )
 from vision_daemon.log import RateLimiter, log_limited
+from vision_daemon.masks import Mask
 from vision_daemon.outputs import as_image
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.protocol import Frame, StreamOptions
@@ -124,7 +125,7 @@ class Camera:
         self._analysed = Window(window_s)
         self._decode = Window(window_s)
         self.last_analysed: Frame | None = None
-        self._snapshot_jpeg: tuple[int, bytes] | None = None
+        self._snapshot_jpeg: tuple[int, tuple[Mask, ...], bytes] | None = None
         self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
         self._log_limit = RateLimiter(burst=3, period_s=60.0)
 
@@ -369,11 +370,12 @@ class Camera:
             frame, cached = self.last_analysed, self._snapshot_jpeg
         if frame is None:
             return None
-        if cached is not None and cached[0] == frame.frame_id:
-            return cached[1]
-        body, _ = await as_image(frame)  # MJPEG and snapshot cameras: the camera's own JPEG
+        masks = self._pipeline.masks.get(self.name)  # privacy masks: blacked out here too
+        if cached is not None and cached[:2] == (frame.frame_id, masks):
+            return cached[2]
+        body, _ = await as_image(frame, masks)  # MJPEG, snapshot: the camera's own JPEG if unmasked
         with self._lock:
-            self._snapshot_jpeg = (frame.frame_id, body)
+            self._snapshot_jpeg = (frame.frame_id, masks, body)
         return body
 
     def health(self, now: float) -> CameraStats:

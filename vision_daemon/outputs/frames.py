@@ -11,6 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from vision_daemon.masks import Mask, MaskBook, black_out
 from vision_daemon.protocol import Frame
 
 
@@ -40,9 +41,13 @@ def snapshot_jpeg(pixels: Any, max_bytes: int) -> bytes | None:
     return None
 
 
-async def as_image(frame: Frame) -> tuple[bytes, str]:
+async def as_image(frame: Frame, masks: tuple[Mask, ...] = ()) -> tuple[bytes, str]:
     """A frame as an image to serve, with its media type: JPEG or PNG bytes as they were sent,
-    pixels (decoded by a camera, raw, or a shared-memory copy) encoded to JPEG off the loop."""
+    pixels (decoded by a camera, raw, or a shared-memory copy) encoded to JPEG off the loop.
+    With privacy `masks`, always a JPEG with their polygons black (decoded, masked and encoded
+    again, off the loop)."""
+    if masks:
+        return await asyncio.to_thread(_masked_jpeg, frame, masks), "image/jpeg"
     if frame.pixels is None and frame.encoding != "raw":
         png = frame.image.startswith(b"\x89PNG")
         return frame.image, "image/png" if png else "image/jpeg"
@@ -50,6 +55,17 @@ async def as_image(frame: Frame) -> tuple[bytes, str]:
     if pixels is None:
         pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
     return await asyncio.to_thread(encode_jpeg, pixels), "image/jpeg"
+
+
+def _masked_jpeg(frame: Frame, masks: tuple[Mask, ...]) -> bytes:
+    pixels = frame.pixels
+    if pixels is None and frame.encoding == "raw":
+        pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+    elif pixels is None:
+        pixels = cv2.imdecode(np.frombuffer(frame.image, np.uint8), cv2.IMREAD_COLOR)
+        if pixels is None:
+            raise RuntimeError("a kept frame could not be decoded to mask it")
+    return encode_jpeg(black_out(pixels, masks))
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,7 @@ class FrameImage:
     timestamp: float
     body: bytes
     media_type: str
+    masks: tuple[Mask, ...] = ()  # the privacy masks it was made with
 
 
 class LatestFrames:
@@ -78,6 +95,7 @@ class LatestFrames:
         self._watched: dict[str, float] = {}  # stream -> watched until (monotonic)
         self._kept: dict[str, Frame] = {}
         self._images: dict[str, FrameImage] = {}  # the last served image, per stream
+        self.masks: MaskBook | None = None  # privacy masks, blacked out of every served frame
 
     def keep(self, frame: Frame, now: float) -> None:
         name = frame.stream_name
@@ -106,11 +124,12 @@ class LatestFrames:
         frame = self._kept.get(stream)
         if frame is None:
             return None
+        masks = self.masks.get(stream) if self.masks is not None else ()
         cached = self._images.get(stream)
-        if cached is not None and cached.frame_id == frame.frame_id:
+        if cached is not None and (cached.frame_id, cached.masks) == (frame.frame_id, masks):
             return cached
-        body, media_type = await as_image(frame)
-        image = FrameImage(frame.frame_id, frame.timestamp, body, media_type)
+        body, media_type = await as_image(frame, masks)
+        image = FrameImage(frame.frame_id, frame.timestamp, body, media_type, masks)
         if stream in self._watched:  # not forgotten while it was encoded
             self._images[stream] = image
         return image
