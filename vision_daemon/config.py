@@ -258,7 +258,18 @@ class Config:
         low=1,
     )
     max_pending_connections: int = _f(
-        64, "limits", "TCP connections still waiting for their first valid message", low=1
+        64,
+        "limits",
+        "TCP connections still waiting for their first valid message; when full, a silent one "
+        "is closed for a new one",
+        low=1,
+    )
+    max_pending_per_address: int = _f(
+        32,
+        "limits",
+        "while max_pending_connections is reached, an address holding this many of them has "
+        "its own oldest silent one closed first",
+        low=1,
     )
     max_streams_per_connection: int = _f(64, "limits", "streams one connection may open", low=1)
     max_streams: int = _f(1024, "limits", "streams open in total", low=1)

@@ -236,7 +236,8 @@ class Stats(BaseModel):
     batch_sizes: dict[str, int]
     mean_batch_size: float | None
     connections: dict[str, int] = Field(
-        description="TCP and Unix-socket connections: open, pending, total, refused, outbox_max, "
+        description="TCP and Unix-socket connections: open, pending (no hello yet), total, "
+        "refused, evicted (closed before their hello to make room for a newer one), outbox_max, "
         "shm_rings (shared-memory rings open) and shm_mapped_bytes (their sizes)"
     )
     ws_ingest: dict[str, int] = Field(

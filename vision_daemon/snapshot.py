@@ -92,6 +92,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "pending": len(c.ingest.pending),
             "total": c.ingest.total,
             "refused": c.ingest.refused,
+            "evicted": c.ingest.evicted,
             "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
             "shm_rings": sum(1 for x in c.ingest.connections if x.attachment.mapped_bytes),
             "shm_mapped_bytes": sum(x.attachment.mapped_bytes for x in c.ingest.connections),
