@@ -287,7 +287,18 @@ class Config:
         low=1,
     )
     http_max_connections: int = _f(
-        128, "limits", "open HTTP and /ws connections; more are closed at accept", low=1
+        128,
+        "limits",
+        "open HTTP and /ws connections; when full, one waiting for a request is closed for a "
+        "new one",
+        low=1,
+    )
+    http_max_pending_per_address: int = _f(
+        64,
+        "limits",
+        "while http_max_connections is reached, an address with this many connections waiting "
+        "for a request has its own oldest closed first",
+        low=1,
     )
     http_idle_timeout_s: float = _f(
         5.0, "limits", "close an HTTP connection that sends nothing for this long", above=0

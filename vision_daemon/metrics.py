@@ -210,15 +210,16 @@ def _connection_metrics(snap: Stats) -> Iterator[Metric]:
     """Connections turned away at accept, and those closed to make room for a newer one."""
     refused = CounterMetricFamily(
         "vision_daemon_connections_refused",
-        "Connections refused by plane (tcp: a full pending pool or max_connections)",
+        "Connections refused at accept by plane (tcp: a full pending pool or max_connections; "
+        "http: http_max_connections, 503)",
         labels=["plane"],
     )
     evicted = CounterMetricFamily(
         "vision_daemon_connections_evicted",
-        "Connections closed before their hello (tcp) for a newer one",
+        "Connections closed before their hello (tcp) or request (http) for a newer one",
         labels=["plane"],
     )
-    for plane, counts in (("tcp", snap.connections),):
+    for plane, counts in (("tcp", snap.connections), ("http", snap.http)):
         refused.add_metric([plane], counts["refused"])
         evicted.add_metric([plane], counts["evicted"])
     yield from (refused, evicted)

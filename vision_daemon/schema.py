@@ -243,6 +243,11 @@ class Stats(BaseModel):
     ws_ingest: dict[str, int] = Field(
         description="WebSocket /ingest connections: open, total, refused, outbox_max"
     )
+    http: dict[str, int] = Field(
+        description="control-plane connections: open (WebSockets included), pending (waiting for "
+        "a request head), refused (503 at accept), evicted (closed while waiting for a request, "
+        "to make room for a newer one)"
+    )
     errors: dict[str, int] = Field(description="refused messages by protocol error code")
     ws: HubStats
     streams_evicted: int = Field(
