@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import resource
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -301,6 +303,77 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> boo
     except (ConnectionError, OSError):
         return True
     return True
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Let this process hold `needed` descriptors (the soft limit raised up to the hard one), or
+    skip the test with one line saying why."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} file descriptors; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+async def speak_at_once(
+    port: int | None, first: bytes, timeout: float = 1.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A peer that sends `first` the instant it is connected, as one on another host or in
+    another process does: the connect and the send run before this event loop (the daemon's)
+    runs again, so the bytes are in the daemon's socket before it can accept it. (A client on
+    the daemon's own loop speaks only some loop turns after the daemon accepted it.)"""
+    assert port is not None
+    sock = socket.create_connection(("127.0.0.1", port), timeout)  # loopback: the kernel's job
+    try:
+        sock.sendall(first)
+        sock.setblocking(False)
+        return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class SilentFlood:
+    """`n` sockets to 127.0.0.1:`port` from `source` that connect and never send a byte, each
+    re-opened as soon as the daemon closes it (what it wrote first is read and ignored), until
+    the block ends."""
+
+    def __init__(self, port: int | None, n: int, source: str = "127.0.0.1") -> None:
+        assert port is not None
+        self.port = port
+        self.n = n
+        self.source = source  # another loopback address (127.0.0.2) is another peer address
+        self.opened = 0  # connections made
+        self.closed = 0  # of them, closed by the daemon
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> SilentFlood:
+        self._tasks = [asyncio.create_task(self._hold()) for _ in range(self.n)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _hold(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", self.port, local_addr=(self.source, 0)
+                )
+            except OSError:
+                await asyncio.sleep(0.01)  # the listener's queue was full: try again
+                continue
+            self.opened += 1
+            try:
+                while await reader.read(4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            self.closed += 1
 
 
 def big_results() -> SlowDetector:

@@ -293,7 +293,18 @@ class Config:
         low=1,
     )
     max_pending_connections: int = _f(
-        64, "limits", "TCP connections still waiting for their first valid message", low=1
+        64,
+        "limits",
+        "TCP connections still waiting for their first valid message; when full, a silent one "
+        "is closed for a new one",
+        low=1,
+    )
+    max_pending_per_address: int = _f(
+        32,
+        "limits",
+        "while max_pending_connections is reached, an address holding this many of them has "
+        "its own oldest silent one closed first",
+        low=1,
     )
     max_streams_per_connection: int = _f(64, "limits", "streams one connection may open", low=1)
     max_streams: int = _f(1024, "limits", "streams open in total", low=1)
@@ -311,7 +322,18 @@ class Config:
         low=1,
     )
     http_max_connections: int = _f(
-        128, "limits", "open HTTP and /ws connections; more are closed at accept", low=1
+        128,
+        "limits",
+        "open HTTP and /ws connections; when full, one waiting for a request is closed for a "
+        "new one",
+        low=1,
+    )
+    http_max_pending_per_address: int = _f(
+        64,
+        "limits",
+        "while http_max_connections is reached, an address with this many connections waiting "
+        "for a request has its own oldest closed first",
+        low=1,
     )
     http_idle_timeout_s: float = _f(
         5.0, "limits", "close an HTTP connection that sends nothing for this long", above=0

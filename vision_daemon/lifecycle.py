@@ -105,6 +105,7 @@ class Daemon:
         )
         self.ws_ingest = WsIngest(config, self.pipeline, self.access)
         self.components.ws_ingest = self.ws_ingest
+        self.components.http = self.http.counts
         self.components.outputs = self.outputs
         self.stats = SnapshotCache(
             self.components,

@@ -6,7 +6,7 @@ streams; the rest count under `stream="_other"`, which is a counter too (never a
 streams, which would fall when one expires). An expired stream's series are removed, which frees
 its slot; no aggregate is lowered by that.
 
-A little over 350 lines: one declaration per series, each with its help text.
+About 375 lines: one declaration per series, each with its help text.
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ class _SnapshotGauges(Collector):
         yield GaugeMetricFamily(
             "vision_daemon_connections", "Open TCP connections", value=snap.connections["open"]
         )
+        yield from _connection_metrics(snap)
         yield GaugeMetricFamily(
             "vision_daemon_ready", "1 when ready to serve", value=int(snap.ready)
         )
@@ -218,6 +219,25 @@ class _SnapshotGauges(Collector):
         yield from _analytics_metrics(snap.streams)
         yield from _output_metrics(snap.outputs)
         yield from _backend_metrics(snap.backends)
+
+
+def _connection_metrics(snap: Stats) -> Iterator[Metric]:
+    """Connections turned away at accept, and those closed to make room for a newer one."""
+    refused = CounterMetricFamily(
+        "vision_daemon_connections_refused",
+        "Connections refused at accept by plane (tcp: a full pending pool or max_connections; "
+        "http: http_max_connections, 503)",
+        labels=["plane"],
+    )
+    evicted = CounterMetricFamily(
+        "vision_daemon_connections_evicted",
+        "Connections closed before their hello (tcp) or request (http) for a newer one",
+        labels=["plane"],
+    )
+    for plane, counts in (("tcp", snap.connections), ("http", snap.http)):
+        refused.add_metric([plane], counts["refused"])
+        evicted.add_metric([plane], counts["evicted"])
+    yield from (refused, evicted)
 
 
 def _analytics_metrics(streams: dict[str, StreamStats]) -> Iterator[Metric]:

@@ -236,11 +236,17 @@ class Stats(BaseModel):
     batch_sizes: dict[str, int]
     mean_batch_size: float | None
     connections: dict[str, int] = Field(
-        description="TCP and Unix-socket connections: open, pending, total, refused, outbox_max, "
+        description="TCP and Unix-socket connections: open, pending (no hello yet), total, "
+        "refused, evicted (closed before their hello to make room for a newer one), outbox_max, "
         "shm_rings (shared-memory rings open) and shm_mapped_bytes (their sizes)"
     )
     ws_ingest: dict[str, int] = Field(
         description="WebSocket /ingest connections: open, total, refused, outbox_max"
+    )
+    http: dict[str, int] = Field(
+        description="control-plane connections: open (WebSockets included), pending (waiting for "
+        "a request head), refused (503 at accept), evicted (closed while waiting for a request, "
+        "to make room for a newer one)"
     )
     errors: dict[str, int] = Field(description="refused messages by protocol error code")
     ws: HubStats

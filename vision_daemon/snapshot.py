@@ -50,6 +50,7 @@ class Components:
     ws_ingest: WsIngest | None = None
     outputs: Sequence[EventOutput] = ()  # event outputs, each with snapshot()
     backends: Endpoints | None = None  # Triton endpoints, when the model is remote
+    http: Callable[[], dict[str, int]] | None = None  # the control plane's connection counts
 
 
 def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             "pending": len(c.ingest.pending),
             "total": c.ingest.total,
             "refused": c.ingest.refused,
+            "evicted": c.ingest.evicted,
             "outbox_max": max((len(x.outbox) for x in c.ingest.connections), default=0),
             "shm_rings": sum(1 for x in c.ingest.connections if x.attachment.mapped_bytes),
             "shm_mapped_bytes": sum(x.attachment.mapped_bytes for x in c.ingest.connections),
@@ -101,6 +103,7 @@ def build(c: Components, proc: psutil.Process) -> dict[str, Any]:
             if c.ws_ingest
             else {"open": 0, "total": 0, "refused": 0, "outbox_max": 0}
         ),
+        "http": (c.http() if c.http else {"open": 0, "pending": 0, "refused": 0, "evicted": 0}),
         "errors": dict(c.pipeline.errors),
         "ws": c.hub.snapshot(),
         "streams_evicted": c.pipeline.streams_evicted,

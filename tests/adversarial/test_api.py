@@ -4,19 +4,25 @@ label churn from streams that come and go."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+import websockets
 
 from tests.conftest import (
+    SilentFlood,
     api,
     connect,
+    metric,
     metrics,
+    raise_fd_limit,
     read_until_closed,
     round_trip,
     run,
     running_daemon,
     settled_stats,
+    speak_at_once,
     stats,
     wait_for,
 )
@@ -47,6 +53,66 @@ def test_idle_http_connections_do_not_starve_the_api_and_are_closed() -> None:
                 w.close()
             good = await connect(d)
             await round_trip(good, "good", 0)
+
+    run(scenario())
+
+
+async def health_within(d: Any, seconds: float) -> str:
+    """GET /health on a new connection that sends its request as it connects: "ok" if 200 came
+    within `seconds`, else what did."""
+    t0 = time.monotonic()
+    request = b"GET /health HTTP/1.1\r\nhost: daemon\r\nconnection: close\r\n\r\n"
+    writer = None
+    try:
+        async with asyncio.timeout(seconds):
+            reader, writer = await speak_at_once(d.api_port, request, seconds)
+            status = await reader.readline()
+    except (TimeoutError, OSError) as exc:
+        return f"{exc!r} after {time.monotonic() - t0:.2f} s"
+    finally:
+        if writer is not None:
+            writer.close()
+    return "ok" if status.startswith(b"HTTP/1.1 200 ") else repr(status)
+
+
+def test_a_thousand_silent_http_sockets_cannot_keep_health_out() -> None:
+    """1,000 silent sockets on the API port, each re-opened as the daemon closes it: /health on a
+    new connection answers 200 within 1 s, 5 times out of 5."""
+
+    async def scenario() -> None:
+        raise_fd_limit(2 * 1000 + 256)  # both ends of every socket are in this process
+        async with running_daemon() as d:
+            async with SilentFlood(d.api_port, 1000) as flood:
+                await wait_for(
+                    lambda: flood.closed >= 1000, what="the daemon closing silent sockets"
+                )
+                answers = [await health_within(d, 1.0) for _ in range(5)]
+            assert answers == ["ok"] * 5, f"/health during the flood: {answers}"
+            evicted = stats(d)["http"]["evicted"]
+            assert evicted >= 1000
+            assert await metric(d, "vision_daemon_connections_evicted", plane="http") >= evicted
+
+    run(scenario())
+
+
+def test_a_websocket_and_a_request_in_progress_are_never_closed_for_newcomers() -> None:
+    """http_max_connections=8 under 100 silent sockets: a /ws subscriber and a PATCH whose body
+    is still coming keep their connections; keep-alive ones between requests may go."""
+
+    async def scenario() -> None:
+        async with running_daemon(http_max_connections=8) as d:
+            async with websockets.connect(f"ws://127.0.0.1:{d.api_port}/ws") as ws:
+                head = b"PATCH /streams/cam HTTP/1.1\r\nhost: d\r\ncontent-type: application/json"
+                body = b'{"max_fps": 2}'
+                r, w = await speak_at_once(d.api_port, head + b"\r\ncontent-length: 14\r\n\r\n{")
+                async with SilentFlood(d.api_port, 100) as flood:
+                    await wait_for(lambda: flood.closed >= 100, what="silent sockets closed")
+                    await asyncio.wait_for(await ws.ping(), 5)  # the subscriber is still there
+                    w.write(body[1:])
+                    status = await asyncio.wait_for(r.readline(), 5)
+                assert status.startswith(b"HTTP/1.1 404 "), status  # answered: no stream "cam"
+                w.close()
+            assert stats(d)["http"]["evicted"] >= 100
 
     run(scenario())
 

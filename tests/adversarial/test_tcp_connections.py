@@ -12,8 +12,9 @@ import time
 import psutil
 import pytest
 
-from clients.lib import ClientError, DaemonClient, pack
+from clients.lib import ClientError, DaemonClient, check_welcome, hello_message, pack
 from tests.conftest import (
+    SilentFlood,
     SlowDetector,
     accounted,
     api,
@@ -23,11 +24,14 @@ from tests.conftest import (
     connections,
     jpeg,
     metric,
+    metrics,
+    raise_fd_limit,
     read_until_closed,
     round_trip,
     run,
     running_daemon,
     settled_stats,
+    speak_at_once,
     stats,
     stream_stats,
     wait_for,
@@ -373,6 +377,74 @@ def test_silent_sockets_cannot_lock_out_an_authenticated_client() -> None:
             assert time.monotonic() - t0 < 2, "served only after the silent sockets timed out"
             for _, w in silent:
                 w.close()
+
+    run(scenario())
+
+
+async def camera_served_within(d: Daemon, seconds: float, attempt: int) -> str | None:
+    """A camera that sends its hello (with the token) as it connects, then a frame: None if its
+    result came within `seconds` of connecting, else what went wrong."""
+    t0 = time.monotonic()
+    c = None
+    try:
+        async with asyncio.timeout(seconds):
+            hello = pack(hello_message(token=TOKEN, client_name="camera"))
+            c = DaemonClient(*await speak_at_once(d.tcp_port, hello, seconds))
+            reply = await c.recv()
+            assert reply is not None, "closed during the handshake"
+            check_welcome(reply)
+            await round_trip(c, "cam", attempt)
+    except (ClientError, AssertionError, TimeoutError, OSError) as exc:
+        return f"attempt {attempt}: {exc!r} after {time.monotonic() - t0:.2f} s"
+    finally:
+        if c is not None:
+            await c.close()
+    return None
+
+
+def test_silent_sockets_reopened_as_closed_cannot_keep_a_camera_out() -> None:
+    """300 silent sockets, each re-opened as the daemon closes it: a camera with the token has
+    its result within 1 s of connecting, 5 times out of 5."""
+
+    async def scenario() -> None:
+        raise_fd_limit(2 * 300 + 256)  # both ends of every socket are in this process
+        async with running_daemon(auth_token=TOKEN) as d:
+            async with SilentFlood(d.tcp_port, 300) as flood:
+                await wait_for(
+                    lambda: flood.closed >= 300, what="the daemon closing silent sockets"
+                )
+                failed = [await camera_served_within(d, 1.0, i) for i in range(5)]
+            assert not any(failed), f"camera kept out: {[f for f in failed if f]}"
+            evicted = stats(d)["connections"]["evicted"]
+            assert evicted >= 300 and stats(d)["errors"][p.E_LIMIT] >= evicted
+            async with api(d, TOKEN) as h:
+                scrape = await metrics(h)
+            assert scrape["vision_daemon_connections_evicted_total", (("plane", "tcp"),)] >= evicted
+
+    run(scenario())
+
+
+def test_a_flood_from_one_address_closes_only_its_own_silent_sockets() -> None:
+    """300 silent sockets from 127.0.0.2, re-opened as closed: a client from 127.0.0.1 that says
+    its hello only after 300 of them were closed still gets in (the oldest silent connection in
+    the pool, it would be the first to go but for the per-address rule), and one already greeted
+    is still served."""
+
+    async def scenario() -> None:
+        raise_fd_limit(2 * 300 + 256)
+        async with running_daemon() as d:
+            greeted = await connect(d)
+            r, w = await asyncio.open_connection("127.0.0.1", d.tcp_port)
+            slow = DaemonClient(r, w)
+            async with SilentFlood(d.tcp_port, 300, source="127.0.0.2") as flood:
+                await wait_for(
+                    lambda: flood.closed >= 300, what="the daemon closing silent sockets"
+                )
+                await slow.send(hello_message(client_name="slow"))
+                assert check_welcome((await collect(slow, 1))[0])["type"] == "welcome"
+                await round_trip(greeted, "greeted", 0)
+            await round_trip(slow, "slow", 0)
+            assert stats(d)["connections"]["evicted"] >= 300
 
     run(scenario())
 

@@ -3,8 +3,10 @@
 A `Connection` is the framing on the peer core (`ingest/core.py`: handshake, timeouts, bounded
 outbox, its own `shutdown()`), with the token and slot rules and a shared-memory attachment
 (`ingest/shm.py`). Until its first valid message (the hello, or a legacy client's first frame
-when auth is off) it sits in a small pending pool under `hello_timeout_s`; only then does it
-take one of the `max_connections` slots, so sockets that never speak cannot keep a camera out.
+when auth is off) it sits in a small pending pool under `hello_timeout_s`, where a newer
+connection takes the place of a silent one when the pool is full (`pending.py` says which); only
+then does it take one of the `max_connections` slots, so sockets that never speak cannot keep a
+camera out.
 """
 
 from __future__ import annotations
@@ -14,19 +16,20 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import time
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from vision_daemon import protocol as p
 from vision_daemon.access import Access, reason_text
 from vision_daemon.config import Config
-from vision_daemon.ingest.core import Close, PeerConnection, PeerIngest
+from vision_daemon.ingest.core import Close, PeerConnection, PeerIngest, refused
+from vision_daemon.ingest.listen import StartupError as StartupError  # raised by start()
+from vision_daemon.ingest.listen import bind_unix, clear_stale_socket
 from vision_daemon.ingest.shm import SharedMemory, ShmRing
 from vision_daemon.log import log_limited, peer_host
+from vision_daemon.pending import LISTEN_BACKLOG, Full, PendingPool, unread_bytes
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.tls import server_context
 from vision_daemon.tokens import PUSH
@@ -34,57 +37,15 @@ from vision_daemon.tokens import PUSH
 log = logging.getLogger(__name__)
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file a dead daemon left; refuse a live one, one we may not probe, or a
-    file that is no socket (start-up only: blocking is fine here)."""
-    target = Path(path)
-    try:
-        st = target.lstat()  # never follows a link
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:  # nobody listens: a dead daemon's file
-        try:
-            target.unlink()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot remove the stale socket {path} ({exc.strerror or exc})"
-            ) from None
-    except OSError as exc:  # EACCES (another user's socket), a timeout (a stuck server), ...
-        raise StartupError(
-            f"cannot listen on {path}: a socket is there and cannot be probed "
-            f"({exc.strerror or exc}); remove it if no daemon uses it"
-        ) from None
-    else:
-        raise StartupError(f"cannot listen on {path}: another process is serving it")
-    finally:
-        probe.close()
+class CountingReader(asyncio.StreamReader):
+    """A StreamReader that counts the bytes the transport gave it, so that a connection can tell
+    whether what its read waits for has arrived (`Connection.speaking`)."""
 
+    received = 0
 
-def _bind_unix(path: str, mode: int) -> socket.socket:
-    """A listening Unix socket whose file is never wider than `mode`: the mode is set on the
-    socket before bind (Linux creates the file with it, less the umask), then the file is given
-    exactly `mode`, which can only widen it within `mode`. No process-wide umask change."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), mode)
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {path} ({exc.strerror or exc})") from None
-    return sock
-
-
-class StartupError(Exception):
-    """The daemon cannot start (port in use, model missing); the message is one line."""
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]  # transports give bytes
+        self.received += len(data)
+        super().feed_data(data)
 
 
 class Connection(PeerConnection):
@@ -98,7 +59,7 @@ class Connection(PeerConnection):
     def __init__(
         self,
         ingest: TcpIngest,
-        reader: asyncio.StreamReader,
+        reader: CountingReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         addr = writer.get_extra_info("peername")
@@ -112,6 +73,7 @@ class Connection(PeerConnection):
         super().__init__(ingest, peer, shm)
         self.reader = reader
         self.writer = writer
+        self.wanted = 0  # bytes the reader must have been given for the current read to finish
 
     @property
     def shm(self) -> ShmRing | None:
@@ -123,9 +85,21 @@ class Connection(PeerConnection):
         return p.pack(msg)
 
     async def receive(self) -> bytes:
-        header = await self.reader.readexactly(p.HEADER_SIZE)
+        header = await self._read(p.HEADER_SIZE)
         n = p.read_length(header, self.config.max_message_bytes)
+        return await self._read(n)
+
+    async def _read(self, n: int) -> bytes:
+        self.wanted += n
         return await self.reader.readexactly(n)
+
+    def speaking(self) -> bool:
+        """What its read waits for has arrived (in the reader, or still in the kernel): it is
+        about to be served, however long it was silent; a connection that sent part of a message
+        and stalled is not speaking."""
+        if self.reader.received >= self.wanted:
+            return True
+        return unread_bytes(self.writer.get_extra_info("socket")) > 0
 
     async def read_messages(self) -> None:
         try:
@@ -197,7 +171,9 @@ class TcpIngest(PeerIngest[Connection]):
 
     def __init__(self, config: Config, pipeline: Pipeline, access: Access | None = None) -> None:
         super().__init__(config, pipeline, access)
-        self.pending: set[Connection] = set()  # accepted, no valid first message yet
+        # accepted, no valid first message yet; the oldest silent one makes room for a new one
+        self.pending: PendingPool[Connection] = PendingPool(config.max_pending_per_address)
+        self.evicted = 0
         # self.connections: authenticated (or legacy, auth off)
         self.server: asyncio.Server | None = None
         self.unix_server: asyncio.Server | None = None
@@ -214,12 +190,12 @@ class TcpIngest(PeerIngest[Connection]):
                 if cfg.tls_cert
                 else None
             )
-            self.server = await asyncio.start_server(
-                self._on_connect,
+            self.server = await asyncio.get_running_loop().create_server(
+                self._protocol,
                 cfg.tcp_host,
                 cfg.tcp_port,
-                limit=2**16,
                 reuse_address=True,
+                backlog=LISTEN_BACKLOG,
                 ssl=tls,  # a handshake is bounded like a hello
                 ssl_handshake_timeout=cfg.hello_timeout_s if tls else None,
             )
@@ -236,12 +212,18 @@ class TcpIngest(PeerIngest[Connection]):
 
     async def _start_unix(self, path: str, mode: int) -> None:
         """The same protocol on a Unix domain socket (same connection caps as TCP)."""
-        _clear_stale_socket(path)
-        sock = _bind_unix(path, mode)
-        self.unix_server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=2**16)
+        clear_stale_socket(path)
+        sock = bind_unix(path, mode)
+        self.unix_server = await asyncio.get_running_loop().create_unix_server(
+            self._protocol, sock=sock, backlog=LISTEN_BACKLOG
+        )
         st = os.stat(path)
         self.unix_path, self._unix_inode = path, (st.st_dev, st.st_ino)
         log.info("data plane listening on unix:%s (mode %o)", path, mode)
+
+    def _protocol(self) -> asyncio.StreamReaderProtocol:
+        """What asyncio.start_server builds for each connection, with a CountingReader."""
+        return asyncio.StreamReaderProtocol(CountingReader(limit=2**16), self._on_connect)
 
     @property
     def listening(self) -> bool:
@@ -265,12 +247,12 @@ class TcpIngest(PeerIngest[Connection]):
             except OSError:
                 pass
             self.unix_path = None
-        for conn in self.pending | self.connections:
+        for conn in [*self.pending, *self.connections]:
             conn.shutdown()
 
     def promote(self, conn: Connection) -> bool:
         if len(self.connections) >= self.config.max_connections:
-            self._refused(conn.peer, "max_connections")
+            self._refused(conn.peer, "max_connections reached")
             return False
         self.pending.discard(conn)
         self.connections.add(conn)
@@ -288,29 +270,57 @@ class TcpIngest(PeerIngest[Connection]):
             "refused:" + peer_host(peer),
             time.monotonic(),
             logging.WARNING,
-            "refused a TCP connection from %s: %s reached",
+            "refused a TCP connection from %s: %s",
             peer_host(peer),
             why,
         )
 
+    def _make_room(self, host: str) -> str | None:
+        """When the pool is full, close a silent connection for one from `host` (`pending.py`
+        says which); the refusal's reason when every candidate is speaking, else None."""
+        cfg = self.config
+        full = len(self.pending) >= cfg.max_pending_connections
+        victim, rule = self.pending.make_room(host, full, Connection.speaking)
+        why = f"max_pending_connections={cfg.max_pending_connections} reached"
+        if rule is None:
+            return None
+        if victim is None:
+            return why + " and every waiting connection is speaking"
+        victim_host = peer_host(victim.peer)
+        if rule is Full.ADDRESS:
+            why += f", {cfg.max_pending_per_address} or more from {victim_host}"
+        self.evicted += 1
+        self.pipeline.count_error(p.E_LIMIT)
+        tell = "; no hello came: closed for a newer connection (send the hello as you connect)"
+        victim.error(p.E_LIMIT, why + tell)
+        victim.shutdown(refused(p.E_LIMIT))
+        log_limited(
+            log,
+            self.log_limit,
+            "evicted:" + victim_host,
+            time.monotonic(),
+            logging.WARNING,
+            "closed a TCP connection from %s that sent no hello, for a newer one: %s",
+            victim_host,
+            why,
+        )
+        return None
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.total += 1
-        cfg = self.config
-        if self.stopping or len(self.pending) >= cfg.max_pending_connections:
+        assert isinstance(reader, CountingReader), "made by TcpIngest._protocol"
+        conn = Connection(self, reader, writer)
+        host = peer_host(conn.peer)
+        why = "server is shutting down" if self.stopping else self._make_room(host)
+        if why is not None:
             self.pipeline.count_error(p.E_LIMIT)
-            peer = writer.get_extra_info("peername")
-            self._refused(str(peer[0]) if isinstance(peer, tuple) else "?", "pending limit")
-            msg = (
-                "server is shutting down"
-                if self.stopping
-                else f"max_pending_connections={cfg.max_pending_connections} reached; retry"
-            )
+            self._refused(conn.peer, why)
+            msg = why if self.stopping else why + "; retry"
             writer.write(p.pack(p.error_message(p.E_LIMIT, msg)))
             writer.close()  # flushes what it can; never waits on a peer that does not read
             return
-        conn = Connection(self, reader, writer)
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pending.add(conn)
+        self.pending.add(conn, host)
         await self._tasks.run(conn.run())
