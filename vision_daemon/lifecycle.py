@@ -3,6 +3,9 @@
 Each stop is registered on an `AsyncExitStack` as its component starts (as aiohttp's runner and
 svcs do), so shutdown is the reverse of start-up and a start-up that fails half-way cleans up
 exactly what started. A failing cleanup is logged and the rest still run.
+
+Longer than most modules (about 360 lines) because start-up and its reverse are one sequence,
+read top to bottom; each component's own work lives in its module.
 """
 
 from __future__ import annotations

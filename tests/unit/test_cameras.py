@@ -25,7 +25,7 @@ from vision_daemon.config import (
 )
 from vision_daemon.ingest import cameras
 from vision_daemon.ingest.cameras import Camera, grade
-from vision_daemon.ingest.http_sources import MAX_BAD_PARTS
+from vision_daemon.ingest.mjpeg import MAX_BAD_PARTS
 from vision_daemon.ingest.sources import (
     MAX_PART_HEADER,
     MAX_PREAMBLE,

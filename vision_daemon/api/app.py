@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from vision_daemon import __version__
 from vision_daemon.access import Access
-from vision_daemon.api import analytics, cameras, dashboard, streams, websockets
+from vision_daemon.api import analytics, cameras, dashboard, masks, streams, websockets
 from vision_daemon.api.auth import TokenGate
 from vision_daemon.api.control import Control
 from vision_daemon.config import Config
@@ -49,6 +49,7 @@ def create_app(
     app.include_router(streams.router(control, metrics, config.stats_refresh_s), dependencies=auth)
     app.include_router(cameras.router(control), dependencies=auth)
     app.include_router(analytics.router(control), dependencies=auth)
+    app.include_router(masks.router(control), dependencies=auth)
     app.include_router(websockets.router(control, hub, gate, config.ws_queue))
     if config.dashboard:
         app.include_router(dashboard.router())

@@ -17,6 +17,9 @@ owed and closes). A transport subclass provides:
 
 `PeerIngest` is what each such ingest keeps beside its connections: the welcome, the tasks, the
 counts, the rate limit of its log lines and its two-phase stop.
+
+Longer than most modules (about 360 lines) because the lifecycle it owns is one state machine
+(reading, greeting, owing results, saying bye, closing) that transports must not re-implement.
 """
 
 from __future__ import annotations

@@ -19,24 +19,16 @@ import httpx
 
 from vision_daemon.config import CameraConfig
 from vision_daemon.ingest.http_sources import (
-    MAX_PART_HEADER as MAX_PART_HEADER,
-)
-from vision_daemon.ingest.http_sources import (
-    MAX_PREAMBLE as MAX_PREAMBLE,
-)
-from vision_daemon.ingest.http_sources import (
-    MjpegError as MjpegError,
-)
-from vision_daemon.ingest.http_sources import (
-    MjpegParser as MjpegParser,
-)
-from vision_daemon.ingest.http_sources import (
     MjpegSource as MjpegSource,
 )
 from vision_daemon.ingest.http_sources import (
     SnapshotSource as SnapshotSource,
 )
 from vision_daemon.ingest.http_sources import open_http
+from vision_daemon.ingest.mjpeg import MAX_PART_HEADER as MAX_PART_HEADER
+from vision_daemon.ingest.mjpeg import MAX_PREAMBLE as MAX_PREAMBLE
+from vision_daemon.ingest.mjpeg import MjpegError as MjpegError
+from vision_daemon.ingest.mjpeg import MjpegParser as MjpegParser
 from vision_daemon.ingest.source_types import Grab as Grab
 from vision_daemon.ingest.source_types import Source as Source
 from vision_daemon.ingest.source_types import SourceError as SourceError
