@@ -846,7 +846,7 @@ def test_a_segment_truncated_while_its_frame_waits_cannot_kill_the_daemon(
         "--model",
         "yolov8n",
         "--model-dir",
-        str(MODEL_DIR),
+        str(MODEL_DIR.resolve()),  # the daemon runs in a temporary folder
         "--workers",
         "1",
         "--tcp-port",
