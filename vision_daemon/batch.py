@@ -15,7 +15,7 @@ import numpy as np
 
 from vision_daemon.decode import DecodeFailure, decode_for
 from vision_daemon.detectors.base import BackendError, Detection, Detector
-from vision_daemon.masks import black_out, inside
+from vision_daemon.masks import black_out, detecting, inside
 from vision_daemon.motion import MotionGate, thumbnail
 from vision_daemon.outputs import snapshot_jpeg
 from vision_daemon.protocol import E_BACKEND, E_DECODE, E_DETECTOR
@@ -77,7 +77,7 @@ def _decode_all(
             keeps_image = analysis is not None and analysis.snapshot_max_bytes > 0
             got = decode_for(job.frame, max_pixels, 0 if keeps_image else model_size)
             image = got.image
-            hidden = [m for m in job.stream.masks if m.detect]
+            hidden = detecting(job.stream.masks)
             if hidden:  # the detector never sees what a privacy mask covers
                 image = black_out(image, hidden, 1.0 / got.k)
             if got.k > 1:
@@ -155,7 +155,7 @@ def process(
             floor = jobs[i].stream.options.min_confidence  # the stream's own threshold
             if floor > 0:
                 dets = [d for d in dets if d["conf"] >= floor]
-            hidden = [m for m in jobs[i].stream.masks if m.detect]
+            hidden = detecting(jobs[i].stream.masks)
             if hidden:  # nor reports a box whose centre lies under one
                 dets = [d for d in dets if not inside(d["bbox"], hidden)]
             outcomes[i].detections = dets

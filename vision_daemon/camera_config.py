@@ -11,9 +11,10 @@ from urllib.parse import urlsplit
 from vision_daemon.checks import NAME_RE, ConfigError, between
 from vision_daemon.options import CAMERA_DEFAULTS, SPECS, OptionError, StreamOptions
 from vision_daemon.options import parse as parse_options
+from vision_daemon.url_policy import SCHEMES
 
 CAMERA_NAME_RE = NAME_RE  # = a stream name
-CAMERA_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "usb")
+CAMERA_SCHEMES = SCHEMES  # what the URL policy allows (vision_daemon/url_policy.py)
 MAX_URL_CHARS = 2048
 
 

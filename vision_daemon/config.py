@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -571,7 +572,12 @@ def _output_checks(c: Config) -> list[tuple[bool, str]]:
 
 
 # The flat settings (each also a flag and a line of configs/default.toml); cameras are tables.
-TABLES = ("cameras", "analytics", "tokens", "masks")  # arrays of tables: not flags or env variables
+TABLES = ("cameras", "analytics", "tokens", "masks")  # tables: not flags or env variables
+# [[cameras]] and [[tokens]]: each table read into one settings object
+ARRAY_TABLES: dict[str, Callable[[Any], Any]] = {
+    "cameras": camera_from_dict,
+    "tokens": token_from_dict,
+}
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in TABLES}
 
 
@@ -602,18 +608,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         if section == "backends" and isinstance(table, list):  # [[backends]] url = "..."
             values["backends"] = [_backend_table(path, t) for t in table]
             continue
-        if section == "cameras":
+        if section in ARRAY_TABLES:  # [[cameras]], [[tokens]]: one setting object per table
             if not isinstance(table, list):
-                raise ConfigError(f"config file {path}: cameras must be [[cameras]] tables")
-            values["cameras"] = tuple(camera_from_dict(c) for c in table)
+                raise ConfigError(f"config file {path}: {section} must be [[{section}]] tables")
+            values[section] = tuple(ARRAY_TABLES[section](t) for t in table)
             continue
         if section == "masks":
             values["masks"] = tuple(masks_from_toml(table).items())
-            continue
-        if section == "tokens":
-            if not isinstance(table, list):
-                raise ConfigError(f"config file {path}: tokens must be [[tokens]] tables")
-            values["tokens"] = tuple(token_from_dict(t) for t in table)
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: '{section}' must be a [section] table")

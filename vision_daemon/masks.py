@@ -105,6 +105,11 @@ def black_out(image: np.ndarray, masks: Iterable[Mask], scale: float = 1.0) -> n
     return out
 
 
+def detecting(masks: Iterable[Mask]) -> list[Mask]:
+    """The masks that also hide their region from the detector."""
+    return [m for m in masks if m.detect]
+
+
 def inside(bbox: Any, masks: Iterable[Mask]) -> bool:
     """Whether a box's centre lies inside (or on) any of `masks`."""
     x1, y1, x2, y2 = (float(v) for v in bbox[:4])
@@ -132,6 +137,3 @@ class MaskBook:
         else:
             by_stream.pop(stream, None)
         self._by_stream = by_stream  # one assignment: a reader sees the old or the new
-
-    def detecting(self, stream: str) -> tuple[Mask, ...]:
-        return tuple(m for m in self.get(stream) if m.detect)

@@ -189,16 +189,12 @@ class Throttle:
         self.window_s = window_s
         self.max_addresses = max_addresses
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
-        self.throttled = 0  # attempts refused because their address was throttled
 
     def blocked(self, address: str, now: float) -> bool:
         if self.limit <= 0:
             return False
         times = self._recent(address, now)
-        if len(times) >= self.limit:
-            self.throttled += 1
-            return True
-        return False
+        return len(times) >= self.limit
 
     def failed(self, address: str, now: float) -> None:
         if self.limit <= 0:

@@ -33,6 +33,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 # FFmpeg protocols each kind of camera may use (av.open(options={"protocol_whitelist": ...})).
 PROTOCOLS = {"rtsp": "rtsp,rtsps,rtp,srtp,udp,tcp,tls", "file": "file", "usb": "file"}
+NETWORK_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}  # schemes with a host
+SCHEMES = (*NETWORK_PORTS, "file", "usb")  # and a plain path (no scheme): a file
 DEVICE_RE = re.compile(r"/dev/video[0-9]{1,3}")
 SNIFF_BYTES = 512
 
@@ -86,7 +88,7 @@ class UrlPolicy:
         """Everything that needs no network: scheme, device, file place and content, and a
         host given as an address."""
         scheme = _scheme(url)
-        if scheme in ("rtsp", "rtsps", "http", "https"):
+        if scheme in NETWORK_PORTS:
             host = urlsplit(url).hostname
             if not host:
                 raise UrlRefused("the URL has no host")
@@ -146,11 +148,11 @@ class UrlPolicy:
         """Check `url` fully (looking its host up) and say where to connect."""
         self.check_static(url)
         scheme = _scheme(url)
-        if scheme not in ("rtsp", "rtsps", "http", "https"):
+        if scheme not in NETWORK_PORTS:
             return Target(url)
         parts = urlsplit(url)
         host = parts.hostname or ""
-        port = parts.port or {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}[scheme]
+        port = parts.port or NETWORK_PORTS[scheme]
         try:
             infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError):

@@ -41,7 +41,7 @@ class TokenGate:
     def identify(self, request: Request) -> Principal:
         """A route dependency: who the request's token proves to be (401, or 429 for an address
         that failed too often lately)."""
-        route = _route(request.scope, request.url.path)
+        route = _route(request.scope)
         host = request.client.host if request.client else "?"
         given = self._given(request.headers.get("authorization"), request.query_params.get("token"))
         principal, why = self.access.authenticate(given, "http", route, host)
@@ -58,7 +58,7 @@ class TokenGate:
         principal = self.identify(request)
         action = READ if request.method in ("GET", "HEAD") else WRITE
         if not principal.may(action):
-            route = _route(request.scope, request.url.path)
+            route = _route(request.scope)
             host = request.client.host if request.client else "?"
             self.access.refused("http", route, principal.name, "forbidden", host)
             raise HTTPException(
@@ -78,7 +78,7 @@ class TokenGate:
         for x in offered:
             if x.startswith(WS_BEARER_PREFIX):  # the browser's way to send its token
                 header = "Bearer " + _unbase64url(x[len(WS_BEARER_PREFIX) :])
-        route = _route(websocket.scope, websocket.url.path)
+        route = _route(websocket.scope)
         host = websocket.client.host if websocket.client else "?"
         given = self._given(header, websocket.query_params.get("token"))
         principal, why = self.access.authenticate(given, "ws", route, host)
@@ -96,7 +96,7 @@ class TokenGate:
         return None
 
 
-def _route(scope: Mapping[str, Any], path: str) -> str:
+def _route(scope: Mapping[str, Any]) -> str:
     """The route's template (/streams/{name}), never the raw path: a bounded metric label."""
     route = scope.get("route")
     template = getattr(route, "path", None)

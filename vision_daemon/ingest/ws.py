@@ -46,7 +46,7 @@ from vision_daemon.ingest.core import (
     PeerConnection,
     PeerIngest,
 )
-from vision_daemon.log import log_limited
+from vision_daemon.log import log_limited, peer_host
 from vision_daemon.options import OptionError, parse_text
 from vision_daemon.pipeline import Pipeline
 from vision_daemon.tokens import EVERYONE, Principal
@@ -143,26 +143,27 @@ class WsConnection(PeerConnection):
     async def run(self) -> None:
         if self.browser:
             assert self.stream is not None
-            if not self.principal.may_push(self.stream):
-                who = self.principal
-                self.ingest.access.refused("ws", "stream", who.name, "forbidden", self.peer)
-                self.pipeline.count_error(p.E_UNAUTHORIZED)
+            who = self.principal
+            if not who.may_push(self.stream):
+                host = peer_host(self.peer)
+                self.ingest.access.refused("ws", "stream", who.name, "forbidden", host)
                 why = f"token {who.name!r} may not push stream {self.stream!r}"
-                await self.close_transport(
-                    Close(WS_POLICY_VIOLATION, f"{p.E_UNAUTHORIZED}: {why}"), flushed=True
-                )
+                await self._refuse_stream(p.E_UNAUTHORIZED, why)
                 return
             refused = self.pipeline.attach(self, self.stream, self.options)
-            if refused is not None:  # a close with its reason, never an error on an open socket
-                self.pipeline.count_error(p.E_LIMIT)
-                await self.close_transport(
-                    Close(WS_POLICY_VIOLATION, f"{p.E_LIMIT}: {refused}"), flushed=True
-                )
-                self.pipeline.detach(self)
+            if refused is not None:
+                await self._refuse_stream(p.E_LIMIT, refused)
                 return
             if self.send_welcome:
                 self._send(self.welcome_for(False))
         await super().run()
+
+    async def _refuse_stream(self, code: str, why: str) -> None:
+        """Browser mode refused its stream: counted, then a close with the code and the reason,
+        never an error on an open socket; nothing of it stays attached."""
+        self.pipeline.count_error(code)
+        await self.close_transport(Close(WS_POLICY_VIOLATION, f"{code}: {why}"), flushed=True)
+        self.pipeline.detach(self)
 
     async def read_messages(self) -> None:
         """In a task of its own, which `stop_reading` cancels while it waits for a message."""

@@ -51,21 +51,24 @@ async def as_image(frame: Frame, masks: tuple[Mask, ...] = ()) -> tuple[bytes, s
     if frame.pixels is None and frame.encoding != "raw":
         png = frame.image.startswith(b"\x89PNG")
         return frame.image, "image/png" if png else "image/jpeg"
-    pixels = frame.pixels
+    return await asyncio.to_thread(encode_jpeg, _pixels(frame)), "image/jpeg"
+
+
+def _pixels(frame: Frame) -> Any:
+    """A frame's pixels: decoded by a camera, a shared-memory copy, raw bytes as an array, or
+    (JPEG/PNG bytes) decoded here."""
+    if frame.pixels is not None:
+        return frame.pixels
+    if frame.encoding == "raw":
+        return np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
+    pixels = cv2.imdecode(np.frombuffer(frame.image, np.uint8), cv2.IMREAD_COLOR)
     if pixels is None:
-        pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
-    return await asyncio.to_thread(encode_jpeg, pixels), "image/jpeg"
+        raise RuntimeError("a kept frame could not be decoded")
+    return pixels
 
 
 def _masked_jpeg(frame: Frame, masks: tuple[Mask, ...]) -> bytes:
-    pixels = frame.pixels
-    if pixels is None and frame.encoding == "raw":
-        pixels = np.frombuffer(frame.image, dtype=np.uint8).reshape(frame.shape)
-    elif pixels is None:
-        pixels = cv2.imdecode(np.frombuffer(frame.image, np.uint8), cv2.IMREAD_COLOR)
-        if pixels is None:
-            raise RuntimeError("a kept frame could not be decoded to mask it")
-    return encode_jpeg(black_out(pixels, masks))
+    return encode_jpeg(black_out(_pixels(frame), masks))
 
 
 @dataclass(frozen=True)
